@@ -1,0 +1,1 @@
+//! Backend selection: the Maglev table.

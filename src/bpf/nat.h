@@ -1,0 +1,60 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* NAT: source-port allocation and the header rewrite. */
+#ifndef XLB_NAT_H
+#define XLB_NAT_H
+
+#include <linux/errno.h>
+#include "csum.h"
+#include "parsing.h"
+#include "xlb_maps.h"
+
+/*
+ * Claims a NAT source port for a new connection by inserting its reverse
+ * entry: the insert (BPF_NOEXIST) is the allocation, atomic across CPUs, and a
+ * port is free again as soon as the GC removes the pair. Probes a bounded run
+ * of ports from a random start. Returns -1 with rev_key->dport set, or the
+ * counter of the reason it failed.
+ */
+static __always_inline int nat_claim_port(struct flow_key *rev_key, const struct flow *rev)
+{
+	__u32 min = config.nat_port_min;
+	__u32 max = config.nat_port_max;
+	__u32 span, start;
+	long err;
+	int i;
+
+	if (min == 0 || max < min)
+		return XLB_CNT_DROP_NAT_EXHAUSTED;
+	span = max - min + 1;
+	start = bpf_get_prandom_u32() % span;
+	for (i = 0; i < XLB_NAT_PORT_TRIES; i++) {
+		rev_key->dport = bpf_htons(min + (start + i) % span);
+		err = bpf_map_update_elem(&conntrack, rev_key, rev, BPF_NOEXIST);
+		if (!err)
+			return -1;
+		if (err != -EEXIST)
+			return XLB_CNT_DROP_CT_FULL;
+	}
+	return XLB_CNT_DROP_NAT_EXHAUSTED;
+}
+
+/* Rewrites addresses and ports to the flow's NAT tuple; both checksums are
+ * fixed incrementally (the TCP one covers the pseudo-header addresses). */
+static __always_inline void nat_rewrite(struct packet *pkt, const struct flow *f)
+{
+	struct iphdr *ip = pkt->ip;
+	struct tcphdr *tcp = pkt->tcp;
+
+	csum_replace4(&ip->check, ip->saddr, f->nat_saddr);
+	csum_replace4(&ip->check, ip->daddr, f->nat_daddr);
+	csum_replace4(&tcp->check, ip->saddr, f->nat_saddr);
+	csum_replace4(&tcp->check, ip->daddr, f->nat_daddr);
+	csum_replace2(&tcp->check, tcp->source, f->nat_sport);
+	csum_replace2(&tcp->check, tcp->dest, f->nat_dport);
+	ip->saddr = f->nat_saddr;
+	ip->daddr = f->nat_daddr;
+	tcp->source = f->nat_sport;
+	tcp->dest = f->nat_dport;
+}
+
+#endif

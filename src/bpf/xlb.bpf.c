@@ -1,0 +1,94 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * XLB's packet path, top to bottom:
+ *   parse  -> is it Ethernet/IPv4/TCP at all?
+ *   classify -> client to listen_ip:local_port, or backend reply to
+ *               snat_ip:nat_port? anything else passes untouched
+ *   conntrack -> find the connection; a client SYN creates one (maglev
+ *                picks the backend, the reverse entry claims a NAT port)
+ *   NAT -> rewrite addresses and ports, fix checksums incrementally
+ *   forward -> FIB lookup, then XDP_TX / redirect, or the kernel for ARP
+ * Every outcome is counted once, in xlb_xdp(), which alone returns verdicts.
+ */
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "xlb_structs.h"
+#include "xlb_maps.h"
+#include "parsing.h"
+#include "lb.h"
+#include "conntrack.h"
+#include "nat.h"
+#include "forward.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/* A client packet to listen_ip:local_port. */
+static __always_inline struct outcome to_backend(struct xdp_md *ctx, struct packet *pkt,
+						 const struct flow_key *key, __u16 remote_port)
+{
+	__u64 now = bpf_ktime_get_coarse_ns();
+	struct flow *f = bpf_map_lookup_elem(&conntrack, key);
+
+	if (!f) {
+		const struct backend *be;
+		int why;
+
+		/* Only a bare SYN opens a connection; anything else without an
+		 * entry belongs to no connection we know. */
+		if ((tcp_flags(pkt->tcp) & (XLB_TCP_SYN | XLB_TCP_ACK | XLB_TCP_RST)) != XLB_TCP_SYN)
+			return verdict(XDP_DROP, XLB_CNT_DROP_NO_FLOW);
+		be = pick_backend(key);
+		if (!be)
+			return verdict(XDP_DROP, XLB_CNT_DROP_NO_BACKEND);
+		f = ct_create(key, be, remote_port, now, &why);
+		if (!f)
+			return verdict(XDP_DROP, why);
+	}
+	flow_touch(f, pkt, now);
+	nat_rewrite(pkt, f);
+	return forward(ctx, pkt, XLB_CNT_FWD_TO_BACKEND);
+}
+
+/* A packet to snat_ip:nat_port: a backend's reply if we have its entry. */
+static __always_inline struct outcome to_client(struct xdp_md *ctx, struct packet *pkt,
+						const struct flow_key *key)
+{
+	struct flow *f = bpf_map_lookup_elem(&conntrack, key);
+
+	if (!f)
+		return verdict(XDP_PASS, XLB_CNT_PASS_NOT_OURS);
+	flow_touch(f, pkt, bpf_ktime_get_coarse_ns());
+	nat_rewrite(pkt, f);
+	return forward(ctx, pkt, XLB_CNT_FWD_TO_CLIENT);
+}
+
+static __always_inline struct outcome handle(struct xdp_md *ctx, struct packet *pkt)
+{
+	struct flow_key key = {};
+	__u16 remote_port;
+	int reason;
+
+	reason = parse_tcp4(ctx, pkt);
+	if (reason >= 0)
+		return verdict(XDP_PASS, reason);
+
+	flow_key_of(&key, pkt);
+	if (key.daddr == config.listen_addr) {
+		remote_port = remote_port_of(key.dport);
+		if (remote_port)
+			return to_backend(ctx, pkt, &key, remote_port);
+	}
+	if (key.daddr == config.snat_addr && in_nat_range(key.dport))
+		return to_client(ctx, pkt, &key);
+	return verdict(XDP_PASS, XLB_CNT_PASS_NOT_OURS);
+}
+
+SEC("xdp")
+int xlb_xdp(struct xdp_md *ctx)
+{
+	struct packet pkt = {};
+	struct outcome o = handle(ctx, &pkt);
+
+	count(o.counter);
+	return o.action;
+}

@@ -1,0 +1,42 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Every magic number of the packet path, named. */
+#ifndef XLB_CONSTS_H
+#define XLB_CONSTS_H
+
+/* Port mappings one listener can carry (the config schema allows 1..8). */
+#define XLB_MAX_PORTS 8
+
+/* Conntrack entries are pairs (forward + reverse), so the map holds twice
+ * the configured connection capacity. The real size is set at load time. */
+#define XLB_CT_DEFAULT_ENTRIES (2 * 1000000)
+
+/* Maglev table: two halves of `maglev_size` slots each; the control plane
+ * fills the idle half and then flips `maglev_active`, so a packet never sees
+ * a half-written table. Resized at load time. */
+#define XLB_MAGLEV_DEFAULT_SLOTS (2 * 65537)
+
+/* Interfaces XDP may redirect to (one devmap slot each). */
+#define XLB_MAX_IFACES 64
+
+/* NAT source-port allocation probes this many ports before giving up, so a
+ * SYN costs a bounded number of map operations even in a crowded range. */
+#define XLB_NAT_PORT_TRIES 32
+
+/* Flow directions stored in struct flow.dir. */
+#define XLB_DIR_TO_BACKEND 1 /* client -> listen ip, rewritten to backend */
+#define XLB_DIR_TO_CLIENT 2  /* backend -> snat ip, rewritten to client */
+
+/* struct xlb_config.flags */
+#define XLB_F_DRAIN (1U << 0) /* shutdown: answer new SYNs with RST */
+
+/* TCP flag bits as they sit in byte 13 of the TCP header. */
+#define XLB_TCP_FIN 0x01
+#define XLB_TCP_SYN 0x02
+#define XLB_TCP_RST 0x04
+#define XLB_TCP_PSH 0x08
+#define XLB_TCP_ACK 0x10
+
+#define XLB_IP_MF 0x2000
+#define XLB_IP_OFFSET 0x1fff
+
+#endif

@@ -1,0 +1,63 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Every map of the data plane, with its size and why. */
+#ifndef XLB_MAPS_H
+#define XLB_MAPS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "xlb_structs.h"
+
+/* Runtime settings (see struct xlb_config); lives in .bss so the control
+ * plane writes it through the skeleton's typed view. */
+struct xlb_config config;
+
+/* The number of counters; also what puts enum xlb_counter into BTF, and so
+ * into the skeleton's generated types. */
+const volatile enum xlb_counter xlb_counter_max = XLB_CNT_MAX;
+
+/* Both directions of every connection. A plain hash, not an LRU: a SYN flood
+ * must never evict an established connection; a full table refuses new ones.
+ * No preallocation: memory follows the number of live connections. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, XLB_CT_DEFAULT_ENTRIES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct flow_key);
+	__type(value, struct flow);
+} conntrack SEC(".maps");
+
+/* Two maglev tables back to back; config.maglev_active picks one. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, XLB_MAGLEV_DEFAULT_SLOTS);
+	__type(key, __u32);
+	__type(value, struct backend);
+} maglev SEC(".maps");
+
+/* Interfaces carrying the XLB program, keyed by ifindex: the only places
+ * XDP redirects to. Anything else is left to the kernel's forwarding. */
+struct {
+	__uint(type, BPF_MAP_TYPE_DEVMAP_HASH);
+	__uint(max_entries, XLB_MAX_IFACES);
+	__type(key, __u32);
+	__type(value, __u32);
+} tx_ports SEC(".maps");
+
+/* One slot per enum xlb_counter; per CPU, summed in user space. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, XLB_CNT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} counters SEC(".maps");
+
+static __always_inline void count(enum xlb_counter c)
+{
+	__u32 key = c;
+	__u64 *v = bpf_map_lookup_elem(&counters, &key);
+
+	if (v)
+		*v += 1;
+}
+
+#endif

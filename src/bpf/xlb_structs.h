@@ -1,0 +1,94 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * The ABI between the XDP program and the control plane. The Rust side uses
+ * the skeleton's generated copies of these types, never hand-written ones,
+ * so every struct is padded explicitly: what clang lays out is what Rust gets.
+ * Addresses and ports are in network byte order unless a field says otherwise.
+ */
+#ifndef XLB_STRUCTS_H
+#define XLB_STRUCTS_H
+
+#include <linux/types.h>
+#include "xlb_consts.h"
+
+/* One per packet outcome; the per-CPU `counters` map has a slot for each. */
+enum xlb_counter {
+	XLB_CNT_PASS_NOT_IPV4 = 0,   /* ARP, IPv6, ... */
+	XLB_CNT_PASS_VLAN,           /* 802.1Q/802.1ad tagged: not handled yet */
+	XLB_CNT_PASS_MALFORMED,      /* truncated or inconsistent headers */
+	XLB_CNT_PASS_NOT_TCP,        /* ICMP, UDP, ... */
+	XLB_CNT_PASS_FRAGMENT,       /* IPv4 fragments */
+	XLB_CNT_PASS_NOT_OURS,       /* other address or port */
+	XLB_CNT_PASS_NO_NEIGH,       /* next hop unresolved: kernel forwards it */
+	XLB_CNT_PASS_FOREIGN_EGRESS, /* egress has no XLB program: kernel forwards */
+	XLB_CNT_FWD_TO_BACKEND,      /* client packet sent to a backend */
+	XLB_CNT_FWD_TO_CLIENT,       /* backend reply sent to the client */
+	XLB_CNT_NEW_FLOW,            /* connections opened */
+	XLB_CNT_DROP_NO_FLOW,        /* non-SYN without a conntrack entry */
+	XLB_CNT_DROP_NO_BACKEND,     /* SYN while the backend set is empty */
+	XLB_CNT_DROP_NAT_EXHAUSTED,  /* no free NAT source port */
+	XLB_CNT_DROP_CT_FULL,        /* conntrack at capacity */
+	XLB_CNT_DROP_FIB,            /* no route / unreachable / MTU */
+	XLB_CNT_DROP_TTL,            /* TTL would reach zero */
+	XLB_CNT_MAX,
+};
+
+struct port_map {
+	__u16 local_port;  /* what clients connect to */
+	__u16 remote_port; /* what backends listen on */
+};
+
+/* Runtime settings, written by the control plane through the skeleton's
+ * .bss view. Word-sized fields are read once per packet. */
+struct xlb_config {
+	__u32 listen_addr; /* clients connect to listen_addr:local_port */
+	__u32 snat_addr;   /* backends see connections from snat_addr:nat_port */
+	__u16 nat_port_min; /* host byte order, inclusive */
+	__u16 nat_port_max; /* host byte order, inclusive */
+	__u32 nr_ports;
+	struct port_map ports[XLB_MAX_PORTS];
+	__u32 maglev_size;   /* slots in one half of the maglev map (prime) */
+	__u32 maglev_active; /* 0 or 1: which half is live */
+	__u32 flags;         /* XLB_F_* */
+	__u32 hash_seed;
+};
+
+/* One maglev slot: the backend that owns it. addr == 0 means empty. */
+struct backend {
+	__u32 addr;
+	__u32 id; /* the control plane's index, for per-backend accounting */
+};
+
+/* Exact 5-tuple: no lossy hashing of keys. */
+struct flow_key {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+/*
+ * A conntrack entry. Each connection has two: one keyed by the client's
+ * tuple (dir XLB_DIR_TO_BACKEND) and one keyed by the backend's reply tuple
+ * (dir XLB_DIR_TO_CLIENT). `nat_*` is what the packet is rewritten to; the
+ * peer entry's key is the reverse of that tuple, so pairs can be found and
+ * removed together without storing both keys.
+ */
+struct flow {
+	__u32 nat_saddr;
+	__u32 nat_daddr;
+	__u16 nat_sport;
+	__u16 nat_dport;
+	__u32 backend_id;
+	__u64 created_ns;   /* bpf_ktime_get_coarse_ns() */
+	__u64 last_seen_ns; /* bpf_ktime_get_coarse_ns() */
+	__u64 packets;
+	__u64 bytes;
+	__u32 tcp_flags; /* OR of the TCP flags seen in this direction */
+	__u8 dir;        /* XLB_DIR_* */
+	__u8 pad[3];
+};
+
+#endif

@@ -1,0 +1,1 @@
+//! The xlb.yaml schema.
