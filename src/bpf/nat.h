@@ -11,24 +11,25 @@
 /*
  * Claims a NAT source port for a new connection by inserting its reverse
  * entry: the insert (BPF_NOEXIST) is the allocation, atomic across CPUs, and a
- * port is free again as soon as the GC removes the pair. Probes a bounded run
- * of ports from a random start. Returns -1 with rev_key->dport set, or the
- * counter of the reason it failed.
+ * port is free again as soon as the GC removes the pair. Probes a bounded
+ * number of random ports: unlike a linear run from a random start, random
+ * probes do not cluster, so with a fraction p of the range in use a SYN fails
+ * with probability p^XLB_NAT_PORT_TRIES. Returns -1 with rev_key->dport set,
+ * or the counter of the reason it failed.
  */
 static __always_inline int nat_claim_port(struct flow_key *rev_key, const struct flow *rev)
 {
 	__u32 min = config.nat_port_min;
 	__u32 max = config.nat_port_max;
-	__u32 span, start;
+	__u32 span;
 	long err;
 	int i;
 
 	if (min == 0 || max < min)
 		return XLB_CNT_DROP_NAT_EXHAUSTED;
 	span = max - min + 1;
-	start = bpf_get_prandom_u32() % span;
 	for (i = 0; i < XLB_NAT_PORT_TRIES; i++) {
-		rev_key->dport = bpf_htons(min + (start + i) % span);
+		rev_key->dport = bpf_htons(min + bpf_get_prandom_u32() % span);
 		err = bpf_map_update_elem(&conntrack, rev_key, rev, BPF_NOEXIST);
 		if (!err)
 			return -1;

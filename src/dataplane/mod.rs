@@ -1,4 +1,296 @@
-#[allow(clippy::all, dead_code, unused)]
-mod skel {
-    include!(concat!(env!("OUT_DIR"), "/xlb.skel.rs"));
+//! The only code that touches BPF: it opens, sizes, loads and attaches the
+//! XDP program, and offers one typed function per thing the control plane
+//! does to it ("set the backend table", "read counters", "expire flows").
+
+mod abi;
+mod conntrack;
+mod counters;
+
+use std::mem::MaybeUninit;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+
+use anyhow::{bail, ensure, Context, Result};
+use libbpf_rs::libbpf_sys;
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::{MapCore, MapFlags, ProgramInput};
+
+pub use abi::{BackendSlot, Flow, FlowKey};
+pub use conntrack::{FlowEntry, GcPolicy, GcStats};
+pub use counters::{counter_name, Counter, Counters};
+
+use abi::{bytes, XlbSkel, XlbSkelBuilder};
+
+/// Most port mappings one listener carries (XLB_MAX_PORTS in xlb_consts.h).
+pub const MAX_PORTS: usize = 8;
+
+/// Sizes fixed when the program is loaded.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    /// Concurrent connections the conntrack map holds (two entries each).
+    pub conntrack_capacity: u32,
+    /// Slots in one maglev table (prime).
+    pub maglev_size: u32,
+}
+
+/// What the packet path serves; written before attaching.
+#[derive(Debug, Clone)]
+pub struct Service {
+    pub listen: Ipv4Addr,
+    pub snat: Ipv4Addr,
+    /// Inclusive NAT source-port range.
+    pub nat_ports: (u16, u16),
+    /// (local_port, remote_port) pairs.
+    pub ports: Vec<(u16, u16)>,
+}
+
+/// How the program sits on an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpMode {
+    /// In the driver (native XDP).
+    Native,
+    /// In the generic stack path, after the skb is built: slower, works anywhere.
+    Generic,
+}
+
+impl std::fmt::Display for XdpMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            XdpMode::Native => "native",
+            XdpMode::Generic => "generic",
+        })
+    }
+}
+
+/// One attached interface. Dropping the link fd detaches the program.
+#[derive(Debug)]
+pub struct Attachment {
+    pub ifname: String,
+    pub ifindex: u32,
+    pub mode: XdpMode,
+    link: OwnedFd,
+}
+
+pub struct Dataplane {
+    skel: XlbSkel<'static>,
+    maglev_size: u32,
+    attachments: Vec<Attachment>,
+}
+
+impl Dataplane {
+    /// Opens and loads the program with the given sizes; nothing is attached.
+    pub fn load(opts: LoadOptions) -> Result<Self> {
+        ensure!(opts.maglev_size > 0, "maglev table size must be positive");
+        ensure!(opts.conntrack_capacity > 0, "conntrack capacity must be positive");
+        // The skeleton borrows its object storage for its whole life; one
+        // small allocation per loaded program is the price of owning it here.
+        let storage = Box::leak(Box::new(MaybeUninit::uninit()));
+        let mut open = XlbSkelBuilder::default()
+            .open(storage)
+            .context("opening the XDP program")?;
+        open.maps
+            .conntrack
+            .set_max_entries(opts.conntrack_capacity.checked_mul(2).context("conntrack capacity too large")?)
+            .context("sizing the conntrack map")?;
+        open.maps
+            .maglev
+            .set_max_entries(opts.maglev_size.checked_mul(2).context("maglev size too large")?)
+            .context("sizing the maglev map")?;
+        let skel = open.load().context(
+            "loading the XDP program into the kernel (needs root or CAP_BPF+CAP_NET_ADMIN, and BTF)",
+        )?;
+        let mut dp = Dataplane { skel, maglev_size: opts.maglev_size, attachments: Vec::new() };
+        dp.config_mut().maglev_size = opts.maglev_size;
+        Ok(dp)
+    }
+
+    fn config_mut(&mut self) -> &mut abi::XlbConfig {
+        &mut self.skel.maps.bss_data.as_deref_mut().expect("the program has a .bss section").config
+    }
+
+    fn config(&self) -> &abi::XlbConfig {
+        &self.skel.maps.bss_data.as_deref().expect("the program has a .bss section").config
+    }
+
+    /// Sets what the program serves. Call before attaching: a packet may see
+    /// a mix of old and new fields while this runs.
+    pub fn set_service(&mut self, s: &Service) -> Result<()> {
+        ensure!(!s.ports.is_empty() && s.ports.len() <= MAX_PORTS, "1 to {MAX_PORTS} port mappings");
+        ensure!(s.nat_ports.0 > 0 && s.nat_ports.0 <= s.nat_ports.1, "bad NAT port range");
+        let cfg = self.config_mut();
+        cfg.listen_addr = u32::from_ne_bytes(s.listen.octets());
+        cfg.snat_addr = u32::from_ne_bytes(s.snat.octets());
+        cfg.nat_port_min = s.nat_ports.0;
+        cfg.nat_port_max = s.nat_ports.1;
+        for (slot, &(local, remote)) in cfg.ports.iter_mut().zip(s.ports.iter()) {
+            slot.local_port = local.to_be();
+            slot.remote_port = remote.to_be();
+        }
+        cfg.nr_ports = s.ports.len() as u32;
+        // A per-instance seed keeps backend choice unpredictable to clients.
+        cfg.hash_seed = rand_u32();
+        Ok(())
+    }
+
+    /// Installs a new maglev table atomically: the idle half is filled, then
+    /// one word flips which half packets read. `table[i]` is slot i's
+    /// backend (address, id), None for an empty table.
+    pub fn set_backends(&mut self, table: &[Option<(Ipv4Addr, u32)>]) -> Result<()> {
+        let m = self.maglev_size;
+        ensure!(table.len() == m as usize, "maglev table has {} slots, expected {m}", table.len());
+        let active = self.config().maglev_active;
+        let base = if active == 0 { m } else { 0 };
+        let mut keys = Vec::with_capacity(table.len() * 4);
+        let mut values = Vec::with_capacity(table.len() * std::mem::size_of::<BackendSlot>());
+        for (i, slot) in table.iter().enumerate() {
+            let b = slot.map_or(BackendSlot::default(), |(addr, id)| BackendSlot {
+                addr: u32::from_ne_bytes(addr.octets()),
+                id,
+            });
+            keys.extend_from_slice(&(base + i as u32).to_ne_bytes());
+            values.extend_from_slice(bytes(&b));
+        }
+        self.skel
+            .maps
+            .maglev
+            .update_batch(&keys, &values, m, MapFlags::ANY, MapFlags::ANY)
+            .context("writing the maglev table")?;
+        let flag = &mut self.config_mut().maglev_active;
+        // SAFETY: an aligned u32 in the mmapped .bss; a volatile store is one
+        // instruction, so the program reads either the old or the new half.
+        unsafe { std::ptr::write_volatile(flag, 1 - active) };
+        Ok(())
+    }
+
+    /// Sets or clears the drain flag (new SYNs answered with RST).
+    pub fn set_drain(&mut self, on: bool) {
+        let flags = &mut self.config_mut().flags;
+        let v = if on { *flags | DRAIN_FLAG } else { *flags & !DRAIN_FLAG };
+        // SAFETY: as in set_backends.
+        unsafe { std::ptr::write_volatile(flags, v) };
+    }
+
+    /// Attaches the program to an interface with a bpf_link: native XDP
+    /// when the driver has it, generic otherwise. Also registers the
+    /// interface as a redirect target.
+    pub fn attach(&mut self, ifname: &str, ifindex: u32) -> Result<XdpMode> {
+        if self.attachments.iter().any(|a| a.ifindex == ifindex) {
+            bail!("{ifname} is already attached");
+        }
+        let prog_fd = self.skel.progs.xlb_xdp.as_fd().as_raw_fd();
+        let (link, mode) = match link_xdp(prog_fd, ifindex, libbpf_sys::XDP_FLAGS_DRV_MODE) {
+            Ok(fd) => (fd, XdpMode::Native),
+            Err(native) => {
+                let fd = link_xdp(prog_fd, ifindex, libbpf_sys::XDP_FLAGS_SKB_MODE).with_context(|| {
+                    format!("attaching XDP to {ifname} (native mode failed too: {native})")
+                })?;
+                (fd, XdpMode::Generic)
+            }
+        };
+        self.skel
+            .maps
+            .tx_ports
+            .update(&ifindex.to_ne_bytes(), &ifindex.to_ne_bytes(), MapFlags::ANY)
+            .with_context(|| format!("adding {ifname} to the redirect map"))?;
+        self.attachments.push(Attachment { ifname: ifname.to_string(), ifindex, mode, link });
+        Ok(mode)
+    }
+
+    pub fn attachments(&self) -> &[Attachment] {
+        &self.attachments
+    }
+
+    /// Detaches from every interface (also done on drop).
+    pub fn detach_all(&mut self) {
+        for a in self.attachments.drain(..) {
+            let _ = self.skel.maps.tx_ports.delete(&a.ifindex.to_ne_bytes());
+            drop(a.link);
+        }
+    }
+
+    /// Counters summed over CPUs.
+    pub fn counters(&self) -> Result<Counters> {
+        counters::read(&self.skel.maps.counters)
+    }
+
+    /// Every conntrack entry (both directions).
+    pub fn flows(&self) -> Result<Vec<FlowEntry>> {
+        conntrack::entries(&self.skel.maps.conntrack)
+    }
+
+    /// Removes expired connections, both entries of each at once.
+    pub fn expire_flows(&self, policy: &GcPolicy) -> Result<GcStats> {
+        conntrack::expire(&self.skel.maps.conntrack, policy)
+    }
+
+    /// Runs one frame through the program with BPF_PROG_TEST_RUN, as if it
+    /// arrived on `ifindex` (0: loopback) of the calling thread's network
+    /// namespace. Returns the XDP action and the frame as the program left it.
+    pub fn test_run(&self, frame: &[u8], ifindex: u32) -> Result<(u32, Vec<u8>)> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let ctx = abi::XdpMd { data_end: frame.len() as u32, ingress_ifindex: ifindex, ..Default::default() };
+        let mut ctx_bytes = bytes(&ctx).to_vec();
+        let mut input = ProgramInput::default();
+        input.data_in = Some(frame);
+        input.data_out = Some(&mut out);
+        if ifindex != 0 {
+            input.context_in = Some(&mut ctx_bytes);
+        }
+        let output = self.skel.progs.xlb_xdp.test_run(input).context("BPF_PROG_TEST_RUN")?;
+        let action = output.return_value;
+        let len = output.data.as_ref().map_or(0, |d| d.len());
+        out.truncate(len);
+        Ok((action, out))
+    }
+
+    /// Kernel-timed runs of one frame: (action, mean time per run).
+    pub fn time_run(&self, frame: &[u8], repeat: u32) -> Result<(u32, std::time::Duration)> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut input = ProgramInput::default();
+        input.data_in = Some(frame);
+        input.data_out = Some(&mut out);
+        input.repeat = repeat;
+        let output = self.skel.progs.xlb_xdp.test_run(input).context("BPF_PROG_TEST_RUN")?;
+        Ok((output.return_value, output.duration))
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        self.detach_all();
+    }
+}
+
+/// XLB_F_DRAIN in xlb_consts.h.
+const DRAIN_FLAG: u32 = 1;
+
+fn link_xdp(prog_fd: i32, ifindex: u32, flags: u32) -> std::io::Result<OwnedFd> {
+    let opts = libbpf_sys::bpf_link_create_opts {
+        sz: std::mem::size_of::<libbpf_sys::bpf_link_create_opts>() as _,
+        flags,
+        ..Default::default()
+    };
+    // SAFETY: plain syscall wrapper; opts outlives the call.
+    let fd = unsafe { libbpf_sys::bpf_link_create(prog_fd, ifindex as i32, libbpf_sys::BPF_XDP, &opts) };
+    if fd < 0 {
+        return Err(std::io::Error::from_raw_os_error(-fd));
+    }
+    // SAFETY: a fresh fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn rand_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS's randomness: no crate needed.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(0x5eed);
+    h.finish() as u32
+}
+
+/// CLOCK_MONOTONIC_COARSE in nanoseconds: the clock of
+/// bpf_ktime_get_coarse_ns(), which stamps flows.
+pub fn now_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .expect("CLOCK_MONOTONIC_COARSE is always available on Linux");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }

@@ -1,0 +1,42 @@
+//! The skeleton generated from `src/bpf/*.h` is the ABI: these are its types,
+//! made byte-convertible. Nothing here re-declares a layout.
+
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    dead_code,
+    non_camel_case_types,
+    non_snake_case,
+    unused
+)]
+mod skel {
+    include!(concat!(env!("OUT_DIR"), "/xlb.skel.rs"));
+}
+
+pub use skel::types::{backend as BackendSlot, flow as Flow, flow_key as FlowKey, xdp_md as XdpMd};
+pub use skel::types::{xlb_config as XlbConfig, xlb_counter as CounterId};
+pub use skel::{XlbSkel, XlbSkelBuilder};
+
+// SAFETY: plain C structs of integers with explicit padding (see
+// xlb_structs.h): every byte pattern is a valid value.
+unsafe impl plain::Plain for skel::types::backend {}
+unsafe impl plain::Plain for skel::types::flow {}
+unsafe impl plain::Plain for skel::types::flow_key {}
+unsafe impl plain::Plain for skel::types::xdp_md {}
+
+/// The raw bytes of an ABI value, as the kernel's map syscalls take them.
+pub fn bytes<T: plain::Plain>(v: &T) -> &[u8] {
+    // SAFETY: T is Plain: no padding the C side does not also see, no pointers.
+    unsafe { plain::as_bytes(v) }
+}
+
+/// An ABI value from the bytes a map lookup returned (any alignment).
+pub fn from_bytes<T: plain::Plain + Default>(b: &[u8]) -> T {
+    let mut v = T::default();
+    plain::copy_from_bytes(&mut v, b).expect("map value has the ABI size");
+    v
+}
+
+/// Flow directions (struct flow.dir), from xlb_consts.h.
+pub const DIR_TO_BACKEND: u8 = 1;
+pub const DIR_TO_CLIENT: u8 = 2;

@@ -1,0 +1,149 @@
+//! Reading and expiring the conntrack map from user space.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context, Result};
+use libbpf_rs::{MapCore, MapFlags, MapMut};
+
+use super::abi::{bytes, from_bytes, Flow, FlowKey, DIR_TO_BACKEND, DIR_TO_CLIENT};
+
+const TCP_FIN: u32 = 0x01;
+const TCP_RST: u32 = 0x04;
+
+/// One conntrack entry, decoded.
+#[derive(Debug, Clone, Copy)]
+pub struct FlowEntry {
+    pub key: FlowKey,
+    pub flow: Flow,
+}
+
+impl FlowEntry {
+    pub fn is_forward(&self) -> bool {
+        self.flow.dir == DIR_TO_BACKEND
+    }
+    pub fn src(&self) -> (Ipv4Addr, u16) {
+        (addr(self.key.saddr), u16::from_be(self.key.sport))
+    }
+    pub fn dst(&self) -> (Ipv4Addr, u16) {
+        (addr(self.key.daddr), u16::from_be(self.key.dport))
+    }
+    /// The tuple packets are rewritten to: (src, dst).
+    pub fn nat(&self) -> ((Ipv4Addr, u16), (Ipv4Addr, u16)) {
+        let f = &self.flow;
+        (
+            (addr(f.nat_saddr), u16::from_be(f.nat_sport)),
+            (addr(f.nat_daddr), u16::from_be(f.nat_dport)),
+        )
+    }
+}
+
+fn addr(be: u32) -> Ipv4Addr {
+    Ipv4Addr::from(be.to_ne_bytes())
+}
+
+/// The key of the entry that carries the other direction: the reverse of
+/// this entry's rewritten tuple.
+pub fn peer_key(f: &Flow) -> FlowKey {
+    FlowKey {
+        saddr: f.nat_daddr,
+        daddr: f.nat_saddr,
+        sport: f.nat_dport,
+        dport: f.nat_sport,
+        proto: 6,
+        pad: [0; 3],
+    }
+}
+
+/// When connections are removed.
+#[derive(Debug, Clone, Copy)]
+pub struct GcPolicy {
+    /// Now, on the clock of bpf_ktime_get_coarse_ns (see `now_ns`).
+    pub now_ns: u64,
+    /// Idle connections in any state are removed after this long.
+    pub idle_ns: u64,
+    /// Closed connections (FIN both ways, or RST) after this long idle.
+    pub closed_ns: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GcStats {
+    /// Connections (entry pairs) still tracked.
+    pub active: u64,
+    /// Pairs removed because both sides closed or one reset.
+    pub closed: u64,
+    /// Pairs removed because they idled past the orphan TTL.
+    pub orphaned: u64,
+    /// Entries whose peer was missing, removed.
+    pub unpaired: u64,
+}
+
+const BATCH: u32 = 4096;
+
+pub(super) fn entries(map: &MapMut<'_>) -> Result<Vec<FlowEntry>> {
+    let mut out = Vec::new();
+    // Batched reads are far cheaper than a syscall per key; an empty map
+    // answers ENOENT, which the iterator treats as the end.
+    for (k, v) in map.lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY).context("reading conntrack")? {
+        out.push(FlowEntry { key: from_bytes(&k), flow: from_bytes(&v) });
+    }
+    Ok(out)
+}
+
+pub(super) fn expire(map: &MapMut<'_>, p: &GcPolicy) -> Result<GcStats> {
+    let all = entries(map)?;
+    let mut by_key = std::collections::HashMap::with_capacity(all.len());
+    for e in &all {
+        by_key.insert(bytes(&e.key).to_vec(), e.flow);
+    }
+    let mut stats = GcStats::default();
+    let idle_for = |f: &Flow| p.now_ns.saturating_sub(f.last_seen_ns);
+    for e in all.iter().filter(|e| e.is_forward()) {
+        let rk = peer_key(&e.flow);
+        let Some(rev) = by_key.get(bytes(&rk)) else {
+            // A pair is created reverse-first, so a lone forward entry is a
+            // bug or a half-finished insert; give it the closed grace period.
+            if idle_for(&e.flow) > p.closed_ns {
+                delete(map, &e.key)?;
+                stats.unpaired += 1;
+            }
+            continue;
+        };
+        let idle = idle_for(&e.flow).min(idle_for(rev));
+        let seen = e.flow.tcp_flags | rev.tcp_flags;
+        let closed = seen & TCP_RST != 0 || (e.flow.tcp_flags & TCP_FIN != 0 && rev.tcp_flags & TCP_FIN != 0);
+        let expired = if closed && idle > p.closed_ns {
+            stats.closed += 1;
+            true
+        } else if idle > p.idle_ns {
+            stats.orphaned += 1;
+            true
+        } else {
+            stats.active += 1;
+            false
+        };
+        if expired {
+            // Forward first: once it is gone no client packet can use the
+            // NAT port, and only then is the port freed with the reverse.
+            delete(map, &e.key)?;
+            delete(map, &rk)?;
+        }
+    }
+    // Reverse entries whose forward entry is gone (insert raced, or a crash).
+    for e in all.iter().filter(|e| e.flow.dir == DIR_TO_CLIENT) {
+        let fk = peer_key(&e.flow);
+        if !by_key.contains_key(bytes(&fk)) && idle_for(&e.flow) > p.closed_ns {
+            delete(map, &e.key)?;
+            stats.unpaired += 1;
+        }
+    }
+    Ok(stats)
+}
+
+fn delete(map: &MapMut<'_>, key: &FlowKey) -> Result<()> {
+    match map.delete(bytes(key)) {
+        Ok(()) => Ok(()),
+        // Already gone (the program or another sweep removed it): fine.
+        Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).context("deleting a conntrack entry"),
+    }
+}

@@ -1,0 +1,91 @@
+//! The per-CPU outcome counters, summed and named.
+
+use anyhow::{Context, Result};
+use libbpf_rs::{MapCore, MapFlags, MapMut};
+
+use super::abi::CounterId;
+
+pub type Counter = CounterId;
+
+/// Every counter with its stable name (metric label and status key).
+pub const ALL: &[(Counter, &str)] = &[
+    (Counter::XLB_CNT_PASS_NOT_IPV4, "pass_not_ipv4"),
+    (Counter::XLB_CNT_PASS_VLAN, "pass_vlan"),
+    (Counter::XLB_CNT_PASS_MALFORMED, "pass_malformed"),
+    (Counter::XLB_CNT_PASS_NOT_TCP, "pass_not_tcp"),
+    (Counter::XLB_CNT_PASS_FRAGMENT, "pass_fragment"),
+    (Counter::XLB_CNT_PASS_NOT_OURS, "pass_not_ours"),
+    (Counter::XLB_CNT_PASS_NO_NEIGH, "pass_no_neigh"),
+    (Counter::XLB_CNT_PASS_FOREIGN_EGRESS, "pass_foreign_egress"),
+    (Counter::XLB_CNT_FWD_TO_BACKEND, "fwd_to_backend"),
+    (Counter::XLB_CNT_FWD_TO_CLIENT, "fwd_to_client"),
+    (Counter::XLB_CNT_NEW_FLOW, "new_flow"),
+    (Counter::XLB_CNT_DROP_NO_FLOW, "drop_no_flow"),
+    (Counter::XLB_CNT_DROP_NO_BACKEND, "drop_no_backend"),
+    (Counter::XLB_CNT_DROP_NAT_EXHAUSTED, "drop_nat_exhausted"),
+    (Counter::XLB_CNT_DROP_CT_FULL, "drop_ct_full"),
+    (Counter::XLB_CNT_DROP_FIB, "drop_fib"),
+    (Counter::XLB_CNT_DROP_TTL, "drop_ttl"),
+];
+
+/// The stable name of a counter.
+pub fn counter_name(c: Counter) -> &'static str {
+    ALL[c.0 as usize].1
+}
+
+/// A snapshot of all counters, summed over CPUs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    values: Vec<u64>,
+}
+
+impl Counters {
+    pub fn get(&self, c: Counter) -> u64 {
+        self.values.get(c.0 as usize).copied().unwrap_or(0)
+    }
+
+    /// (name, value) for every counter, in ABI order.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        ALL.iter().map(|&(c, name)| (name, self.get(c)))
+    }
+
+    /// What moved between `earlier` and this snapshot.
+    pub fn since(&self, earlier: &Counters) -> Counters {
+        let values = (0..self.values.len())
+            .map(|i| self.values[i].saturating_sub(earlier.values.get(i).copied().unwrap_or(0)))
+            .collect();
+        Counters { values }
+    }
+}
+
+pub(super) fn read(map: &MapMut<'_>) -> Result<Counters> {
+    let mut values = vec![0u64; Counter::XLB_CNT_MAX.0 as usize];
+    for (i, v) in values.iter_mut().enumerate() {
+        let per_cpu = map
+            .lookup_percpu(&(i as u32).to_ne_bytes(), MapFlags::ANY)
+            .context("reading the counters map")?
+            .unwrap_or_default();
+        *v = per_cpu
+            .iter()
+            .map(|b| u64::from_ne_bytes(b[..8].try_into().expect("u64 counter")))
+            .sum();
+    }
+    Ok(Counters { values })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_counter_has_one_name_in_abi_order() {
+        assert_eq!(ALL.len(), Counter::XLB_CNT_MAX.0 as usize);
+        for (i, (c, _)) in ALL.iter().enumerate() {
+            assert_eq!(c.0 as usize, i);
+        }
+        let mut names: Vec<_> = ALL.iter().map(|(_, n)| *n).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), ALL.len());
+    }
+}

@@ -1,0 +1,532 @@
+//! Golden packets through BPF_PROG_TEST_RUN: crafted frames in, the XDP
+//! action, the exact output frame (built independently with etherparse,
+//! checksums included) and the counter deltas out. Each case is named for
+//! the behaviour it pins and runs on a fresh program in its own namespace,
+//! where the FIB knows the test addresses (static neighbours).
+
+mod common;
+
+use std::net::Ipv4Addr;
+
+use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, Ipv4Options, TcpHeader};
+use xlb::dataplane::{Counter, Counters, Dataplane, GcPolicy, LoadOptions, Service};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+
+const LB_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const LB1_MAC: [u8; 6] = [2, 0, 0, 0, 1, 1];
+const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
+const BACKEND_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x0a];
+const FAR_BACKEND_MAC: [u8; 6] = [2, 0, 0, 0, 1, 0x0a];
+
+const LISTEN: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
+/// On the LB's second interface: reached by redirect, not XDP_TX.
+const FAR_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 10);
+/// On-link but with no neighbour entry: the kernel must resolve it.
+const UNRESOLVED_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 12);
+const NAT_PORTS: (u16, u16) = (20000, 20999);
+
+/// A TCP/IPv4 frame, described by the fields a case cares about.
+#[derive(Clone)]
+struct Tcp {
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    syn: bool,
+    ack: bool,
+    fin: bool,
+    rst: bool,
+    seq: u32,
+    ttl: u8,
+    ip_options: Vec<u8>,
+    payload: Vec<u8>,
+}
+
+fn from_client(dport: u16) -> Tcp {
+    Tcp {
+        smac: CLIENT_MAC,
+        dmac: LB_MAC,
+        src: (CLIENT, 40000),
+        dst: (LISTEN, dport),
+        syn: true,
+        ack: false,
+        fin: false,
+        rst: false,
+        seq: 1000,
+        ttl: 64,
+        ip_options: vec![],
+        payload: vec![],
+    }
+}
+
+impl Tcp {
+    fn ack(mut self) -> Tcp {
+        self.syn = false;
+        self.ack = true;
+        self.payload = b"GET / HTTP/1.0\r\n\r\n".to_vec();
+        self
+    }
+
+    fn frame(&self) -> Vec<u8> {
+        let mut tcp = TcpHeader::new(self.src.1, self.dst.1, self.seq, 64240);
+        tcp.syn = self.syn;
+        tcp.ack = self.ack;
+        tcp.fin = self.fin;
+        tcp.rst = self.rst;
+        tcp.acknowledgment_number = if self.ack { 7777 } else { 0 };
+        let mut ip = Ipv4Header::new(
+            (tcp.header_len() + self.payload.len()) as u16,
+            self.ttl,
+            IpNumber::TCP,
+            self.src.0.octets(),
+            self.dst.0.octets(),
+        )
+        .unwrap();
+        ip.options = Ipv4Options::try_from(&self.ip_options[..]).unwrap();
+        ip.total_len = (ip.header_len() + tcp.header_len() + self.payload.len()) as u16;
+        ip.identification = 0x4242;
+        ip.dont_fragment = true;
+        ip.header_checksum = ip.calc_header_checksum();
+        tcp.checksum = tcp.calc_checksum_ipv4(&ip, &self.payload).unwrap();
+        let eth = Ethernet2Header { source: self.smac, destination: self.dmac, ether_type: EtherType::IPV4 };
+        let mut out = eth.to_bytes().to_vec();
+        out.extend_from_slice(&ip.to_bytes());
+        out.extend_from_slice(&tcp.to_bytes());
+        out.extend_from_slice(&self.payload);
+        out
+    }
+}
+
+/// Checks the frame's IPv4 and TCP checksums with etherparse, and returns
+/// the TCP header.
+fn checked_tcp(frame: &[u8]) -> (Ipv4Header, TcpHeader) {
+    let (_, rest) = Ethernet2Header::from_slice(frame).unwrap();
+    let (ip, rest) = Ipv4Header::from_slice(rest).unwrap();
+    assert_eq!(ip.header_checksum, ip.calc_header_checksum(), "IPv4 checksum");
+    let (tcp, payload) = TcpHeader::from_slice(rest).unwrap();
+    assert_eq!(tcp.checksum, tcp.calc_checksum_ipv4(&ip, payload).unwrap(), "TCP checksum");
+    (ip, tcp)
+}
+
+/// A loaded program in a namespace whose FIB knows the test hosts.
+struct Lb {
+    dp: Dataplane,
+    ifindex: u32,
+    seen: Counters,
+}
+
+impl Lb {
+    fn new(backends: &[Ipv4Addr]) -> Lb {
+        let ifindex = nix::net::if_::if_nametoindex("g0").unwrap();
+        let far = nix::net::if_::if_nametoindex("g1").unwrap();
+        let mut dp = Dataplane::load(LoadOptions { conntrack_capacity: 1024, maglev_size: 251 }).unwrap();
+        dp.set_service(&Service {
+            listen: LISTEN,
+            snat: LISTEN,
+            nat_ports: NAT_PORTS,
+            ports: vec![(80, 8080), (443, 8443)],
+        })
+        .unwrap();
+        let table: Vec<_> = (0..251)
+            .map(|i| (!backends.is_empty()).then(|| (backends[i % backends.len()], (i % backends.len()) as u32)))
+            .collect();
+        dp.set_backends(&table).unwrap();
+        // g1 becomes a redirect target; g0 stays free for test runs.
+        dp.attach("g1", far).unwrap();
+        let seen = dp.counters().unwrap();
+        Lb { dp, ifindex, seen }
+    }
+
+    fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.dp.test_run(frame, self.ifindex).unwrap()
+    }
+
+    /// Asserts exactly these counters moved since the last call.
+    fn counters_moved(&mut self, expected: &[(Counter, u64)]) {
+        let now = self.dp.counters().unwrap();
+        let delta = now.since(&self.seen);
+        for (name, v) in delta.iter() {
+            let want = expected
+                .iter()
+                .find(|(c, _)| xlb::dataplane::counter_name(*c) == name)
+                .map_or(0, |(_, n)| *n);
+            assert_eq!(v, want, "counter {name}");
+        }
+        self.seen = now;
+    }
+
+    /// The NAT source port of the one connection from `client`.
+    fn nat_port(&self, client: (Ipv4Addr, u16)) -> u16 {
+        let flows = self.dp.flows().unwrap();
+        let f = flows.iter().find(|f| f.is_forward() && f.src() == client).expect("forward entry");
+        f.nat().0 .1
+    }
+}
+
+fn golden_ns() -> common::Netns {
+    let ns = common::Netns::new("xg");
+    ns.exec(&format!(
+        "ip link add g0 address {} type veth peer name g0p && \
+         ip link add g1 address {} type veth peer name g1p && \
+         ip addr add 10.0.0.1/24 dev g0 && ip addr add 10.1.0.1/24 dev g1 && \
+         for d in g0 g0p g1 g1p; do ip link set $d up; done && \
+         sysctl -qw net.ipv4.conf.all.forwarding=1 && \
+         ip neigh add {CLIENT} lladdr {} dev g0 nud permanent && \
+         ip neigh add {BACKEND} lladdr {} dev g0 nud permanent && \
+         ip neigh add {FAR_BACKEND} lladdr {} dev g1 nud permanent",
+        mac(LB_MAC),
+        mac(LB1_MAC),
+        mac(CLIENT_MAC),
+        mac(BACKEND_MAC),
+        mac(FAR_BACKEND_MAC)
+    ));
+    ns
+}
+
+fn mac(m: [u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// Runs a case on a fresh program inside a fresh namespace.
+fn case(backends: &'static [Ipv4Addr], f: impl FnOnce(&mut Lb) + Send + 'static) {
+    let ns = golden_ns();
+    ns.run(move || f(&mut Lb::new(backends)));
+}
+
+const ONE: &[Ipv4Addr] = &[BACKEND];
+
+/// Frames the program must leave to the kernel untouched, with the counter
+/// that says why: (name, frame, counter).
+fn passed_untouched() -> Vec<(&'static str, Vec<u8>, Counter)> {
+    let other_ip = Tcp { dst: (Ipv4Addr::new(10, 0, 0, 99), 80), ..from_client(80) };
+    let other_port = from_client(22);
+    let mut udp = from_client(80).frame();
+    udp[14 + 9] = 17; // protocol: UDP (checksums are irrelevant to a pass)
+    let arp = {
+        let mut f = vec![0xff; 6];
+        f.extend_from_slice(&CLIENT_MAC);
+        f.extend_from_slice(&[0x08, 0x06]);
+        f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+        f.extend_from_slice(&CLIENT_MAC);
+        f.extend_from_slice(&CLIENT.octets());
+        f.extend_from_slice(&[0; 6]);
+        f.extend_from_slice(&LISTEN.octets());
+        f
+    };
+    let ipv6 = {
+        let mut f = from_client(80).frame();
+        f[12..14].copy_from_slice(&[0x86, 0xdd]);
+        f
+    };
+    let mut vlan = from_client(80).frame();
+    vlan.splice(12..12, [0x81, 0x00, 0x00, 0x07]);
+    let short_ip = from_client(80).frame()[..14 + 12].to_vec();
+    let short_tcp = from_client(80).frame()[..14 + 20 + 10].to_vec();
+    let mut fragment = from_client(80).frame();
+    fragment[14 + 6] = 0x20; // more-fragments set, DF cleared
+    let mut bad_ihl = from_client(80).frame();
+    bad_ihl[14] = 0x44; // IHL 4 < 5
+    let reply_without_flow = Tcp {
+        smac: BACKEND_MAC,
+        src: (BACKEND, 8080),
+        dst: (LISTEN, NAT_PORTS.0 + 5),
+        ack: true,
+        ..from_client(80)
+    };
+    vec![
+        ("tcp_to_other_ip", other_ip.frame(), Counter::XLB_CNT_PASS_NOT_OURS),
+        ("tcp_to_unmapped_port", other_port.frame(), Counter::XLB_CNT_PASS_NOT_OURS),
+        ("udp_to_listen_port", udp, Counter::XLB_CNT_PASS_NOT_TCP),
+        ("arp_request", arp, Counter::XLB_CNT_PASS_NOT_IPV4),
+        ("ipv6_ethertype", ipv6, Counter::XLB_CNT_PASS_NOT_IPV4),
+        ("vlan_tagged", vlan, Counter::XLB_CNT_PASS_VLAN),
+        // (A frame shorter than an Ethernet header cannot be test-run: the
+        // kernel refuses it before XDP, as drivers do.)
+        ("truncated_ipv4", short_ip, Counter::XLB_CNT_PASS_MALFORMED),
+        ("truncated_tcp", short_tcp, Counter::XLB_CNT_PASS_MALFORMED),
+        ("ipv4_fragment", fragment, Counter::XLB_CNT_PASS_FRAGMENT),
+        ("ipv4_ihl_below_5", bad_ihl, Counter::XLB_CNT_PASS_MALFORMED),
+        ("reply_to_nat_port_without_flow", reply_without_flow.frame(), Counter::XLB_CNT_PASS_NOT_OURS),
+    ]
+}
+
+#[test]
+fn frames_not_ours_pass_untouched() {
+    case(ONE, |lb| {
+        for (name, frame, counter) in passed_untouched() {
+            let (action, out) = lb.run(&frame);
+            assert_eq!(action, XDP_PASS, "{name}: action");
+            assert_eq!(out, frame, "{name}: frame must be untouched");
+            lb.counters_moved(&[(counter, 1)]);
+            assert!(lb.dp.flows().unwrap().is_empty(), "{name}: no conntrack entry");
+        }
+    });
+}
+
+#[test]
+fn syn_is_natted_to_the_backend_and_sent_back_out() {
+    case(ONE, |lb| {
+        let syn = from_client(80);
+        let (action, out) = lb.run(&syn.frame());
+        assert_eq!(action, XDP_TX);
+        lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 1), (Counter::XLB_CNT_FWD_TO_BACKEND, 1)]);
+        let port = lb.nat_port(syn.src);
+        assert!((NAT_PORTS.0..=NAT_PORTS.1).contains(&port), "NAT port {port} in range");
+        let want = Tcp {
+            smac: LB_MAC,
+            dmac: BACKEND_MAC,
+            src: (LISTEN, port),
+            dst: (BACKEND, 8080),
+            ttl: 63,
+            ..syn
+        };
+        assert_eq!(out, want.frame());
+        checked_tcp(&out);
+        assert_eq!(lb.dp.flows().unwrap().len(), 2, "forward and reverse entries");
+    });
+}
+
+#[test]
+fn established_packets_follow_the_flow_and_replies_go_back() {
+    case(ONE, |lb| {
+        let syn = from_client(80);
+        lb.run(&syn.frame());
+        let port = lb.nat_port(syn.src);
+        lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 1), (Counter::XLB_CNT_FWD_TO_BACKEND, 1)]);
+
+        let reply = Tcp {
+            smac: BACKEND_MAC,
+            dmac: LB_MAC,
+            src: (BACKEND, 8080),
+            dst: (LISTEN, port),
+            ack: true,
+            seq: 5000,
+            ..syn.clone()
+        };
+        let (action, out) = lb.run(&reply.frame());
+        assert_eq!(action, XDP_TX, "SYN-ACK");
+        let want = Tcp { smac: LB_MAC, dmac: CLIENT_MAC, src: (LISTEN, 80), dst: syn.src, ttl: 63, ..reply };
+        assert_eq!(out, want.frame());
+        lb.counters_moved(&[(Counter::XLB_CNT_FWD_TO_CLIENT, 1)]);
+
+        let data = syn.clone().ack();
+        let (action, out) = lb.run(&data.frame());
+        assert_eq!(action, XDP_TX, "ACK with data");
+        let want = Tcp { smac: LB_MAC, dmac: BACKEND_MAC, src: (LISTEN, port), dst: (BACKEND, 8080), ttl: 63, ..data };
+        assert_eq!(out, want.frame());
+        checked_tcp(&out);
+        lb.counters_moved(&[(Counter::XLB_CNT_FWD_TO_BACKEND, 1)]);
+
+        let flows = lb.dp.flows().unwrap();
+        let fwd = flows.iter().find(|f| f.is_forward()).unwrap();
+        assert_eq!(fwd.flow.packets, 2);
+        assert_eq!(fwd.flow.tcp_flags & 0x12, 0x12, "SYN and ACK recorded");
+    });
+}
+
+#[test]
+fn retransmitted_syn_reuses_backend_and_nat_port() {
+    case(&[BACKEND, FAR_BACKEND], |lb| {
+        let syn = from_client(80);
+        let (_, first) = lb.run(&syn.frame());
+        let (_, again) = lb.run(&syn.frame());
+        assert_eq!(first[14..], again[14..], "same rewrite");
+        lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 1), (Counter::XLB_CNT_FWD_TO_BACKEND, 2)]);
+        assert_eq!(lb.dp.flows().unwrap().len(), 2);
+    });
+}
+
+#[test]
+fn non_syn_without_a_flow_is_dropped() {
+    case(ONE, |lb| {
+        for (name, t) in [
+            ("ack", from_client(80).ack()),
+            ("syn_ack", Tcp { ack: true, ..from_client(80) }),
+            ("rst", Tcp { syn: false, rst: true, ..from_client(80) }),
+        ] {
+            let (action, _) = lb.run(&t.frame());
+            assert_eq!(action, XDP_DROP, "{name}");
+            lb.counters_moved(&[(Counter::XLB_CNT_DROP_NO_FLOW, 1)]);
+        }
+        assert!(lb.dp.flows().unwrap().is_empty());
+    });
+}
+
+#[test]
+fn syn_without_backends_is_dropped() {
+    case(&[], |lb| {
+        let (action, _) = lb.run(&from_client(80).frame());
+        assert_eq!(action, XDP_DROP);
+        lb.counters_moved(&[(Counter::XLB_CNT_DROP_NO_BACKEND, 1)]);
+        assert!(lb.dp.flows().unwrap().is_empty());
+    });
+}
+
+#[test]
+fn second_port_mapping_uses_its_remote_port() {
+    case(ONE, |lb| {
+        let syn = from_client(443);
+        let (action, out) = lb.run(&syn.frame());
+        assert_eq!(action, XDP_TX);
+        let (_, tcp) = checked_tcp(&out);
+        assert_eq!(tcp.destination_port, 8443);
+    });
+}
+
+#[test]
+fn ip_options_are_carried_and_checksums_stay_valid() {
+    case(ONE, |lb| {
+        // Four NOPs and an end-of-list: IHL 6.
+        let syn = Tcp { ip_options: vec![1, 1, 1, 0], ..from_client(80) };
+        let (action, out) = lb.run(&syn.frame());
+        assert_eq!(action, XDP_TX);
+        let port = lb.nat_port(syn.src);
+        let want = Tcp { smac: LB_MAC, dmac: BACKEND_MAC, src: (LISTEN, port), dst: (BACKEND, 8080), ttl: 63, ..syn };
+        assert_eq!(out, want.frame());
+    });
+}
+
+#[test]
+fn ttl_one_is_dropped_not_forwarded() {
+    case(ONE, |lb| {
+        let (action, _) = lb.run(&Tcp { ttl: 1, ..from_client(80) }.frame());
+        assert_eq!(action, XDP_DROP);
+        lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 1), (Counter::XLB_CNT_DROP_TTL, 1)]);
+    });
+}
+
+#[test]
+fn backend_behind_another_interface_is_redirected() {
+    case(&[FAR_BACKEND], |lb| {
+        let syn = from_client(80);
+        let (action, out) = lb.run(&syn.frame());
+        assert_eq!(action, XDP_REDIRECT);
+        let port = lb.nat_port(syn.src);
+        let want =
+            Tcp { smac: LB1_MAC, dmac: FAR_BACKEND_MAC, src: (LISTEN, port), dst: (FAR_BACKEND, 8080), ttl: 63, ..syn };
+        assert_eq!(out, want.frame());
+        lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 1), (Counter::XLB_CNT_FWD_TO_BACKEND, 1)]);
+    });
+}
+
+#[test]
+fn unresolved_neighbour_goes_to_the_kernel_rewritten_with_ttl_intact() {
+    case(&[UNRESOLVED_BACKEND], |lb| {
+        let syn = from_client(80);
+        let (action, out) = lb.run(&syn.frame());
+        assert_eq!(action, XDP_PASS);
+        let port = lb.nat_port(syn.src);
+        // MACs untouched (the kernel routes it), TTL untouched (the kernel
+        // decrements it when it forwards).
+        let want = Tcp { src: (LISTEN, port), dst: (UNRESOLVED_BACKEND, 8080), ..syn };
+        assert_eq!(out, want.frame());
+        lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 1), (Counter::XLB_CNT_PASS_NO_NEIGH, 1)]);
+    });
+}
+
+#[test]
+fn connections_spread_over_backends_and_each_keeps_its_own() {
+    case(&[BACKEND, FAR_BACKEND], |lb| {
+        let mut to = std::collections::HashMap::new();
+        for sport in 30000..30200u16 {
+            let syn = Tcp { src: (CLIENT, sport), ..from_client(80) };
+            let (_, out) = lb.run(&syn.frame());
+            let (ip, _) = checked_tcp(&out);
+            to.insert(sport, ip.destination);
+        }
+        let far = to.values().filter(|d| **d == FAR_BACKEND.octets()).count();
+        assert!((50..150).contains(&far), "200 connections split {far}/{}", 200 - far);
+        for sport in 30000..30200u16 {
+            let data = Tcp { src: (CLIENT, sport), ..from_client(80) }.ack();
+            let (_, out) = lb.run(&data.frame());
+            let (ip, _) = checked_tcp(&out);
+            assert_eq!(ip.destination, to[&sport], "flow {sport} stays on its backend");
+        }
+        lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 200), (Counter::XLB_CNT_FWD_TO_BACKEND, 400)]);
+    });
+}
+
+#[test]
+fn nat_ports_are_unique_per_backend_and_exhaustion_is_counted() {
+    case(ONE, |lb| {
+        let span = (NAT_PORTS.1 - NAT_PORTS.0 + 1) as usize;
+        let mut ports = std::collections::HashSet::new();
+        let mut exhausted = 0;
+        for sport in 0..(span as u16 + 20) {
+            let syn = Tcp { src: (CLIENT, 30000 + sport), ..from_client(80) };
+            let (action, out) = lb.run(&syn.frame());
+            if action == XDP_DROP {
+                exhausted += 1;
+                continue;
+            }
+            let (_, tcp) = checked_tcp(&out);
+            assert!(ports.insert(tcp.source_port), "port {} handed out twice", tcp.source_port);
+        }
+        // Bounded probing may give up a little before the range is full,
+        // but never hands out a port twice and never rewrites on failure.
+        assert!(ports.len() >= span * 9 / 10, "{} of {span} ports used", ports.len());
+        let c = lb.dp.counters().unwrap();
+        assert_eq!(c.get(Counter::XLB_CNT_DROP_NAT_EXHAUSTED), exhausted);
+        assert!(exhausted >= 20);
+    });
+}
+
+#[test]
+fn closed_and_idle_flows_are_expired_in_pairs() {
+    case(ONE, |lb| {
+        let a = from_client(80);
+        let b = Tcp { src: (CLIENT, 40001), ..from_client(80) };
+        lb.run(&a.frame());
+        lb.run(&b.frame());
+        let port_a = lb.nat_port(a.src);
+        // a: FIN from the client, FIN from the backend.
+        lb.run(&Tcp { fin: true, ..a.clone().ack() }.frame());
+        let back_fin = Tcp {
+            smac: BACKEND_MAC,
+            src: (BACKEND, 8080),
+            dst: (LISTEN, port_a),
+            ack: true,
+            fin: true,
+            syn: false,
+            ..a.clone()
+        };
+        lb.run(&back_fin.frame());
+        assert_eq!(lb.dp.flows().unwrap().len(), 4);
+
+        let now = xlb::dataplane::now_ns();
+        let soon = GcPolicy { now_ns: now + 2_000_000_000, idle_ns: 300_000_000_000, closed_ns: 1_000_000_000 };
+        let stats = lb.dp.expire_flows(&soon).unwrap();
+        assert_eq!((stats.closed, stats.orphaned, stats.active), (1, 0, 1));
+        let left = lb.dp.flows().unwrap();
+        assert_eq!(left.len(), 2, "only b's pair remains");
+        assert!(left.iter().all(|f| f.src() == b.src || f.dst().1 != port_a));
+
+        let later = GcPolicy { now_ns: now + 301_000_000_000, ..soon };
+        let stats = lb.dp.expire_flows(&later).unwrap();
+        assert_eq!((stats.closed, stats.orphaned, stats.active), (0, 1, 0));
+        assert!(lb.dp.flows().unwrap().is_empty());
+
+        // After expiry the client's next non-SYN is not ours any more.
+        let (action, _) = lb.run(&a.clone().ack().frame());
+        assert_eq!(action, XDP_DROP);
+    });
+}
+
+#[test]
+fn rst_closes_a_flow() {
+    case(ONE, |lb| {
+        let a = from_client(80);
+        lb.run(&a.frame());
+        lb.run(&Tcp { syn: false, rst: true, ..a.clone() }.frame());
+        let now = xlb::dataplane::now_ns();
+        let p = GcPolicy { now_ns: now + 2_000_000_000, idle_ns: 300_000_000_000, closed_ns: 1_000_000_000 };
+        assert_eq!(lb.dp.expire_flows(&p).unwrap().closed, 1);
+        assert!(lb.dp.flows().unwrap().is_empty());
+    });
+}
