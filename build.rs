@@ -9,8 +9,7 @@ use libbpf_cargo::SkeletonBuilder;
 const SRC: &str = "src/bpf/xlb.bpf.c";
 
 fn main() {
-    let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR is set by cargo"))
-        .join("xlb.skel.rs");
+    let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR is set by cargo")).join("xlb.skel.rs");
     let arch = env::var("CARGO_CFG_TARGET_ARCH").expect("target arch is set by cargo");
     // Kernel UAPI headers (linux/bpf.h, if_ether.h, ...) live under the
     // multiarch include directory on Debian; a generated vmlinux.h would tie

@@ -1,1 +1,1099 @@
-//! The xlb.yaml schema.
+//! The `xlb.yaml` schema: types, defaults, validation and one-line errors.
+//!
+//! Loading has two stages. Serde checks shape and types, so those errors carry
+//! a line and column; [`Config::validate`] then checks the rules that need
+//! values or span fields. Every default lives in the types here, because
+//! `xlb check` prints [`Config::to_yaml`] as the effective configuration.
+
+use std::collections::hash_map::{Entry, HashMap};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::hash::Hash;
+use std::net::{IpAddr, Ipv4Addr};
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+
+use serde::de::{self, value::MapAccessDeserializer, Deserializer, MapAccess, Unexpected, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+
+/// The dataplane keeps the port table in a fixed-size BPF array.
+pub const MAX_PORTS: usize = 8;
+pub const MAX_WEIGHT: u32 = 10_000;
+pub const MAX_SHUTDOWN_TIMEOUT: u64 = 86_400;
+pub const CONNTRACK_CAPACITY: RangeInclusive<u32> = 1..=50_000_000;
+pub const MAGLEV_TABLE_SIZE: RangeInclusive<u32> = 251..=1_000_003;
+/// Below this many Maglev slots per backend the spread gets visibly uneven.
+const MAGLEV_SLOTS_PER_BACKEND: u64 = 100;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping of xlb settings")]
+pub struct Config {
+    pub name: Option<String>,
+    #[serde(default)]
+    pub listen: Listen,
+    #[serde(default)]
+    pub proto: Proto,
+    pub ports: Vec<PortMap>,
+    pub provider: Provider,
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default = "default_orphan_ttl_secs")]
+    pub orphan_ttl_secs: u64,
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout: u64,
+    #[serde(default = "default_shutdown_file", serialize_with = "lossy_path")]
+    pub shutdown_file: PathBuf,
+    #[serde(default)]
+    pub otel: OtelConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    pub interfaces: Option<Vec<String>>,
+    pub snat_ip: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub nat_port_range: PortRange,
+    #[serde(default = "default_conntrack_capacity")]
+    pub conntrack_capacity: u32,
+    #[serde(default = "default_maglev_table_size")]
+    pub maglev_table_size: u32,
+    #[serde(default)]
+    pub algorithm: Algorithm,
+}
+
+fn default_orphan_ttl_secs() -> u64 {
+    300
+}
+fn default_shutdown_timeout() -> u64 {
+    15
+}
+fn default_shutdown_file() -> PathBuf {
+    PathBuf::from("/tmp/shutdown")
+}
+fn default_conntrack_capacity() -> u32 {
+    1_000_000
+}
+fn default_maglev_table_size() -> u32 {
+    65_537
+}
+
+/// Lossy so that `to_yaml` cannot fail on a non-UTF-8 path built in code.
+fn lossy_path<S: Serializer>(path: &Path, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&path.to_string_lossy())
+}
+
+/// `listen: auto` or `listen: {ip: 10.0.0.1}`. Hand-written because an
+/// untagged enum would hide the real problem behind "did not match any variant".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Listen {
+    /// The address of the interface holding the default route.
+    #[default]
+    Auto,
+    Ip(Ipv4Addr),
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListenIp {
+    ip: Ipv4Addr,
+}
+
+impl Serialize for Listen {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match *self {
+            Listen::Auto => s.serialize_str("auto"),
+            Listen::Ip(ip) => ListenIp { ip }.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Listen {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ListenVisitor;
+        impl<'de> Visitor<'de> for ListenVisitor {
+            type Value = Listen;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`auto` or a mapping `{ip: <IPv4 address>}`")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Listen, E> {
+                match v {
+                    "auto" => Ok(Listen::Auto),
+                    _ => Err(E::invalid_value(Unexpected::Str(v), &self)),
+                }
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Listen, A::Error> {
+                ListenIp::deserialize(MapAccessDeserializer::new(map)).map(|l| Listen::Ip(l.ip))
+            }
+        }
+        d.deserialize_any(ListenVisitor)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortMap {
+    pub local_port: u16,
+    pub remote_port: u16,
+}
+
+/// Exactly one backend source, written as a mapping with one key. Deserialize
+/// is hand-written so that "none" and "both" get their own message, reported
+/// at the `provider` mapping rather than at the top of the file.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(into = "ProviderRepr")]
+pub enum Provider {
+    Static(StaticProvider),
+    Kubernetes(KubernetesProvider),
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProviderRepr {
+    #[serde(rename = "static", default, deserialize_with = "present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    static_: Option<StaticProvider>,
+    #[serde(default, deserialize_with = "present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kubernetes: Option<KubernetesProvider>,
+}
+
+/// Makes `static:` with an empty value a type error instead of "no provider".
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+impl<'de> Deserialize<'de> for Provider {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ProviderVisitor;
+        impl<'de> Visitor<'de> for ProviderVisitor {
+            type Value = Provider;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a mapping with one key, `static` or `kubernetes`")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Provider, A::Error> {
+                let repr = ProviderRepr::deserialize(MapAccessDeserializer::new(map))?;
+                match (repr.static_, repr.kubernetes) {
+                    (Some(s), None) => Ok(Provider::Static(s)),
+                    (None, Some(k)) => Ok(Provider::Kubernetes(k)),
+                    (None, None) => Err(de::Error::custom(
+                        "no provider given; set exactly one of `static` or `kubernetes`",
+                    )),
+                    (Some(_), Some(_)) => Err(de::Error::custom(
+                        "both `static` and `kubernetes` given; set exactly one of them",
+                    )),
+                }
+            }
+        }
+        d.deserialize_map(ProviderVisitor)
+    }
+}
+
+impl From<Provider> for ProviderRepr {
+    fn from(p: Provider) -> Self {
+        match p {
+            Provider::Static(s) => ProviderRepr { static_: Some(s), kubernetes: None },
+            Provider::Kubernetes(k) => ProviderRepr { static_: None, kubernetes: Some(k) },
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticProvider {
+    pub backends: Vec<StaticBackend>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticBackend {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesProvider {
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    pub service: String,
+}
+
+fn default_namespace() -> String {
+    "default".into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Nat,
+    Dsr,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OtelConfig {
+    pub enabled: bool,
+    pub endpoint: String,
+    pub protocol: OtelProtocol,
+    pub export_interval_secs: u64,
+    pub headers: BTreeMap<String, String>,
+}
+
+impl Default for OtelConfig {
+    fn default() -> Self {
+        OtelConfig {
+            enabled: false,
+            endpoint: "http://localhost:4317".into(),
+            protocol: OtelProtocol::Grpc,
+            export_interval_secs: 10,
+            headers: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OtelProtocol {
+    #[default]
+    Grpc,
+    Http,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    pub address: IpAddr,
+    pub port: u16,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { address: Ipv4Addr::LOCALHOST.into(), port: 9090 }
+    }
+}
+
+/// Source ports the dataplane allocates for NAT'd connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PortRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+impl Default for PortRange {
+    fn default() -> Self {
+        PortRange { min: 10_240, max: 32_767 }
+    }
+}
+
+impl PortRange {
+    pub fn contains(&self, port: u16) -> bool {
+        (self.min..=self.max).contains(&port)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Algorithm {
+    #[default]
+    Maglev,
+}
+
+/// One problem with a config file, printed on one line as
+/// `<origin>: <key path>: <message> (line L, column C)`; empty parts are left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file name, or whatever the caller passed to [`Config::parse`].
+    pub origin: String,
+    /// Key path such as `ports[1].local_port`; empty for the whole document.
+    pub path: String,
+    pub message: String,
+    /// 1-based (line, column), known for syntax and type errors only.
+    pub location: Option<(usize, usize)>,
+}
+
+impl ConfigError {
+    pub fn new(path: impl fmt::Display, message: impl fmt::Display) -> Self {
+        ConfigError {
+            origin: String::new(),
+            path: path.to_string(),
+            message: message.to_string(),
+            location: None,
+        }
+    }
+
+    fn from_serde(err: serde_path_to_error::Error<serde_norway::Error>) -> Self {
+        // `?` marks where a syntax error cut the path short; it tells readers nothing.
+        let path = match err.path().to_string().replace(".?", "") {
+            root if root == "." || root == "?" => String::new(),
+            path => path,
+        };
+        let inner = err.into_inner();
+        let location = inner.location().map(|l| (l.line(), l.column()));
+        // serde_norway bakes its own path and position into the text; we
+        // print ours in fixed places instead, so take its copies out.
+        let mut message = inner.to_string();
+        if let Some((line, column)) = location {
+            message = message.replacen(&format!(" at line {line} column {column}"), "", 1);
+        }
+        // Its path may stop one key short of ours (unknown fields), so match a prefix.
+        if let Some((head, rest)) = message.split_once(": ") {
+            if !head.is_empty() && path.starts_with(head) {
+                message = rest.to_string();
+            }
+        }
+        // Readers know "a mapping" and "an integer 0..=65535", not Rust type names.
+        if let Some(at) = message.find("expected struct ") {
+            message.replace_range(at.., "expected a mapping");
+        }
+        for (ty, allowed) in [("u16", "0..=65535"), ("u32", "0..=4294967295"), ("u64", ">= 0")] {
+            message = message.replace(&format!("expected {ty}"), &format!("expected an integer {allowed}"));
+        }
+        let message = message.replace('\n', " ");
+        ConfigError { origin: String::new(), path, message, location }
+    }
+
+    fn in_file(self, origin: &str) -> Self {
+        ConfigError { origin: origin.into(), ..self }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        for part in [&self.origin, &self.path] {
+            if !part.is_empty() {
+                write!(f, "{part}: ")?;
+            }
+        }
+        f.write_str(&self.message)?;
+        match self.location {
+            Some((line, column)) => write!(f, " (line {line}, column {column})"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn ensure(ok: bool, path: impl fmt::Display, message: impl fmt::Display) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::new(path, message))
+    }
+}
+
+fn in_range<T: PartialOrd + fmt::Display>(
+    value: T,
+    range: RangeInclusive<T>,
+    path: impl fmt::Display,
+) -> Result<(), ConfigError> {
+    let message = format!("{value} is out of range; allowed {}..={}", range.start(), range.end());
+    ensure(range.contains(&value), path, message)
+}
+
+/// Fails on the first item equal to an earlier one, naming both places.
+fn unique<T: Eq + Hash + fmt::Display>(
+    items: impl IntoIterator<Item = T>,
+    path: impl Fn(usize) -> String,
+) -> Result<(), ConfigError> {
+    let mut seen = HashMap::new();
+    for (i, item) in items.into_iter().enumerate() {
+        match seen.entry(item) {
+            Entry::Occupied(first) => {
+                let message =
+                    format!("`{}` repeats {}; each must be unique", first.key(), path(*first.get()));
+                return Err(ConfigError::new(path(i), message));
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(i);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Addresses that can never be one host's own: packets to them fan out or go nowhere.
+fn unicast(ip: Ipv4Addr, path: impl fmt::Display) -> Result<(), ConfigError> {
+    let ok = !(ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast());
+    ensure(ok, path, format!("{ip} is not a unicast host address"))
+}
+
+/// RFC 1123 label, as Kubernetes requires for namespace and service names.
+fn is_dns_label(s: &str) -> bool {
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
+    (1..=63).contains(&s.len()) && s.chars().all(ok_char) && !s.starts_with('-') && !s.ends_with('-')
+}
+
+/// Mirrors the kernel's `dev_valid_name`, so a bad name fails here, not at attach time.
+fn is_ifname(s: &str) -> bool {
+    (1..=15).contains(&s.len())
+        && s != "."
+        && s != ".."
+        && !s.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
+}
+
+fn is_prime(n: u64) -> bool {
+    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+}
+
+fn next_prime(n: u64) -> u64 {
+    (n..).find(|&p| is_prime(p)).expect("primes are unbounded")
+}
+
+impl Config {
+    /// Reads, parses and validates `path`; errors name the file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let origin = path.display().to_string();
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::parse(&text, &origin),
+            Err(e) => Err(ConfigError::new("", format!("cannot read: {e}")).in_file(&origin)),
+        }
+    }
+
+    /// Parses and validates YAML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        serde_path_to_error::deserialize(serde_norway::Deserializer::from_str(text))
+            .map_err(|e| match serde_norway::from_str(text) {
+                // serde_norway reads an empty document as an empty mapping.
+                Ok(serde_norway::Value::Null) => {
+                    ConfigError::new("", "the file is empty; it needs at least `ports` and `provider`")
+                }
+                _ => ConfigError::from_serde(e),
+            })
+            .and_then(|config: Config| config.validate().map(|()| config))
+            .map_err(|e| e.in_file(origin))
+    }
+
+    /// The rules the types cannot express. Reports the first problem found.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(name) = &self.name {
+            ensure(!name.trim().is_empty(), "name", "is empty; omit the key instead")?;
+        }
+        if let Listen::Ip(ip) = self.listen {
+            unicast(ip, "listen.ip")?;
+        }
+
+        let count = self.ports.len();
+        let message = format!("has {count} entries; allowed 1 to {MAX_PORTS}");
+        ensure((1..=MAX_PORTS).contains(&count), "ports", message)?;
+        let range = self.nat_port_range;
+        // Ports below 1024 belong to services; NAT source ports must not collide with them.
+        in_range(range.min, 1024..=u16::MAX, "nat_port_range.min")?;
+        let message = format!("min {} is above max {}; need min <= max", range.min, range.max);
+        ensure(range.min <= range.max, "nat_port_range", message)?;
+        for (i, port) in self.ports.iter().enumerate() {
+            in_range(port.local_port, 1..=u16::MAX, format!("ports[{i}].local_port"))?;
+            in_range(port.remote_port, 1..=u16::MAX, format!("ports[{i}].remote_port"))?;
+            // A reply to a NAT'd connection would be taken for a new client connection.
+            let message = format!(
+                "{} lies inside nat_port_range {}..={}; move the port or the range",
+                port.local_port, range.min, range.max
+            );
+            ensure(!range.contains(port.local_port), format!("ports[{i}].local_port"), message)?;
+        }
+        unique(self.ports.iter().map(|p| p.local_port), |i| format!("ports[{i}].local_port"))?;
+
+        match &self.provider {
+            Provider::Static(s) => s.validate("provider.static")?,
+            Provider::Kubernetes(k) => k.validate("provider.kubernetes")?,
+        }
+        ensure(self.mode == Mode::Nat, "mode", "mode dsr is not supported yet; use nat")?;
+        ensure(self.orphan_ttl_secs >= 1, "orphan_ttl_secs", "is 0; must be at least 1")?;
+        in_range(self.shutdown_timeout, 0..=MAX_SHUTDOWN_TIMEOUT, "shutdown_timeout")?;
+        let message = format!("`{}` is relative; use an absolute path", self.shutdown_file.display());
+        ensure(self.shutdown_file.is_absolute(), "shutdown_file", message)?;
+        self.otel.validate("otel")?;
+        ensure(self.admin.port != 0, "admin.port", "is 0; allowed 1..=65535")?;
+
+        if let Some(interfaces) = &self.interfaces {
+            ensure(!interfaces.is_empty(), "interfaces", "is empty; list names or omit the key")?;
+            for (i, name) in interfaces.iter().enumerate() {
+                let message = format!(
+                    "`{name}` is not a valid interface name; \
+                     use 1-15 characters without '/', ':' or spaces"
+                );
+                ensure(is_ifname(name), format!("interfaces[{i}]"), message)?;
+            }
+            unique(interfaces, |i| format!("interfaces[{i}]"))?;
+        }
+        if let Some(ip) = self.snat_ip {
+            unicast(ip, "snat_ip")?;
+        }
+        in_range(self.conntrack_capacity, CONNTRACK_CAPACITY, "conntrack_capacity")?;
+        let size = self.maglev_table_size;
+        in_range(size, MAGLEV_TABLE_SIZE, "maglev_table_size")?;
+        // Maglev's permutation walk only visits every slot when the size is prime.
+        let message = format!("{size} is not prime; Maglev needs a prime, e.g. {}", next_prime(size.into()));
+        ensure(is_prime(size.into()), "maglev_table_size", message)
+    }
+
+    /// Settings the schema accepts but `xlb run` refuses for now.
+    pub fn startup_checks(&self) -> Result<(), ConfigError> {
+        ensure(self.proto == Proto::Tcp, "proto", "udp is not supported yet; use tcp")
+    }
+
+    /// Non-fatal notes for `xlb check` and the startup log.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        if self.proto == Proto::Udp {
+            notes.push("proto: udp is not supported yet: xlb run will refuse it".to_string());
+        }
+        if let Provider::Static(s) = &self.provider {
+            let backends = s.backends.len() as u64;
+            let wanted = MAGLEV_SLOTS_PER_BACKEND * backends;
+            if u64::from(self.maglev_table_size) < wanted {
+                let better = next_prime(wanted).min((*MAGLEV_TABLE_SIZE.end()).into());
+                notes.push(format!(
+                    "maglev_table_size: {} is below {MAGLEV_SLOTS_PER_BACKEND} slots \
+                     for each of {backends} backends; \
+                     traffic will spread unevenly, use a prime of at least {better}",
+                    self.maglev_table_size
+                ));
+            }
+        }
+        notes
+    }
+
+    /// The effective configuration with every default written out; parses back to `self`.
+    pub fn to_yaml(&self) -> String {
+        serde_norway::to_string(self).expect("every field serializes to YAML")
+    }
+}
+
+impl StaticProvider {
+    fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        let backends = &self.backends;
+        ensure(!backends.is_empty(), format!("{at}.backends"), "is empty; list at least one backend")?;
+        let path = |i: usize, key: &str| format!("{at}.backends[{i}].{key}");
+        for (i, b) in backends.iter().enumerate() {
+            ensure(!b.name.trim().is_empty(), path(i, "name"), "is empty; every backend needs a name")?;
+            unicast(b.ip, path(i, "ip"))?;
+            in_range(b.weight, 1..=MAX_WEIGHT, path(i, "weight"))?;
+        }
+        unique(backends.iter().map(|b| &b.name), |i| path(i, "name"))?;
+        unique(backends.iter().map(|b| b.ip), |i| path(i, "ip"))
+    }
+}
+
+impl KubernetesProvider {
+    fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        for (key, value) in [("namespace", &self.namespace), ("service", &self.service)] {
+            let message = format!(
+                "`{value}` is not a DNS-1123 label; use 1-63 lowercase letters, digits or '-', \
+                 starting and ending with a letter or digit"
+            );
+            ensure(is_dns_label(value), format!("{at}.{key}"), message)?;
+        }
+        Ok(())
+    }
+}
+
+impl OtelConfig {
+    fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        let host = ["http://", "https://"].iter().find_map(|s| self.endpoint.strip_prefix(s));
+        let message = format!(
+            "`{}` is not a URL; it must start with http:// or https:// and name a host",
+            self.endpoint
+        );
+        ensure(host.is_some_and(|h| !h.is_empty()), format!("{at}.endpoint"), message)?;
+        let message = "is 0; must be at least 1";
+        ensure(self.export_interval_secs >= 1, format!("{at}.export_interval_secs"), message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "\
+ports: [{local_port: 80, remote_port: 8080}]
+provider: {static: {backends: [{name: a, ip: 10.0.0.2}]}}
+";
+
+    fn base() -> Config {
+        Config::parse(MINIMAL, "t.yaml").unwrap()
+    }
+
+    fn with(change: impl FnOnce(&mut Config)) -> Config {
+        let mut config = base();
+        change(&mut config);
+        config
+    }
+
+    fn static_backends(config: &mut Config) -> &mut Vec<StaticBackend> {
+        match &mut config.provider {
+            Provider::Static(s) => &mut s.backends,
+            Provider::Kubernetes(_) => unreachable!(),
+        }
+    }
+
+    fn backend(name: &str, ip: [u8; 4]) -> StaticBackend {
+        let (name, ip) = (name.into(), ip.into());
+        StaticBackend { name, ip, weight: 1 }
+    }
+
+    fn k8s(namespace: &str, service: &str) -> Provider {
+        let (namespace, service) = (namespace.into(), service.into());
+        Provider::Kubernetes(KubernetesProvider { namespace, service })
+    }
+
+    #[track_caller]
+    fn accepts(config: Config) {
+        if let Err(e) = config.validate() {
+            panic!("expected valid, got: {e}");
+        }
+    }
+
+    #[track_caller]
+    fn rejects(config: Config, path: &str, needle: &str) {
+        let e = config.validate().expect_err("expected a validation error");
+        assert_eq!(e.path, path, "{e}");
+        assert!(e.message.contains(needle), "{e:?} lacks {needle:?}");
+    }
+
+    /// Parses `text`, which must fail with a one-line error containing `needle`.
+    #[track_caller]
+    fn parse_fails(text: &str, needle: &str) -> String {
+        let e = Config::parse(text, "xlb.yaml").expect_err("expected a parse error");
+        let line = e.to_string();
+        assert!(!line.contains('\n') && line.contains(needle), "{line:?} lacks {needle:?}");
+        line
+    }
+
+    #[test]
+    fn minimal_config_gets_every_default() {
+        let c = base();
+        let backends = vec![backend("a", [10, 0, 0, 2])];
+        assert_eq!(c.name, None);
+        assert_eq!(c.listen, Listen::Auto);
+        assert_eq!(c.proto, Proto::Tcp);
+        assert_eq!(c.ports, [PortMap { local_port: 80, remote_port: 8080 }]);
+        assert_eq!(c.provider, Provider::Static(StaticProvider { backends }));
+        assert_eq!(c.mode, Mode::Nat);
+        assert_eq!(c.orphan_ttl_secs, 300);
+        assert_eq!(c.shutdown_timeout, 15);
+        assert_eq!(c.shutdown_file, Path::new("/tmp/shutdown"));
+        assert!(!c.otel.enabled);
+        assert_eq!(c.otel.endpoint, "http://localhost:4317");
+        assert_eq!(c.otel.protocol, OtelProtocol::Grpc);
+        assert_eq!(c.otel.export_interval_secs, 10);
+        assert!(c.otel.headers.is_empty());
+        assert_eq!(c.admin.address, IpAddr::from([127, 0, 0, 1]));
+        assert_eq!(c.admin.port, 9090);
+        assert_eq!(c.interfaces, None);
+        assert_eq!(c.snat_ip, None);
+        assert_eq!((c.nat_port_range.min, c.nat_port_range.max), (10240, 32767));
+        assert_eq!(c.conntrack_capacity, 1_000_000);
+        assert_eq!(c.maglev_table_size, 65537);
+        assert_eq!(c.algorithm, Algorithm::Maglev);
+        assert!(c.warnings().is_empty());
+        assert_eq!(c.startup_checks(), Ok(()));
+    }
+
+    #[test]
+    fn example_file_parses() {
+        let c = Config::parse(include_str!("../config/xlb.yaml"), "config/xlb.yaml").unwrap();
+        let Provider::Static(s) = &c.provider else { panic!("the example uses the static provider") };
+        assert_eq!(s.backends.len(), 2);
+        assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+    }
+
+    #[test]
+    fn seed_kubernetes_example_parses() {
+        let text = r#"
+proto: tcp
+listen: auto
+ports:
+  - local_port: 80
+    remote_port: 8080
+  - local_port: 443
+    remote_port: 8443
+provider:
+  kubernetes:
+    namespace: default
+    service: backend-service
+shutdown_timeout: 60
+otel:
+  enabled: true
+  endpoint: "http://opentelemetry-collector:4317"
+  protocol: grpc
+  export_interval_secs: 10
+  headers:
+    Authorization: "Bearer your-token"
+"#;
+        let c = Config::parse(text, "values").unwrap();
+        assert_eq!(c.provider, k8s("default", "backend-service"));
+        assert_eq!(c.otel.headers["Authorization"], "Bearer your-token");
+    }
+
+    #[test]
+    fn to_yaml_round_trips() {
+        let full = with(|c| {
+            c.name = Some("edge".into());
+            c.listen = Listen::Ip([192, 0, 2, 1].into());
+            c.proto = Proto::Udp;
+            c.interfaces = Some(vec!["eth0".into(), "eth1".into()]);
+            c.snat_ip = Some([192, 0, 2, 9].into());
+            c.otel.headers.insert("Authorization".into(), "Bearer x".into());
+            c.otel.protocol = OtelProtocol::Http;
+            c.admin.address = "::1".parse().unwrap();
+        });
+        let kube = with(|c| c.provider = k8s("prod", "web"));
+        for config in [base(), full, kube] {
+            let yaml = config.to_yaml();
+            assert_eq!(Config::parse(&yaml, "out").unwrap(), config, "{yaml}");
+        }
+        let yaml = base().to_yaml();
+        for key in ["listen: auto", "shutdown_file: /tmp/shutdown", "maglev_table_size: 65537"] {
+            assert!(yaml.contains(key), "{yaml}");
+        }
+    }
+
+    #[test]
+    fn listen_forms() {
+        let listen = |v: &str| Config::parse(&format!("{MINIMAL}listen: {v}"), "x").map(|c| c.listen);
+        assert_eq!(listen("auto"), Ok(Listen::Auto));
+        assert_eq!(listen("{ip: 10.1.2.3}"), Ok(Listen::Ip([10, 1, 2, 3].into())));
+        let fails = |v: &str, needle| parse_fails(&format!("{MINIMAL}listen: {v}"), needle);
+        fails("10.1.2.3", "listen: invalid value: string \"10.1.2.3\", expected `auto` or a mapping");
+        fails("{ip: nope}", "xlb.yaml: listen.ip: invalid IPv4 address syntax (line 3");
+        fails("{address: 10.1.2.3}", "unknown field `address`, expected `ip`");
+        fails("{}", "listen: missing field `ip`");
+    }
+
+    #[test]
+    fn error_line_has_origin_path_message_and_position() {
+        let text = "\
+ports:
+  - {local_port: 80, remote_port: 8080}
+  - {local_port: 70000, remote_port: 1}
+provider: {static: {backends: [{name: a, ip: 10.0.0.2}]}}
+";
+        let expected = "xlb.yaml: ports[1].local_port: invalid value: integer `70000`, \
+                        expected an integer 0..=65535 (line 3, column 18)";
+        assert_eq!(parse_fails(text, ""), expected);
+        assert_eq!(ConfigError::new("", "whole-file problem").to_string(), "whole-file problem");
+    }
+
+    #[test]
+    fn document_shape_errors() {
+        for empty in ["", "# only a comment\n", "---\n", "null\n"] {
+            let expected = "xlb.yaml: the file is empty; it needs at least `ports` and `provider`";
+            assert_eq!(parse_fails(empty, ""), expected);
+        }
+        for not_mapping in ["- a\n- b\n", "just text\n", "42\n"] {
+            parse_fails(not_mapping, "expected a mapping of xlb settings (line 1, column 1)");
+        }
+        parse_fails("ports: [{local_port: 80, remote_port: 8080}]", "missing field `provider`");
+        parse_fails("provider: {kubernetes: {service: web}}", "missing field `ports`");
+        let syntax = "ports:\n  - local_port: 80\n    remote_port: 8080\n  oops\n";
+        let e = parse_fails(syntax, "xlb.yaml: ports[0]: could not find expected ':'");
+        assert!(e.ends_with("(line 5, column 1)"), "{e}");
+        parse_fails("ports: [1]", "ports[0]: invalid type: integer `1`, expected a mapping (line 1");
+        parse_fails(&format!("{MINIMAL}ports: []"), "duplicate field `ports`");
+        parse_fails(&format!("{MINIMAL}---\n{MINIMAL}"), "more than one document");
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_expected_keys_and_line() {
+        let e = parse_fails(&format!("{MINIMAL}prots: []"), "xlb.yaml: prots: unknown field `prots`");
+        assert!(e.contains("expected one of `name`, `listen`, `proto`, `ports`"), "{e}");
+        assert!(e.ends_with("(line 3, column 1)"), "{e}");
+        let weight = MINIMAL.replace("8080}", "8080, weight: 2}");
+        parse_fails(&weight, "ports[0].weight: unknown field `weight`, expected `local_port` or");
+        parse_fails(&format!("{MINIMAL}otel: {{enable: true}}"), "otel.enable: unknown field");
+    }
+
+    #[test]
+    fn wrong_types_and_values_name_the_key() {
+        for (extra, expected) in [
+            ("proto: sctp", "proto: unknown variant `sctp`, expected `tcp` or `udp`"),
+            ("mode: tunnel", "mode: unknown variant `tunnel`"),
+            ("algorithm: random", "algorithm: unknown variant `random`, expected `maglev`"),
+            ("otel: {protocol: thrift}", "otel.protocol: unknown variant `thrift`"),
+            ("orphan_ttl_secs: -1", "orphan_ttl_secs: invalid type: integer `-1`, expected an integer >= 0"),
+            ("conntrack_capacity: lots", "conntrack_capacity: invalid type: string"),
+            ("snat_ip: 10.0.0", "snat_ip: invalid IPv4 address syntax"),
+            ("admin: {address: localhost}", "admin.address: invalid IP address syntax"),
+            ("nat_port_range: {min: 70000}", "nat_port_range.min: invalid value: integer `70000`"),
+            ("interfaces: eth0", "interfaces: invalid type: string"),
+            ("otel: {enabled: yes}", "otel.enabled: invalid type: string \"yes\", expected a boolean"),
+        ] {
+            let e = parse_fails(&format!("{MINIMAL}{extra}"), &format!("xlb.yaml: {expected}"));
+            assert!(e.contains("(line 3, column"), "{e}");
+        }
+        let bad_ip = MINIMAL.replace("10.0.0.2", "300.0.0.1");
+        parse_fails(&bad_ip, "xlb.yaml: provider.static.backends[0].ip: invalid IPv4 address syntax");
+    }
+
+    #[test]
+    fn provider_must_be_exactly_one_known_kind() {
+        let both = MINIMAL.replace("]}}", "]}, kubernetes: {service: web}}");
+        let expected = "provider: both `static` and `kubernetes` given; set exactly one of them \
+                        (line 2, column 11)";
+        parse_fails(&both, expected);
+        let provider = |v: &str| format!("ports: [{{local_port: 80, remote_port: 8080}}]\nprovider: {v}");
+        parse_fails(
+            &provider("{consul: {}}"),
+            "provider.consul: unknown field `consul`, expected `static` or `kubernetes`",
+        );
+        parse_fails(
+            &provider("{}"),
+            "provider: no provider given; set exactly one of `static` or `kubernetes`",
+        );
+        parse_fails(&provider("\n  static:\n"), "provider.static: missing field `backends`");
+        parse_fails(&provider("static"), "expected a mapping with one key, `static` or `kubernetes`");
+        let c = Config::parse(&provider("{kubernetes: {service: web}}"), "x").unwrap();
+        assert_eq!(c.provider, k8s("default", "web"));
+    }
+
+    #[test]
+    fn load_reads_and_names_the_file() {
+        let dir = std::env::temp_dir().join(format!("xlb-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("xlb.yaml");
+        std::fs::write(&file, MINIMAL).unwrap();
+        assert_eq!(Config::load(&file), Ok(base()));
+        std::fs::write(&file, format!("{MINIMAL}mode: dsr\n")).unwrap();
+        let e = Config::load(&file).unwrap_err().to_string();
+        assert_eq!(e, format!("{}: mode: mode dsr is not supported yet; use nat", file.display()));
+        let missing = dir.join("missing.yaml");
+        let e = Config::load(&missing).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{}: cannot read: ", missing.display())), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn startup_refuses_udp() {
+        let e = with(|c| c.proto = Proto::Udp).startup_checks().unwrap_err();
+        assert_eq!(e.to_string(), "proto: udp is not supported yet; use tcp");
+        assert_eq!(base().startup_checks(), Ok(()));
+    }
+
+    #[test]
+    fn warnings_for_udp_and_small_maglev_table() {
+        let udp = with(|c| c.proto = Proto::Udp).warnings();
+        assert_eq!(udp, ["proto: udp is not supported yet: xlb run will refuse it"]);
+        let crowded = with(|c| {
+            c.maglev_table_size = 251;
+            let backends = static_backends(c);
+            backends.push(backend("b", [10, 0, 0, 3]));
+            backends.push(backend("c", [10, 0, 0, 4]));
+        });
+        let expected = "maglev_table_size: 251 is below 100 slots for each of 3 backends; \
+                        traffic will spread unevenly, use a prime of at least 307";
+        assert_eq!(crowded.warnings(), [expected]);
+        assert!(with(|c| c.maglev_table_size = 251).warnings().is_empty());
+    }
+
+    #[test]
+    fn primes() {
+        let small: Vec<u64> = (0..30).filter(|&n| is_prime(n)).collect();
+        assert_eq!(small, [2, 3, 5, 7, 11, 13, 17, 19, 23, 29]);
+        assert!(is_prime(65_537) && is_prime(1_000_003) && !is_prime(1_000_001));
+        assert_eq!(next_prime(300), 307);
+    }
+
+    /// One test per validation rule: each `reject` change must fail at `path`
+    /// with a message containing `needle`, and each `accept` change must pass.
+    macro_rules! rule {
+        ($name:ident: $(reject $bad:expr => $path:expr, $needle:expr;)+ $(accept $good:expr;)+) => {
+            #[test]
+            fn $name() {
+                $(rejects(with($bad), $path, $needle);)+
+                $(accepts(with($good));)+
+            }
+        };
+    }
+
+    fn ports(n: u16) -> Vec<PortMap> {
+        (1..=n).map(|p| PortMap { local_port: p, remote_port: p }).collect()
+    }
+
+    fn interfaces(names: &[&str]) -> Option<Vec<String>> {
+        Some(names.iter().map(|n| n.to_string()).collect())
+    }
+
+    const BACKEND0: &str = "provider.static.backends[0]";
+
+    rule! { name_not_empty:
+        reject |c| c.name = Some(" ".into()) => "name", "is empty";
+        accept |c| c.name = Some("edge-lb".into());
+    }
+    rule! { listen_ip_unicast:
+        reject |c| c.listen = Listen::Ip(Ipv4Addr::UNSPECIFIED) => "listen.ip", "not a unicast";
+        accept |c| c.listen = Listen::Ip([10, 0, 0, 1].into());
+    }
+    rule! { ports_count_1_to_8:
+        reject |c| c.ports.clear() => "ports", "has 0 entries; allowed 1 to 8";
+        reject |c| c.ports = ports(9) => "ports", "has 9 entries";
+        accept |c| c.ports = ports(8);
+    }
+    rule! { ports_nonzero:
+        reject |c| c.ports[0].local_port = 0 => "ports[0].local_port", "allowed 1..=65535";
+        reject |c| c.ports[0].remote_port = 0 => "ports[0].remote_port", "allowed 1..=65535";
+        accept |c| c.ports[0] = PortMap { local_port: 1, remote_port: 65535 };
+    }
+    rule! { local_ports_unique:
+        reject |c| c.ports.push(PortMap { local_port: 80, remote_port: 9090 })
+            => "ports[1].local_port", "`80` repeats ports[0].local_port";
+        // Two listeners may share a backend port.
+        accept |c| c.ports.push(PortMap { local_port: 443, remote_port: 8080 });
+    }
+    rule! { local_port_outside_nat_range:
+        reject |c| c.ports[0].local_port = 10240
+            => "ports[0].local_port", "inside nat_port_range 10240..=32767";
+        reject |c| c.ports[0].local_port = 32767 => "ports[0].local_port", "inside nat_port_range";
+        accept |c| c.ports[0].local_port = 10239;
+        accept |c| c.ports[0].local_port = 32768;
+    }
+    rule! { nat_port_range_min_at_least_1024:
+        reject |c| c.nat_port_range.min = 1023 => "nat_port_range.min", "allowed 1024..=65535";
+        accept |c| c.nat_port_range.min = 1024;
+    }
+    rule! { nat_port_range_ordered:
+        reject |c| c.nat_port_range = PortRange { min: 5000, max: 4999 }
+            => "nat_port_range", "min 5000 is above max 4999";
+        accept |c| c.nat_port_range = PortRange { min: 5000, max: 5000 };
+    }
+    rule! { static_backends_not_empty:
+        reject |c| static_backends(c).clear() => "provider.static.backends", "at least one backend";
+        accept |c| static_backends(c).push(backend("b", [10, 0, 0, 3]));
+    }
+    rule! { backend_name_not_empty:
+        reject |c| static_backends(c)[0].name.clear()
+            => &format!("{BACKEND0}.name"), "needs a name";
+        accept |c| static_backends(c)[0].name = "web-1".into();
+    }
+    rule! { backend_names_unique:
+        reject |c| static_backends(c).push(backend("a", [10, 0, 0, 3]))
+            => "provider.static.backends[1].name", "`a` repeats provider.static.backends[0].name";
+        accept |c| static_backends(c).push(backend("b", [10, 0, 0, 3]));
+    }
+    rule! { backend_ips_unique:
+        reject |c| static_backends(c).push(backend("b", [10, 0, 0, 2]))
+            => "provider.static.backends[1].ip", "`10.0.0.2` repeats";
+        accept |c| static_backends(c).push(backend("b", [10, 0, 0, 4]));
+    }
+    rule! { backend_ip_unicast:
+        reject |c| static_backends(c)[0].ip = Ipv4Addr::BROADCAST
+            => &format!("{BACKEND0}.ip"), "not a unicast";
+        reject |c| static_backends(c)[0].ip = [224, 0, 0, 1].into()
+            => &format!("{BACKEND0}.ip"), "not a unicast";
+        accept |c| static_backends(c)[0].ip = [192, 168, 1, 1].into();
+    }
+    rule! { backend_weight_1_to_10000:
+        reject |c| static_backends(c)[0].weight = 0
+            => &format!("{BACKEND0}.weight"), "allowed 1..=10000";
+        reject |c| static_backends(c)[0].weight = 10_001
+            => &format!("{BACKEND0}.weight"), "10001 is out of";
+        accept |c| static_backends(c)[0].weight = 10_000;
+    }
+    rule! { kubernetes_names_are_dns_labels:
+        reject |c| c.provider = k8s("default", "Web")
+            => "provider.kubernetes.service", "DNS-1123 label";
+        reject |c| c.provider = k8s("default", "web_1")
+            => "provider.kubernetes.service", "DNS-1123 label";
+        reject |c| c.provider = k8s("default", "")
+            => "provider.kubernetes.service", "DNS-1123 label";
+        reject |c| c.provider = k8s("default", "web-")
+            => "provider.kubernetes.service", "DNS-1123 label";
+        reject |c| c.provider = k8s("-ns", "web")
+            => "provider.kubernetes.namespace", "DNS-1123 label";
+        reject |c| c.provider = k8s(&"a".repeat(64), "web")
+            => "provider.kubernetes.namespace", "DNS-1123";
+        accept |c| c.provider = k8s("kube-system", "web-2");
+        accept |c| c.provider = k8s("a", &"b".repeat(63));
+    }
+    rule! { mode_dsr_not_supported:
+        reject |c| c.mode = Mode::Dsr => "mode", "mode dsr is not supported yet; use nat";
+        accept |c| c.mode = Mode::Nat;
+    }
+    rule! { orphan_ttl_at_least_1:
+        reject |c| c.orphan_ttl_secs = 0 => "orphan_ttl_secs", "at least 1";
+        accept |c| c.orphan_ttl_secs = 1;
+    }
+    rule! { shutdown_timeout_at_most_a_day:
+        reject |c| c.shutdown_timeout = 86_401 => "shutdown_timeout", "allowed 0..=86400";
+        accept |c| c.shutdown_timeout = 86_400;
+        accept |c| c.shutdown_timeout = 0;
+    }
+    rule! { shutdown_file_absolute:
+        reject |c| c.shutdown_file = "tmp/shutdown".into()
+            => "shutdown_file", "use an absolute path";
+        accept |c| c.shutdown_file = "/run/xlb/drain".into();
+    }
+    rule! { otel_endpoint_is_http_url:
+        reject |c| c.otel.endpoint = "localhost:4317".into()
+            => "otel.endpoint", "http:// or https://";
+        reject |c| c.otel.endpoint = "grpc://collector:4317".into() => "otel.endpoint", "http://";
+        reject |c| c.otel.endpoint = "http://".into() => "otel.endpoint", "name a host";
+        accept |c| c.otel.endpoint = "https://collector.example:4318".into();
+    }
+    rule! { otel_export_interval_at_least_1:
+        reject |c| c.otel.export_interval_secs = 0 => "otel.export_interval_secs", "at least 1";
+        accept |c| c.otel.export_interval_secs = 1;
+    }
+    rule! { admin_port_nonzero:
+        reject |c| c.admin.port = 0 => "admin.port", "allowed 1..=65535";
+        accept |c| c.admin.port = 1;
+    }
+    rule! { interfaces_not_empty:
+        reject |c| c.interfaces = interfaces(&[]) => "interfaces", "is empty";
+        accept |c| c.interfaces = interfaces(&["eth0"]);
+    }
+    rule! { interface_names_valid:
+        reject |c| c.interfaces = interfaces(&["eth0", ""])
+            => "interfaces[1]", "not a valid interface";
+        reject |c| c.interfaces = interfaces(&["sixteen-chars-xx"])
+            => "interfaces[0]", "1-15 characters";
+        reject |c| c.interfaces = interfaces(&["eth/0"])
+            => "interfaces[0]", "not a valid interface";
+        reject |c| c.interfaces = interfaces(&["eth 0"])
+            => "interfaces[0]", "not a valid interface";
+        reject |c| c.interfaces = interfaces(&["eth0:1"])
+            => "interfaces[0]", "not a valid interface";
+        reject |c| c.interfaces = interfaces(&[".."]) => "interfaces[0]", "not a valid interface";
+        accept |c| c.interfaces = interfaces(&["fifteen-chars-x", "enp3s0f1.100", "x"]);
+    }
+    rule! { interfaces_unique:
+        reject |c| c.interfaces = interfaces(&["eth0", "eth0"])
+            => "interfaces[1]", "`eth0` repeats interfaces[0]";
+        accept |c| c.interfaces = interfaces(&["eth0", "eth1"]);
+    }
+    rule! { snat_ip_unicast:
+        reject |c| c.snat_ip = Some(Ipv4Addr::UNSPECIFIED) => "snat_ip", "not a unicast";
+        accept |c| c.snat_ip = Some([10, 0, 0, 9].into());
+    }
+    rule! { conntrack_capacity_range:
+        reject |c| c.conntrack_capacity = 0 => "conntrack_capacity", "allowed 1..=50000000";
+        reject |c| c.conntrack_capacity = 50_000_001 => "conntrack_capacity", "out of range";
+        accept |c| c.conntrack_capacity = 1;
+        accept |c| c.conntrack_capacity = 50_000_000;
+    }
+    rule! { maglev_table_size_range:
+        reject |c| c.maglev_table_size = 241 => "maglev_table_size", "allowed 251..=1000003";
+        reject |c| c.maglev_table_size = 1_000_033 => "maglev_table_size", "out of range";
+        accept |c| c.maglev_table_size = 251;
+        accept |c| c.maglev_table_size = 1_000_003;
+    }
+    rule! { maglev_table_size_prime:
+        reject |c| c.maglev_table_size = 65_536
+            => "maglev_table_size", "not prime; Maglev needs a prime, e.g. 65537";
+        accept |c| c.maglev_table_size = 65_521;
+    }
+}

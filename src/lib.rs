@@ -1,6 +1,12 @@
-//! XLB: an XDP Layer-4 load balancer. See README.md for the tour.
+//! XLB: an XDP Layer-4 load balancer. Data flows one way: config ->
+//! provider -> balancer -> data plane; status and admin only read.
 
+pub mod admin;
 pub mod balancer;
+pub mod cli;
 pub mod config;
 pub mod dataplane;
+pub mod lifecycle;
 pub mod netinfo;
+pub mod provider;
+pub mod status;

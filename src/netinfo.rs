@@ -1,1 +1,585 @@
-//! Host network facts.
+//! Host network facts, read over rtnetlink, and the sysctls XLB's data path needs.
+//!
+//! Every async function opens its own rtnetlink socket and drives it on the current tokio
+//! runtime for the duration of the call. The socket is created by the calling thread, so the
+//! answers come from that thread's network namespace.
+
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use futures::{Stream, TryStreamExt};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage};
+use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType};
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::RouteMessageBuilder;
+
+/// A network interface: its name and kernel index.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Iface {
+    pub name: String,
+    pub index: u32,
+}
+
+/// The interface of the IPv4 default route and its primary IPv4 address (`listen: auto`).
+///
+/// Among several default routes in the main table the lowest metric wins. The address is the
+/// route's preferred source if the interface carries it, else the first primary (non-secondary)
+/// address whose subnet holds the gateway, else the interface's first primary address.
+pub async fn default_route_addr() -> Result<(Iface, Ipv4Addr)> {
+    let nl = Netlink::connect()?;
+    let dump = RouteMessageBuilder::<Ipv4Addr>::new().build();
+    let routes: Vec<RouteMessage> =
+        nl.handle.route().get(dump).execute().try_collect().await.context("dumping IPv4 routes")?;
+    let route = routes
+        .iter()
+        .filter(|r| is_main_default(r))
+        .filter_map(|r| Some((route_oif(r)?, r)))
+        .min_by_key(|(_, r)| route_priority(r));
+    let Some((oif, route)) = route else {
+        bail!("no IPv4 default route");
+    };
+    let iface = nl.link_by_index(oif).await?;
+
+    let addrs: Vec<AddressMessage> = nl
+        .handle
+        .address()
+        .get()
+        .set_link_index_filter(oif)
+        .execute()
+        .try_collect()
+        .await
+        .with_context(|| format!("listing addresses of {}", iface.name))?;
+    let primaries: Vec<(Ipv4Addr, u8)> = addrs
+        .iter()
+        .filter(|a| a.header.family == AddressFamily::Inet && !is_secondary(a))
+        .filter_map(|a| Some((ipv4_local(a)?, a.header.prefix_len)))
+        .collect();
+    let pref_src = route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::PrefSource(RouteAddress::Inet(ip)) => Some(*ip),
+        _ => None,
+    });
+    let gateway = route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Gateway(RouteAddress::Inet(ip)) => Some(*ip),
+        _ => None,
+    });
+    let chosen = primaries
+        .iter()
+        .find(|(ip, _)| Some(*ip) == pref_src)
+        .or_else(|| {
+            let gw = gateway?;
+            primaries.iter().find(|(ip, len)| same_subnet(*ip, gw, *len))
+        })
+        .or_else(|| primaries.first())
+        .map(|(ip, _)| *ip);
+    match chosen {
+        Some(ip) => Ok((iface, ip)),
+        None => bail!("interface {} of the IPv4 default route has no IPv4 address", iface.name),
+    }
+}
+
+/// The interface that carries `addr` as a local address, or None.
+pub async fn iface_with_addr(addr: Ipv4Addr) -> Result<Option<Iface>> {
+    let nl = Netlink::connect()?;
+    let addrs: Vec<AddressMessage> =
+        nl.handle.address().get().execute().try_collect().await.context("dumping addresses")?;
+    let index = addrs
+        .iter()
+        .find(|a| a.header.family == AddressFamily::Inet && ipv4_local(a) == Some(addr))
+        .map(|a| a.header.index);
+    match index {
+        Some(index) => Ok(Some(nl.link_by_index(index).await?)),
+        None => Ok(None),
+    }
+}
+
+/// The egress interface the kernel's main routing lookup picks to reach `dst` (RTM_GETROUTE
+/// with RTA_DST, like `ip route get`). A local `dst` gives the loopback interface.
+pub async fn route_iface(dst: Ipv4Addr) -> Result<Iface> {
+    let nl = Netlink::connect()?;
+    let query = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(dst, 32).build();
+    let mut replies = nl.handle.route().get(query).execute();
+    let route = match replies.try_next().await {
+        Ok(Some(route)) => route,
+        Ok(None) => bail!("no route to {dst}: empty reply"),
+        Err(e) if matches!(errno(&e), Some(nix::libc::ENETUNREACH | nix::libc::EHOSTUNREACH)) => {
+            bail!("no route to {dst}")
+        }
+        Err(e) => return Err(e).with_context(|| format!("route lookup for {dst}")),
+    };
+    let oif = route_oif(&route).ok_or_else(|| anyhow!("route to {dst} has no output interface"))?;
+    nl.link_by_index(oif).await.with_context(|| format!("output interface of the route to {dst}"))
+}
+
+/// Interface by name.
+pub async fn iface_by_name(name: &str) -> Result<Iface> {
+    let nl = Netlink::connect()?;
+    let request = nl.handle.link().get().match_name(name).execute();
+    first_link(request, || format!("no interface named {name:?}")).await
+}
+
+/// Makes the kernel able to finish what XDP hands it, on `ifname`:
+/// - `net.ipv4.conf.<if>.forwarding=1`: `bpf_fib_lookup` refuses to answer without it;
+/// - `net.ipv4.conf.<if>.accept_local=1`: rewritten packets carry a local source address when
+///   the kernel forwards them after a neighbour miss;
+/// - if the effective `rp_filter` (max of `conf.all` and `conf.<if>`) is 1 (strict): sets
+///   `conf.<if>.rp_filter=2` and, if `conf.all` is 1, `conf.all.rp_filter=2` (loose).
+///
+/// Returns the changes made, e.g. `"net.ipv4.conf.eth0.forwarding 0 -> 1"`; empty if none.
+/// Works on `/proc/sys/net/ipv4/conf/<if>/`, i.e. in the calling thread's network namespace.
+/// In the returned keys a `.` in the interface name is written `/`, as sysctl(8) expects.
+pub fn prepare_sysctls(ifname: &str) -> Result<Vec<String>> {
+    if ifname.is_empty() || ifname == "." || ifname == ".." || ifname.contains('/') {
+        bail!("invalid interface name {ifname:?}");
+    }
+    let dir = Path::new(CONF_DIR).join(ifname);
+    if !dir.is_dir() {
+        bail!("no IPv4 configuration for interface {ifname:?} ({} does not exist)", dir.display());
+    }
+    let mut changes = Vec::new();
+    for key in ["forwarding", "accept_local"] {
+        let (path, value) = read_conf(ifname, key)?;
+        if value != 1 {
+            write_conf(&path, ifname, key, value, 1, &mut changes)?;
+        }
+    }
+    let (all_path, all) = read_conf("all", "rp_filter")?;
+    let (if_path, this) = read_conf(ifname, "rp_filter")?;
+    if all.max(this) == 1 {
+        write_conf(&if_path, ifname, "rp_filter", this, 2, &mut changes)?;
+        if all == 1 {
+            write_conf(&all_path, "all", "rp_filter", all, 2, &mut changes)?;
+        }
+    }
+    Ok(changes)
+}
+
+/// The kernel's ephemeral port range (`/proc/sys/net/ipv4/ip_local_port_range`), inclusive.
+pub fn local_port_range() -> Result<(u16, u16)> {
+    let text = fs::read_to_string(PORT_RANGE).with_context(|| format!("reading {PORT_RANGE}"))?;
+    parse_port_range(&text).with_context(|| format!("parsing {PORT_RANGE}"))
+}
+
+const CONF_DIR: &str = "/proc/sys/net/ipv4/conf";
+const PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+
+fn parse_port_range(text: &str) -> Result<(u16, u16)> {
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    let [lo, hi] = fields[..] else {
+        bail!("expected two ports, got {text:?}");
+    };
+    let lo: u16 = lo.parse().with_context(|| format!("bad port {lo:?}"))?;
+    let hi: u16 = hi.parse().with_context(|| format!("bad port {hi:?}"))?;
+    if lo > hi {
+        bail!("empty port range {lo}-{hi}");
+    }
+    Ok((lo, hi))
+}
+
+fn read_conf(ifname: &str, key: &str) -> Result<(PathBuf, i64)> {
+    let path = Path::new(CONF_DIR).join(ifname).join(key);
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let value = text.trim().parse().with_context(|| format!("parsing {} ({text:?})", path.display()))?;
+    Ok((path, value))
+}
+
+fn write_conf(
+    path: &Path,
+    ifname: &str,
+    key: &str,
+    old: i64,
+    new: i64,
+    changes: &mut Vec<String>,
+) -> Result<()> {
+    fs::write(path, format!("{new}\n")).with_context(|| format!("writing {}", path.display()))?;
+    let name = ifname.replace('.', "/");
+    changes.push(format!("net.ipv4.conf.{name}.{key} {old} -> {new}"));
+    Ok(())
+}
+
+/// An rtnetlink socket driven by a task on the current runtime; the task ends with it.
+struct Netlink {
+    handle: rtnetlink::Handle,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Netlink {
+    fn connect() -> Result<Self> {
+        let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink socket")?;
+        Ok(Netlink { handle, task: tokio::spawn(conn) })
+    }
+
+    async fn link_by_index(&self, index: u32) -> Result<Iface> {
+        let request = self.handle.link().get().match_index(index).execute();
+        first_link(request, || format!("no interface with index {index}")).await
+    }
+}
+
+impl Drop for Netlink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The first link of a by-name or by-index request; ENODEV becomes `missing()`.
+async fn first_link(
+    replies: impl Stream<Item = Result<LinkMessage, rtnetlink::Error>>,
+    missing: impl Fn() -> String,
+) -> Result<Iface> {
+    futures::pin_mut!(replies);
+    let link = match replies.try_next().await {
+        Ok(Some(link)) => link,
+        Ok(None) => bail!(missing()),
+        Err(e) if errno(&e) == Some(nix::libc::ENODEV) => bail!(missing()),
+        Err(e) => return Err(e).with_context(|| format!("link lookup ({})", missing())),
+    };
+    let name = link
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::IfName(name) => Some(name.clone()),
+            _ => None,
+        })
+        .ok_or_else(|| anyhow!("interface {} has no name", link.header.index))?;
+    Ok(Iface { name, index: link.header.index })
+}
+
+/// The positive errno of a netlink error reply.
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(msg) => Some(-msg.raw_code()),
+        _ => None,
+    }
+}
+
+fn is_main_default(route: &RouteMessage) -> bool {
+    let table = route
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(route.header.table));
+    route.header.address_family == AddressFamily::Inet
+        && route.header.destination_prefix_length == 0
+        && route.header.kind == RouteType::Unicast
+        && table == u32::from(RouteHeader::RT_TABLE_MAIN)
+}
+
+/// The output interface of a route; for a multipath route, that of its first next hop.
+fn route_oif(route: &RouteMessage) -> Option<u32> {
+    route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(oif) => Some(*oif),
+        RouteAttribute::MultiPath(hops) => hops.first().map(|h| h.interface_index),
+        _ => None,
+    })
+}
+
+fn route_priority(route: &RouteMessage) -> u32 {
+    route
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Priority(p) => Some(*p),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+fn is_secondary(addr: &AddressMessage) -> bool {
+    addr.header.flags.contains(AddressHeaderFlags::Secondary)
+        || addr
+            .attributes
+            .iter()
+            .any(|a| matches!(a, AddressAttribute::Flags(f) if f.contains(AddressFlags::Secondary)))
+}
+
+/// The local IPv4 address of an address message (IFA_LOCAL; IFA_ADDRESS is the peer on
+/// point-to-point links and only stands in when IFA_LOCAL is absent).
+fn ipv4_local(addr: &AddressMessage) -> Option<Ipv4Addr> {
+    let find = |want_local: bool| {
+        addr.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Local(IpAddr::V4(ip)) if want_local => Some(*ip),
+            AddressAttribute::Address(IpAddr::V4(ip)) if !want_local => Some(*ip),
+            _ => None,
+        })
+    };
+    find(true).or_else(|| find(false))
+}
+
+fn same_subnet(a: Ipv4Addr, b: Ipv4Addr, prefix_len: u8) -> bool {
+    let mask = u32::MAX.checked_shl(32 - u32::from(prefix_len.min(32))).unwrap_or(0);
+    u32::from(a) & mask == u32::from(b) & mask
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::Future;
+    use std::process::Command;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A network namespace of our own (needs root), deleted on drop. Interfaces are veth pairs
+    /// with both ends inside it: nothing leaves the namespace and no traffic is sent.
+    struct TestNs {
+        name: String,
+    }
+
+    impl TestNs {
+        fn new() -> Self {
+            static NEXT: AtomicU32 = AtomicU32::new(0);
+            let name = format!("xlbni{}{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+            assert!(name.len() <= 15, "{name}");
+            sh(&["ip", "netns", "add", &name]);
+            let ns = TestNs { name };
+            ns.ip("link set lo up");
+            ns
+        }
+
+        fn ip(&self, args: &str) {
+            let mut argv = vec!["ip", "-n", &self.name];
+            argv.extend(args.split_whitespace());
+            sh(&argv);
+        }
+
+        /// A veth `name` (peer `name`p, both up) with the given addresses.
+        fn veth(&self, name: &str, addrs: &[&str]) {
+            self.ip(&format!("link add {name} type veth peer name {name}p"));
+            for addr in addrs {
+                self.ip(&format!("addr add {addr} dev {name}"));
+            }
+            self.ip(&format!("link set {name}p up"));
+            self.ip(&format!("link set {name} up"));
+        }
+
+        /// Runs `f` on a thread inside the namespace with a current-thread runtime.
+        fn run<F, Fut, T>(&self, f: F) -> T
+        where
+            F: FnOnce() -> Fut + Send + 'static,
+            Fut: Future<Output = T>,
+            T: Send + 'static,
+        {
+            let path = format!("/run/netns/{}", self.name);
+            let thread = std::thread::spawn(move || {
+                let ns = fs::File::open(&path).expect("open netns");
+                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime")
+                    .block_on(f())
+            });
+            thread.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+        }
+    }
+
+    impl Drop for TestNs {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        }
+    }
+
+    fn sh(argv: &[&str]) {
+        let out = Command::new(argv[0]).args(&argv[1..]).output().expect("spawn");
+        assert!(out.status.success(), "{argv:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// The index the kernel reports for `name` through another interface (ioctl), inside
+    /// the namespace thread.
+    fn ifindex(name: &str) -> u32 {
+        nix::net::if_::if_nametoindex(name).expect("if_nametoindex")
+    }
+
+    fn ip4(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    /// d0: 10.77.0.1/24 (+ secondary 10.77.0.2) with the default route via 10.77.0.254;
+    /// d1: 10.88.0.1/24, a worse default route (metric 100) via 10.88.0.254.
+    fn routed_ns() -> TestNs {
+        let ns = TestNs::new();
+        ns.veth("d1", &["10.88.0.1/24"]);
+        ns.veth("d0", &["10.77.0.1/24", "10.77.0.2/24"]);
+        ns.ip("route add default via 10.88.0.254 metric 100");
+        ns.ip("route add default via 10.77.0.254 metric 10");
+        ns
+    }
+
+    #[test]
+    fn default_route_addr_finds_interface_and_primary_address() {
+        let ns = routed_ns();
+        ns.run(|| async {
+            let (iface, addr) = default_route_addr().await.unwrap();
+            assert_eq!(iface, Iface { name: "d0".into(), index: ifindex("d0") });
+            assert_eq!(addr, ip4("10.77.0.1"));
+        });
+
+        // Without a default route: a clear error.
+        let bare = TestNs::new();
+        bare.veth("d1", &["10.88.0.1/24"]);
+        let err = bare.run(|| async { default_route_addr().await.unwrap_err() });
+        assert!(err.to_string().contains("no IPv4 default route"), "{err:#}");
+    }
+
+    #[test]
+    fn default_route_addr_prefers_route_source() {
+        let ns = TestNs::new();
+        ns.veth("d0", &["10.77.0.1/24", "10.66.0.1/24"]);
+        ns.ip("route add default via 10.77.0.254 src 10.66.0.1");
+        let (iface, addr) = ns.run(|| async { default_route_addr().await.unwrap() });
+        assert_eq!(iface.name, "d0");
+        assert_eq!(addr, ip4("10.66.0.1"));
+    }
+
+    #[test]
+    fn default_route_addr_prefers_gateway_subnet() {
+        // Two primary addresses; the first listed is not in the gateway's subnet.
+        let ns = TestNs::new();
+        ns.veth("d0", &["10.66.0.1/24", "10.77.0.1/24"]);
+        ns.ip("route add default via 10.77.0.254");
+        let (iface, addr) = ns.run(|| async { default_route_addr().await.unwrap() });
+        assert_eq!(iface.name, "d0");
+        assert_eq!(addr, ip4("10.77.0.1"));
+    }
+
+    #[test]
+    fn iface_with_addr_hits_and_misses() {
+        let ns = routed_ns();
+        ns.run(|| async {
+            let d0 = Iface { name: "d0".into(), index: ifindex("d0") };
+            let d1 = Iface { name: "d1".into(), index: ifindex("d1") };
+            assert_eq!(iface_with_addr(ip4("10.77.0.1")).await.unwrap(), Some(d0.clone()));
+            assert_eq!(iface_with_addr(ip4("10.77.0.2")).await.unwrap(), Some(d0));
+            assert_eq!(iface_with_addr(ip4("10.88.0.1")).await.unwrap(), Some(d1));
+            assert_eq!(iface_with_addr(ip4("127.0.0.1")).await.unwrap().unwrap().name, "lo");
+            // In the subnet, or a gateway, but not local: no.
+            assert_eq!(iface_with_addr(ip4("10.77.0.3")).await.unwrap(), None);
+            assert_eq!(iface_with_addr(ip4("10.77.0.254")).await.unwrap(), None);
+        });
+    }
+
+    #[test]
+    fn route_iface_follows_kernel_lookup() {
+        let ns = routed_ns();
+        ns.run(|| async {
+            let connected = route_iface(ip4("10.88.0.5")).await.unwrap();
+            assert_eq!(connected.name, "d1");
+            assert_eq!(connected.index, ifindex("d1"));
+            assert_eq!(route_iface(ip4("10.77.0.9")).await.unwrap().name, "d0");
+            // Via the (better) default route.
+            assert_eq!(route_iface(ip4("192.0.2.1")).await.unwrap().name, "d0");
+            // A local address routes to loopback, as `ip route get` says.
+            assert_eq!(route_iface(ip4("10.88.0.1")).await.unwrap().name, "lo");
+        });
+
+        let bare = TestNs::new();
+        bare.veth("d1", &["10.88.0.1/24"]);
+        bare.run(|| async {
+            assert_eq!(route_iface(ip4("10.88.0.7")).await.unwrap().name, "d1");
+            let err = route_iface(ip4("192.0.2.1")).await.unwrap_err();
+            assert!(err.to_string().contains("no route to 192.0.2.1"), "{err:#}");
+        });
+    }
+
+    #[test]
+    fn iface_by_name_hits_and_misses() {
+        let ns = routed_ns();
+        ns.run(|| async {
+            let d1 = iface_by_name("d1").await.unwrap();
+            assert_eq!(d1, Iface { name: "d1".into(), index: ifindex("d1") });
+            assert_eq!(iface_by_name("lo").await.unwrap().index, 1);
+            let err = iface_by_name("nope0").await.unwrap_err();
+            assert!(err.to_string().contains("no interface named \"nope0\""), "{err:#}");
+        });
+    }
+
+    fn conf(ifname: &str, key: &str) -> i64 {
+        read_conf(ifname, key).unwrap().1
+    }
+
+    fn set_conf(ifname: &str, key: &str, value: i64) {
+        fs::write(Path::new(CONF_DIR).join(ifname).join(key), format!("{value}\n")).unwrap();
+    }
+
+    #[test]
+    fn prepare_sysctls_sets_once() {
+        let ns = TestNs::new();
+        // A '.' in the name: /proc/sys/net/ipv4/conf/d0.7/, sysctl key net.ipv4.conf.d0/7.
+        ns.veth("d0.7", &["10.77.0.1/24"]);
+        ns.veth("d1", &["10.88.0.1/24"]);
+        ns.run(|| async {
+            set_conf("d0.7", "forwarding", 0);
+            set_conf("d0.7", "accept_local", 0);
+            set_conf("d0.7", "rp_filter", 0);
+            set_conf("all", "rp_filter", 1);
+            set_conf("d1", "rp_filter", 1);
+
+            let changes = prepare_sysctls("d0.7").unwrap();
+            assert_eq!(
+                changes,
+                [
+                    "net.ipv4.conf.d0/7.forwarding 0 -> 1",
+                    "net.ipv4.conf.d0/7.accept_local 0 -> 1",
+                    "net.ipv4.conf.d0/7.rp_filter 0 -> 2",
+                    "net.ipv4.conf.all.rp_filter 1 -> 2",
+                ]
+            );
+            assert_eq!(conf("d0.7", "forwarding"), 1);
+            assert_eq!(conf("d0.7", "accept_local"), 1);
+            assert_eq!(conf("d0.7", "rp_filter"), 2);
+            assert_eq!(conf("all", "rp_filter"), 2);
+            assert_eq!(conf("d1", "rp_filter"), 1, "other interfaces untouched");
+            assert_eq!(conf("d1", "forwarding"), 0, "other interfaces untouched");
+            assert_eq!(prepare_sysctls("d0.7").unwrap(), Vec::<String>::new());
+
+            // Strict only on the interface: only the interface is loosened.
+            set_conf("all", "rp_filter", 0);
+            let changes = prepare_sysctls("d1").unwrap();
+            assert_eq!(
+                changes,
+                [
+                    "net.ipv4.conf.d1.forwarding 0 -> 1",
+                    "net.ipv4.conf.d1.accept_local 0 -> 1",
+                    "net.ipv4.conf.d1.rp_filter 1 -> 2",
+                ]
+            );
+            assert_eq!(conf("all", "rp_filter"), 0);
+            assert_eq!(conf("d1", "rp_filter"), 2);
+
+            // Loose already (all=2 beats if=1): nothing to do for rp_filter.
+            set_conf("all", "rp_filter", 2);
+            set_conf("d1", "rp_filter", 1);
+            assert_eq!(prepare_sysctls("d1").unwrap(), Vec::<String>::new());
+            assert_eq!(conf("d1", "rp_filter"), 1);
+
+            let err = prepare_sysctls("nope0").unwrap_err();
+            assert!(err.to_string().contains("nope0"), "{err:#}");
+            assert!(prepare_sysctls("../all").is_err());
+        });
+    }
+
+    #[test]
+    fn port_range_parses() {
+        assert_eq!(parse_port_range("32768\t60999\n").unwrap(), (32768, 60999));
+        assert_eq!(parse_port_range(" 1024 1024 ").unwrap(), (1024, 1024));
+        assert!(parse_port_range("32768").is_err());
+        assert!(parse_port_range("32768 60999 1").is_err());
+        assert!(parse_port_range("60999 32768").is_err());
+        assert!(parse_port_range("0 70000").is_err());
+        assert!(parse_port_range("a b").is_err());
+    }
+
+    #[test]
+    fn local_port_range_reads_the_namespace() {
+        // The range is per network namespace: set one in ours and read it back.
+        let ns = TestNs::new();
+        let range = ns.run(|| async {
+            fs::write(PORT_RANGE, "40000 40999\n").unwrap();
+            local_port_range().unwrap()
+        });
+        assert_eq!(range, (40000, 40999));
+    }
+}

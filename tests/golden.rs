@@ -134,7 +134,9 @@ impl Lb {
         })
         .unwrap();
         let table: Vec<_> = (0..251)
-            .map(|i| (!backends.is_empty()).then(|| (backends[i % backends.len()], (i % backends.len()) as u32)))
+            .map(|i| {
+                (!backends.is_empty()).then(|| (backends[i % backends.len()], (i % backends.len()) as u32))
+            })
             .collect();
         dp.set_backends(&table).unwrap();
         // g1 becomes a redirect target; g0 stays free for test runs.
@@ -318,7 +320,14 @@ fn established_packets_follow_the_flow_and_replies_go_back() {
         let data = syn.clone().ack();
         let (action, out) = lb.run(&data.frame());
         assert_eq!(action, XDP_TX, "ACK with data");
-        let want = Tcp { smac: LB_MAC, dmac: BACKEND_MAC, src: (LISTEN, port), dst: (BACKEND, 8080), ttl: 63, ..data };
+        let want = Tcp {
+            smac: LB_MAC,
+            dmac: BACKEND_MAC,
+            src: (LISTEN, port),
+            dst: (BACKEND, 8080),
+            ttl: 63,
+            ..data
+        };
         assert_eq!(out, want.frame());
         checked_tcp(&out);
         lb.counters_moved(&[(Counter::XLB_CNT_FWD_TO_BACKEND, 1)]);
@@ -387,7 +396,14 @@ fn ip_options_are_carried_and_checksums_stay_valid() {
         let (action, out) = lb.run(&syn.frame());
         assert_eq!(action, XDP_TX);
         let port = lb.nat_port(syn.src);
-        let want = Tcp { smac: LB_MAC, dmac: BACKEND_MAC, src: (LISTEN, port), dst: (BACKEND, 8080), ttl: 63, ..syn };
+        let want = Tcp {
+            smac: LB_MAC,
+            dmac: BACKEND_MAC,
+            src: (LISTEN, port),
+            dst: (BACKEND, 8080),
+            ttl: 63,
+            ..syn
+        };
         assert_eq!(out, want.frame());
     });
 }
@@ -408,8 +424,14 @@ fn backend_behind_another_interface_is_redirected() {
         let (action, out) = lb.run(&syn.frame());
         assert_eq!(action, XDP_REDIRECT);
         let port = lb.nat_port(syn.src);
-        let want =
-            Tcp { smac: LB1_MAC, dmac: FAR_BACKEND_MAC, src: (LISTEN, port), dst: (FAR_BACKEND, 8080), ttl: 63, ..syn };
+        let want = Tcp {
+            smac: LB1_MAC,
+            dmac: FAR_BACKEND_MAC,
+            src: (LISTEN, port),
+            dst: (FAR_BACKEND, 8080),
+            ttl: 63,
+            ..syn
+        };
         assert_eq!(out, want.frame());
         lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 1), (Counter::XLB_CNT_FWD_TO_BACKEND, 1)]);
     });
@@ -500,7 +522,8 @@ fn closed_and_idle_flows_are_expired_in_pairs() {
         assert_eq!(lb.dp.flows().unwrap().len(), 4);
 
         let now = xlb::dataplane::now_ns();
-        let soon = GcPolicy { now_ns: now + 2_000_000_000, idle_ns: 300_000_000_000, closed_ns: 1_000_000_000 };
+        let soon =
+            GcPolicy { now_ns: now + 2_000_000_000, idle_ns: 300_000_000_000, closed_ns: 1_000_000_000 };
         let stats = lb.dp.expire_flows(&soon).unwrap();
         assert_eq!((stats.closed, stats.orphaned, stats.active), (1, 0, 1));
         let left = lb.dp.flows().unwrap();

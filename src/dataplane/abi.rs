@@ -1,14 +1,7 @@
 //! The skeleton generated from `src/bpf/*.h` is the ABI: these are its types,
 //! made byte-convertible. Nothing here re-declares a layout.
 
-#[allow(
-    clippy::all,
-    clippy::pedantic,
-    dead_code,
-    non_camel_case_types,
-    non_snake_case,
-    unused
-)]
+#[allow(clippy::all, clippy::pedantic, dead_code, non_camel_case_types, non_snake_case, unused)]
 mod skel {
     include!(concat!(env!("OUT_DIR"), "/xlb.skel.rs"));
 }

@@ -30,10 +30,7 @@ impl FlowEntry {
     /// The tuple packets are rewritten to: (src, dst).
     pub fn nat(&self) -> ((Ipv4Addr, u16), (Ipv4Addr, u16)) {
         let f = &self.flow;
-        (
-            (addr(f.nat_saddr), u16::from_be(f.nat_sport)),
-            (addr(f.nat_daddr), u16::from_be(f.nat_dport)),
-        )
+        ((addr(f.nat_saddr), u16::from_be(f.nat_sport)), (addr(f.nat_daddr), u16::from_be(f.nat_dport)))
     }
 }
 

@@ -65,10 +65,7 @@ pub(super) fn read(map: &MapMut<'_>) -> Result<Counters> {
             .lookup_percpu(&(i as u32).to_ne_bytes(), MapFlags::ANY)
             .context("reading the counters map")?
             .unwrap_or_default();
-        *v = per_cpu
-            .iter()
-            .map(|b| u64::from_ne_bytes(b[..8].try_into().expect("u64 counter")))
-            .sum();
+        *v = per_cpu.iter().map(|b| u64::from_ne_bytes(b[..8].try_into().expect("u64 counter"))).sum();
     }
     Ok(Counters { values })
 }

@@ -5,6 +5,7 @@
 mod abi;
 mod conntrack;
 mod counters;
+mod worker;
 
 use std::mem::MaybeUninit;
 use std::net::Ipv4Addr;
@@ -18,6 +19,7 @@ use libbpf_rs::{MapCore, MapFlags, ProgramInput};
 pub use abi::{BackendSlot, Flow, FlowKey};
 pub use conntrack::{FlowEntry, GcPolicy, GcStats};
 pub use counters::{counter_name, Counter, Counters};
+pub use worker::{AttachTarget, Attached, DataplaneHandle};
 
 use abi::{bytes, XlbSkel, XlbSkelBuilder};
 
@@ -85,9 +87,7 @@ impl Dataplane {
         // The skeleton borrows its object storage for its whole life; one
         // small allocation per loaded program is the price of owning it here.
         let storage = Box::leak(Box::new(MaybeUninit::uninit()));
-        let mut open = XlbSkelBuilder::default()
-            .open(storage)
-            .context("opening the XDP program")?;
+        let mut open = XlbSkelBuilder::default().open(storage).context("opening the XDP program")?;
         open.maps
             .conntrack
             .set_max_entries(opts.conntrack_capacity.checked_mul(2).context("conntrack capacity too large")?)
@@ -230,12 +230,12 @@ impl Dataplane {
         let mut out = vec![0u8; frame.len() + 256];
         let ctx = abi::XdpMd { data_end: frame.len() as u32, ingress_ifindex: ifindex, ..Default::default() };
         let mut ctx_bytes = bytes(&ctx).to_vec();
-        let mut input = ProgramInput::default();
-        input.data_in = Some(frame);
-        input.data_out = Some(&mut out);
-        if ifindex != 0 {
-            input.context_in = Some(&mut ctx_bytes);
-        }
+        let input = ProgramInput {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            context_in: (ifindex != 0).then_some(&mut ctx_bytes[..]),
+            ..Default::default()
+        };
         let output = self.skel.progs.xlb_xdp.test_run(input).context("BPF_PROG_TEST_RUN")?;
         let action = output.return_value;
         let len = output.data.as_ref().map_or(0, |d| d.len());
@@ -246,10 +246,8 @@ impl Dataplane {
     /// Kernel-timed runs of one frame: (action, mean time per run).
     pub fn time_run(&self, frame: &[u8], repeat: u32) -> Result<(u32, std::time::Duration)> {
         let mut out = vec![0u8; frame.len() + 256];
-        let mut input = ProgramInput::default();
-        input.data_in = Some(frame);
-        input.data_out = Some(&mut out);
-        input.repeat = repeat;
+        let input =
+            ProgramInput { data_in: Some(frame), data_out: Some(&mut out), repeat, ..Default::default() };
         let output = self.skel.progs.xlb_xdp.test_run(input).context("BPF_PROG_TEST_RUN")?;
         Ok((output.return_value, output.duration))
     }

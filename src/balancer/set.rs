@@ -1,0 +1,98 @@
+//! The live backend set: turns each provider update into a maglev table for
+//! the data plane, keeps backend ids stable, and logs every change.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+
+use super::maglev::{maglev_table, Backend as MaglevBackend};
+use crate::provider::Backend;
+
+pub struct BackendSet {
+    size: u32,
+    /// Ids are per address and never reused while the process lives, so
+    /// per-backend accounting in the data plane stays attributable.
+    ids: HashMap<Ipv4Addr, u32>,
+    current: Vec<Backend>,
+}
+
+/// A data-plane table: slot -> (backend address, backend id).
+pub type Table = Vec<Option<(Ipv4Addr, u32)>>;
+
+impl BackendSet {
+    pub fn new(size: u32) -> Self {
+        BackendSet { size, ids: HashMap::new(), current: Vec::new() }
+    }
+
+    pub fn current(&self) -> &[Backend] {
+        &self.current
+    }
+
+    /// Applies a new set; returns the table to install, or None when
+    /// nothing that affects selection changed.
+    pub fn update(&mut self, mut next: Vec<Backend>) -> Option<Table> {
+        next.sort_by_key(|b| b.addr);
+        next.dedup_by_key(|b| b.addr);
+        if next == self.current {
+            return None;
+        }
+        for b in &next {
+            match self.current.iter().find(|c| c.addr == b.addr) {
+                None => {
+                    tracing::info!(name = %b.name, address = %b.addr, weight = b.weight, "backend added: {} {}", b.name, b.addr)
+                }
+                Some(old) if old.weight != b.weight => tracing::info!(
+                    name = %b.name, address = %b.addr, "backend weight changed: {} {} {} -> {}", b.name, b.addr, old.weight, b.weight
+                ),
+                Some(_) => {}
+            }
+        }
+        for old in &self.current {
+            if !next.iter().any(|b| b.addr == old.addr) {
+                tracing::info!(name = %old.name, address = %old.addr, "backend removed: {} {} (its connections drain)", old.name, old.addr);
+            }
+        }
+        for b in &next {
+            let n = self.ids.len() as u32;
+            self.ids.entry(b.addr).or_insert(n);
+        }
+        let maglev: Vec<MaglevBackend> = next
+            .iter()
+            .map(|b| MaglevBackend { key: b.addr.to_string(), addr: b.addr, weight: b.weight })
+            .collect();
+        let table = maglev_table(&maglev, self.size)
+            .into_iter()
+            .map(|slot| slot.map(|i| (next[i as usize].addr, self.ids[&next[i as usize].addr])))
+            .collect();
+        self.current = next;
+        Some(table)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(name: &str, last: u8, weight: u32) -> Backend {
+        Backend { name: name.into(), addr: Ipv4Addr::new(10, 0, 0, last), weight }
+    }
+
+    #[test]
+    fn unchanged_sets_produce_no_table_and_ids_stay_stable() {
+        let mut s = BackendSet::new(251);
+        let t1 = s.update(vec![b("a", 1, 1), b("b", 2, 1)]).expect("first set");
+        assert!(t1.iter().all(|x| x.is_some()));
+        assert!(s.update(vec![b("b", 2, 1), b("a", 1, 1)]).is_none(), "order does not matter");
+        let t2 = s.update(vec![b("b", 2, 1)]).expect("removal changes the table");
+        assert!(t2.iter().all(|x| *x == Some((Ipv4Addr::new(10, 0, 0, 2), 1))));
+        let t3 = s.update(vec![b("a", 1, 1), b("b", 2, 1)]).unwrap();
+        assert_eq!(t1, t3, "same set, same ids, same table");
+    }
+
+    #[test]
+    fn empty_set_empties_the_table() {
+        let mut s = BackendSet::new(251);
+        s.update(vec![b("a", 1, 1)]);
+        let t = s.update(vec![]).unwrap();
+        assert!(t.iter().all(|x| x.is_none()));
+    }
+}

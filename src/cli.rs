@@ -1,0 +1,106 @@
+//! The command line: `xlb [run] [-c PATH]`, `xlb check`, `xlb version`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::Config;
+
+/// Exit status for a config that does not validate.
+pub const EXIT_BAD_CONFIG: u8 = 2;
+
+#[derive(Parser, Debug)]
+#[command(name = "xlb", version, about = "XDP Layer-4 load balancer", args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// With no subcommand, xlb runs.
+    #[command(flatten)]
+    run: ConfigArg,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Load the config, attach XDP and balance until told to stop.
+    Run(ConfigArg),
+    /// Validate a config and print it with every default filled in.
+    Check(ConfigArg),
+    /// Print the version.
+    Version,
+}
+
+#[derive(Args, Debug)]
+struct ConfigArg {
+    /// Path to xlb.yaml.
+    #[arg(short = 'c', long = "config", env = "XLB_CONFIG", default_value = "./xlb.yaml")]
+    config: PathBuf,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        None => run(&cli.run),
+        Some(Command::Run(a)) => run(&a),
+        Some(Command::Check(a)) => check(&a),
+        Some(Command::Version) => {
+            println!("xlb {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn load(a: &ConfigArg) -> Result<Config, ExitCode> {
+    Config::load(&a.config).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_BAD_CONFIG)
+    })
+}
+
+fn check(a: &ConfigArg) -> ExitCode {
+    let cfg = match load(a) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    for w in cfg.warnings() {
+        eprintln!("warning: {w}");
+    }
+    print!("{}", cfg.to_yaml());
+    ExitCode::SUCCESS
+}
+
+fn run(a: &ConfigArg) -> ExitCode {
+    init_logging();
+    let cfg = match load(a) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    for w in cfg.warnings() {
+        tracing::warn!("{w}");
+    }
+    if let Err(e) = cfg.startup_checks() {
+        eprintln!("error: {e}");
+        return ExitCode::from(EXIT_BAD_CONFIG);
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(crate::lifecycle::run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}

@@ -1,0 +1,137 @@
+//! The data plane on its own thread. The skeleton holds raw libbpf pointers
+//! and its map syscalls block, so one thread owns it and the async control
+//! plane talks to it through a handle.
+
+use std::net::Ipv4Addr;
+use std::sync::mpsc;
+
+use anyhow::{anyhow, Context, Result};
+use tokio::sync::oneshot;
+
+use super::{Counters, Dataplane, GcPolicy, GcStats, LoadOptions, Service, XdpMode};
+
+/// One interface to attach to.
+#[derive(Debug, Clone)]
+pub struct AttachTarget {
+    pub ifname: String,
+    pub ifindex: u32,
+}
+
+/// Where the program ended up.
+#[derive(Debug, Clone)]
+pub struct Attached {
+    pub ifname: String,
+    pub ifindex: u32,
+    pub mode: XdpMode,
+}
+
+type Reply<T> = oneshot::Sender<Result<T>>;
+
+enum Cmd {
+    SetBackends(Vec<Option<(Ipv4Addr, u32)>>, Reply<()>),
+    Counters(Reply<Counters>),
+    Expire(GcPolicy, Reply<GcStats>),
+    Drain(bool, Reply<()>),
+    Stop(Reply<()>),
+}
+
+/// A cheap, cloneable handle; the thread detaches and exits when the last
+/// handle is dropped.
+#[derive(Clone)]
+pub struct DataplaneHandle {
+    tx: mpsc::Sender<Cmd>,
+}
+
+impl DataplaneHandle {
+    /// Loads the program, configures it and attaches it to every target on a
+    /// new thread. Returns once attached, or with the first error (and
+    /// nothing left attached).
+    pub fn start(
+        opts: LoadOptions,
+        service: Service,
+        targets: Vec<AttachTarget>,
+    ) -> Result<(DataplaneHandle, Vec<Attached>)> {
+        let (tx, rx) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("xlb-dataplane".into())
+            .spawn(move || {
+                let setup = || -> Result<(Dataplane, Vec<Attached>)> {
+                    let mut dp = Dataplane::load(opts)?;
+                    dp.set_service(&service)?;
+                    let mut attached = Vec::new();
+                    for t in &targets {
+                        let mode = dp.attach(&t.ifname, t.ifindex)?;
+                        attached.push(Attached { ifname: t.ifname.clone(), ifindex: t.ifindex, mode });
+                    }
+                    Ok((dp, attached))
+                };
+                match setup() {
+                    Ok((dp, attached)) => {
+                        let _ = ready_tx.send(Ok(attached));
+                        serve(dp, rx);
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            })
+            .context("starting the data plane thread")?;
+        let attached =
+            ready_rx.recv().map_err(|_| anyhow!("the data plane thread died while starting"))??;
+        Ok((DataplaneHandle { tx }, attached))
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).map_err(|_| anyhow!("the data plane thread has stopped"))?;
+        rx.await.map_err(|_| anyhow!("the data plane thread has stopped"))?
+    }
+
+    pub async fn set_backends(&self, table: Vec<Option<(Ipv4Addr, u32)>>) -> Result<()> {
+        self.call(|r| Cmd::SetBackends(table, r)).await
+    }
+
+    pub async fn counters(&self) -> Result<Counters> {
+        self.call(Cmd::Counters).await
+    }
+
+    pub async fn expire_flows(&self, policy: GcPolicy) -> Result<GcStats> {
+        self.call(|r| Cmd::Expire(policy, r)).await
+    }
+
+    pub async fn set_drain(&self, on: bool) -> Result<()> {
+        self.call(|r| Cmd::Drain(on, r)).await
+    }
+
+    /// Detaches from every interface and ends the thread; later calls fail.
+    pub async fn stop(&self) -> Result<()> {
+        self.call(Cmd::Stop).await
+    }
+}
+
+fn serve(mut dp: Dataplane, rx: mpsc::Receiver<Cmd>) {
+    // Ends on Stop or when every handle is gone; dropping `dp` detaches.
+    for cmd in rx {
+        match cmd {
+            Cmd::SetBackends(table, r) => {
+                let _ = r.send(dp.set_backends(&table));
+            }
+            Cmd::Counters(r) => {
+                let _ = r.send(dp.counters());
+            }
+            Cmd::Expire(p, r) => {
+                let _ = r.send(dp.expire_flows(&p));
+            }
+            Cmd::Drain(on, r) => {
+                dp.set_drain(on);
+                let _ = r.send(Ok(()));
+            }
+            Cmd::Stop(r) => {
+                drop(dp);
+                let _ = r.send(Ok(()));
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! What the running instance knows about itself, shared read-mostly between
+//! the lifecycle (the only writer of phase), the balancer, the stats loop
+//! and the admin API (a reader only).
+
+use std::net::Ipv4Addr;
+use std::sync::{Arc, RwLock};
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Starting,
+    Running,
+    Draining,
+    Stopped,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct InterfaceStatus {
+    pub name: String,
+    pub ifindex: u32,
+    pub xdp_mode: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendStatus {
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PortStatus {
+    pub local_port: u16,
+    pub remote_port: u16,
+}
+
+/// The `/api/v1/status` document.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub version: &'static str,
+    pub phase: Phase,
+    pub listen: Option<Ipv4Addr>,
+    pub snat: Option<Ipv4Addr>,
+    pub ports: Vec<PortStatus>,
+    pub interfaces: Vec<InterfaceStatus>,
+    pub backends: Vec<BackendStatus>,
+    /// Connections tracked at the last sweep.
+    pub connections_active: u64,
+    /// Packet outcome counters, by name.
+    pub counters: std::collections::BTreeMap<String, u64>,
+}
+
+impl Default for Status {
+    fn default() -> Self {
+        Status {
+            version: env!("CARGO_PKG_VERSION"),
+            phase: Phase::Starting,
+            listen: None,
+            snat: None,
+            ports: Vec::new(),
+            interfaces: Vec::new(),
+            backends: Vec::new(),
+            connections_active: 0,
+            counters: Default::default(),
+        }
+    }
+}
+
+impl Status {
+    /// Readiness: None when ready, otherwise the reason word.
+    pub fn not_ready_reason(&self) -> Option<&'static str> {
+        match self.phase {
+            Phase::Starting => Some("starting"),
+            Phase::Draining | Phase::Stopped => Some("shutting_down"),
+            Phase::Running if self.interfaces.is_empty() => Some("not_attached"),
+            Phase::Running if self.backends.is_empty() => Some("no_backends"),
+            Phase::Running => None,
+        }
+    }
+}
+
+#[derive(Clone, Default)]
+pub struct SharedStatus(Arc<RwLock<Status>>);
+
+impl SharedStatus {
+    pub fn read(&self) -> Status {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut Status)) {
+        f(&mut self.0.write().unwrap_or_else(|e| e.into_inner()));
+    }
+}
