@@ -16,7 +16,7 @@ static __always_inline __u16 csum_fold(__u64 sum)
 
 static __always_inline void csum_replace2(__u16 *check, __u16 from, __u16 to)
 {
-	__u64 sum = (__u16)~*check;
+	__u64 sum = (__u16) ~*check;
 
 	sum += (__u16)~from;
 	sum += to;
@@ -25,10 +25,10 @@ static __always_inline void csum_replace2(__u16 *check, __u16 from, __u16 to)
 
 static __always_inline void csum_replace4(__u16 *check, __u32 from, __u32 to)
 {
-	__u64 sum = (__u16)~*check;
+	__u64 sum = (__u16) ~*check;
 
-	sum += (__u16)~(from & 0xffff);
-	sum += (__u16)~(from >> 16);
+	sum += (__u16) ~(from & 0xffff);
+	sum += (__u16) ~(from >> 16);
 	sum += to & 0xffff;
 	sum += to >> 16;
 	*check = ~csum_fold(sum);

@@ -35,7 +35,8 @@ static __always_inline struct outcome to_backend(struct xdp_md *ctx, struct pack
 
 		/* Only a bare SYN opens a connection; anything else without an
 		 * entry belongs to no connection we know. */
-		if ((tcp_flags(pkt->tcp) & (XLB_TCP_SYN | XLB_TCP_ACK | XLB_TCP_RST)) != XLB_TCP_SYN)
+		if ((tcp_flags(pkt->tcp) & (XLB_TCP_SYN | XLB_TCP_ACK | XLB_TCP_RST)) !=
+		    XLB_TCP_SYN)
 			return verdict(XDP_DROP, XLB_CNT_DROP_NO_FLOW);
 		be = pick_backend(key);
 		if (!be)

@@ -24,7 +24,7 @@
 
 /* Flow directions stored in struct flow.dir. */
 #define XLB_DIR_TO_BACKEND 1 /* client -> listen ip, rewritten to backend */
-#define XLB_DIR_TO_CLIENT 2  /* backend -> snat ip, rewritten to client */
+#define XLB_DIR_TO_CLIENT  2 /* backend -> snat ip, rewritten to client */
 
 /* struct xlb_config.flags */
 #define XLB_F_DRAIN (1U << 0) /* shutdown: answer new SYNs with RST */
@@ -36,7 +36,7 @@
 #define XLB_TCP_PSH 0x08
 #define XLB_TCP_ACK 0x10
 
-#define XLB_IP_MF 0x2000
+#define XLB_IP_MF     0x2000
 #define XLB_IP_OFFSET 0x1fff
 
 #endif

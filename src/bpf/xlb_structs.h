@@ -14,22 +14,22 @@
 /* One per packet outcome; the per-CPU `counters` map has a slot for each. */
 enum xlb_counter {
 	XLB_CNT_PASS_NOT_IPV4 = 0,   /* ARP, IPv6, ... */
-	XLB_CNT_PASS_VLAN,           /* 802.1Q/802.1ad tagged: not handled yet */
-	XLB_CNT_PASS_MALFORMED,      /* truncated or inconsistent headers */
-	XLB_CNT_PASS_NOT_TCP,        /* ICMP, UDP, ... */
-	XLB_CNT_PASS_FRAGMENT,       /* IPv4 fragments */
-	XLB_CNT_PASS_NOT_OURS,       /* other address or port */
-	XLB_CNT_PASS_NO_NEIGH,       /* next hop unresolved: kernel forwards it */
+	XLB_CNT_PASS_VLAN,	     /* 802.1Q/802.1ad tagged: not handled yet */
+	XLB_CNT_PASS_MALFORMED,	     /* truncated or inconsistent headers */
+	XLB_CNT_PASS_NOT_TCP,	     /* ICMP, UDP, ... */
+	XLB_CNT_PASS_FRAGMENT,	     /* IPv4 fragments */
+	XLB_CNT_PASS_NOT_OURS,	     /* other address or port */
+	XLB_CNT_PASS_NO_NEIGH,	     /* next hop unresolved: kernel forwards it */
 	XLB_CNT_PASS_FOREIGN_EGRESS, /* egress has no XLB program: kernel forwards */
-	XLB_CNT_FWD_TO_BACKEND,      /* client packet sent to a backend */
-	XLB_CNT_FWD_TO_CLIENT,       /* backend reply sent to the client */
-	XLB_CNT_NEW_FLOW,            /* connections opened */
-	XLB_CNT_DROP_NO_FLOW,        /* non-SYN without a conntrack entry */
+	XLB_CNT_FWD_TO_BACKEND,	     /* client packet sent to a backend */
+	XLB_CNT_FWD_TO_CLIENT,	     /* backend reply sent to the client */
+	XLB_CNT_NEW_FLOW,	     /* connections opened */
+	XLB_CNT_DROP_NO_FLOW,	     /* non-SYN without a conntrack entry */
 	XLB_CNT_DROP_NO_BACKEND,     /* SYN while the backend set is empty */
 	XLB_CNT_DROP_NAT_EXHAUSTED,  /* no free NAT source port */
-	XLB_CNT_DROP_CT_FULL,        /* conntrack at capacity */
-	XLB_CNT_DROP_FIB,            /* no route / unreachable / MTU */
-	XLB_CNT_DROP_TTL,            /* TTL would reach zero */
+	XLB_CNT_DROP_CT_FULL,	     /* conntrack at capacity */
+	XLB_CNT_DROP_FIB,	     /* no route / unreachable / MTU */
+	XLB_CNT_DROP_TTL,	     /* TTL would reach zero */
 	XLB_CNT_MAX,
 };
 
@@ -41,15 +41,15 @@ struct port_map {
 /* Runtime settings, written by the control plane through the skeleton's
  * .bss view. Word-sized fields are read once per packet. */
 struct xlb_config {
-	__u32 listen_addr; /* clients connect to listen_addr:local_port */
-	__u32 snat_addr;   /* backends see connections from snat_addr:nat_port */
+	__u32 listen_addr;  /* clients connect to listen_addr:local_port */
+	__u32 snat_addr;    /* backends see connections from snat_addr:nat_port */
 	__u16 nat_port_min; /* host byte order, inclusive */
 	__u16 nat_port_max; /* host byte order, inclusive */
 	__u32 nr_ports;
 	struct port_map ports[XLB_MAX_PORTS];
 	__u32 maglev_size;   /* slots in one half of the maglev map (prime) */
 	__u32 maglev_active; /* 0 or 1: which half is live */
-	__u32 flags;         /* XLB_F_* */
+	__u32 flags;	     /* XLB_F_* */
 	__u32 hash_seed;
 };
 
@@ -87,7 +87,7 @@ struct flow {
 	__u64 packets;
 	__u64 bytes;
 	__u32 tcp_flags; /* OR of the TCP flags seen in this direction */
-	__u8 dir;        /* XLB_DIR_* */
+	__u8 dir;	 /* XLB_DIR_* */
 	__u8 pad[3];
 };
 

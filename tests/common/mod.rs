@@ -108,3 +108,252 @@ pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The demo's topology (scripts/topology.sh) under a unique prefix: a client,
+/// an LB node (listen ip 10.100.0.1) and `n` backends at 10.10k.0.2.
+pub struct Topology {
+    pub prefix: String,
+    pub client: NsRef,
+    pub lb: NsRef,
+    pub backends: Vec<NsRef>,
+}
+
+/// A namespace someone else (the topology) owns.
+#[derive(Clone)]
+pub struct NsRef {
+    pub name: String,
+}
+
+impl NsRef {
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+
+    pub fn exec(&self, cmd: &str) -> Output {
+        sh(&format!("ip netns exec {} sh -c '{}'", self.name, cmd.replace('\'', r"'\''")))
+    }
+
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.spawn(f).join().expect("namespaced thread panicked")
+    }
+
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = self.path();
+        std::thread::spawn(move || {
+            enter(&path);
+            f()
+        })
+    }
+}
+
+pub const LISTEN: &str = "10.100.0.1";
+
+pub fn backend_ip(k: usize) -> String {
+    format!("10.{}.0.2", 100 + k)
+}
+
+impl Topology {
+    pub fn new(n: usize) -> Topology {
+        let prefix = unique("xe");
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/topology.sh");
+        let t = Topology {
+            client: NsRef { name: format!("{prefix}-client") },
+            lb: NsRef { name: format!("{prefix}-lb") },
+            backends: (1..=n).map(|k| NsRef { name: format!("{prefix}-be{k}") }).collect(),
+            prefix,
+        };
+        sh(&format!("{script} up {} {n}", t.prefix));
+        t
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/topology.sh");
+        let _ = Command::new(script).args(["down", &self.prefix]).output();
+    }
+}
+
+/// A running `xlb run` inside a namespace; SIGKILLed on drop if still alive.
+pub struct XlbProcess {
+    pub child: std::process::Child,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl XlbProcess {
+    /// Starts xlb with `config` (YAML text) in `ns`, entering only its network
+    /// namespace, and waits until /readyz answers 200.
+    pub fn start(ns: &NsRef, config: &str) -> XlbProcess {
+        let p = Self::spawn(ns, config);
+        let lb = ns.clone();
+        let ready = wait_for(Duration::from_secs(20), || {
+            let lb = lb.clone();
+            let code = lb.run(|| http_get("127.0.0.1:9090", "/readyz").map(|r| r.status));
+            (code.ok() == Some(200)).then_some(())
+        });
+        if ready.is_none() {
+            panic!("xlb did not become ready:\n{}", std::fs::read_to_string(&p.log).unwrap_or_default());
+        }
+        p
+    }
+
+    pub fn spawn(ns: &NsRef, config: &str) -> XlbProcess {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("xlb.yaml");
+        std::fs::write(&cfg, config).unwrap();
+        let log = dir.path().join("xlb.log");
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", ns.path().display()))
+            .arg(env!("CARGO_BIN_EXE_xlb"))
+            .args(["run", "-c"])
+            .arg(&cfg)
+            .env("RUST_LOG", "info")
+            .stdout(std::fs::File::create(dir.path().join("stdout")).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn xlb");
+        XlbProcess { child, log, _dir: dir }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then waits (bounded) for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        self.wait(Duration::from_secs(30)).expect("xlb exits after SIGTERM")
+    }
+
+    pub fn wait(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        wait_for(limit, || self.child.try_wait().ok().flatten())
+    }
+}
+
+impl Drop for XlbProcess {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+pub struct HttpResponse {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+/// A minimal HTTP/1.0 GET over a real TCP connection (bounded by timeouts).
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<HttpResponse> {
+    use std::io::{Read, Write};
+    let sa: std::net::SocketAddr = addr.parse().expect("socket address");
+    let mut s = std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: xlb\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    parse_response(&raw)
+}
+
+pub fn parse_response(raw: &[u8]) -> std::io::Result<HttpResponse> {
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed HTTP response");
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(bad)?;
+    let head = std::str::from_utf8(&raw[..end]).map_err(|_| bad())?;
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+    Ok(HttpResponse { status, body: raw[end + 4..].to_vec() })
+}
+
+/// The deterministic content of the backends' /blob/<n> (n bytes).
+pub fn blob(n: usize) -> Vec<u8> {
+    let mut x: u32 = 0x1234_5678;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+/// A small threaded HTTP/1.0 server on 0.0.0.0:8080 in `ns`: "/" answers
+/// "backend <name>\n", "/blob/<n>" answers blob(n). Stops on drop.
+pub struct Backend {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+pub fn start_backend(ns: &NsRef, name: &str) -> Backend {
+    use std::sync::atomic::AtomicBool;
+    let name = name.to_string();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let flag = stop.clone();
+    let thread = ns.spawn(move || {
+        let l = std::net::TcpListener::bind("0.0.0.0:8080").expect("bind backend");
+        l.set_nonblocking(true).unwrap();
+        tx.send(()).unwrap();
+        while !flag.load(Ordering::Relaxed) {
+            match l.accept() {
+                Ok((mut c, _)) => {
+                    c.set_nonblocking(false).unwrap();
+                    let name = name.clone();
+                    std::thread::spawn(move || serve_one(&mut c, &name));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(5)).expect("backend listening");
+    Backend { stop, thread: Some(thread) }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve_one(c: &mut std::net::TcpStream, name: &str) {
+    use std::io::{BufRead, BufReader, Write};
+    let _ = c.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut r = BufReader::new(c.try_clone().unwrap());
+    let mut line = String::new();
+    if r.read_line(&mut line).is_err() {
+        return;
+    }
+    loop {
+        let mut h = String::new();
+        match r.read_line(&mut h) {
+            Ok(n) if n > 2 => continue,
+            _ => break,
+        }
+    }
+    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let body = match path.strip_prefix("/blob/") {
+        Some(n) => blob(n.parse().unwrap_or(0)),
+        None => format!("backend {name}\n").into_bytes(),
+    };
+    let _ = write!(c, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+    let _ = c.write_all(&body);
+}
+
+/// The LB's status document (admin API, inside the LB namespace).
+pub fn status(lb: &NsRef) -> serde_json::Value {
+    let r = lb.run(|| http_get("127.0.0.1:9090", "/api/v1/status")).expect("status answers");
+    serde_json::from_slice(&r.body).expect("status is JSON")
+}
+
+pub fn counter(status: &serde_json::Value, name: &str) -> u64 {
+    status["counters"][name].as_u64().unwrap_or_else(|| panic!("counter {name} in {status}"))
+}
