@@ -17,17 +17,26 @@ pub struct Cli {
     command: Option<Command>,
     /// With no subcommand, xlb runs.
     #[command(flatten)]
-    run: ConfigArg,
+    run: RunArgs,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Load the config, attach XDP and balance until told to stop.
-    Run(ConfigArg),
+    Run(RunArgs),
     /// Validate a config and print it with every default filled in.
     Check(ConfigArg),
     /// Print the version.
     Version,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Kubeconfig for provider: kubernetes (default: $KUBECONFIG, ~/.kube/config, then in-cluster).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -69,9 +78,9 @@ fn check(a: &ConfigArg) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn run(a: &ConfigArg) -> ExitCode {
+fn run(a: &RunArgs) -> ExitCode {
     init_logging();
-    let cfg = match load(a) {
+    let cfg = match load(&a.config) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -89,7 +98,9 @@ fn run(a: &ConfigArg) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(crate::lifecycle::run(cfg)) {
+    let sources =
+        crate::provider::Sources { config_path: a.config.config.clone(), kubeconfig: a.kubeconfig.clone() };
+    match rt.block_on(crate::lifecycle::run(cfg, sources)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

@@ -2,6 +2,7 @@
 //! starts the data plane and the loops around it, waits for a shutdown
 //! trigger and takes everything down in order.
 
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -9,13 +10,14 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 use signal_hook::consts::{SIGINT, SIGTERM};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::balancer::BackendSet;
-use crate::config::{Config, Listen, Provider};
-use crate::dataplane::{AttachTarget, DataplaneHandle, GcPolicy, LoadOptions, Service};
+use crate::config::{Config, Listen};
+use crate::dataplane::{AttachTarget, DataplaneHandle, GcPolicy, LoadOptions, Service, Traffic};
 use crate::netinfo;
-use crate::provider::{self, Backend};
+use crate::provider::{self, Backend, ProviderHealth};
 use crate::status::{BackendStatus, InterfaceStatus, Phase, PortStatus, SharedStatus};
 
 /// How long a closed connection (FIN both ways, or RST) keeps its entries:
@@ -34,15 +36,11 @@ struct Network {
     targets: Vec<AttachTarget>,
 }
 
-pub async fn run(cfg: Config) -> Result<()> {
+pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
     cfg.startup_checks()?;
-    let backends = match &cfg.provider {
-        Provider::Static(s) => provider::static_list::backends(s),
-        Provider::Kubernetes(_) => {
-            bail!("provider kubernetes is not available in this version yet; use provider: static")
-        }
-    };
-    let net = resolve_network(&cfg, &backends).await?;
+    let provider = provider::start(&cfg, &sources).await?;
+    let initial = provider.backends.borrow().clone();
+    let net = resolve_network(&cfg, &initial).await?;
     check_nat_range(&cfg)?;
     let status = SharedStatus::default();
     status.update(|s| {
@@ -78,11 +76,6 @@ pub async fn run(cfg: Config) -> Result<()> {
     for a in &attached {
         info!(interface = %a.ifname, mode = %a.mode, "XDP attached to {} in {} mode", a.ifname, a.mode);
     }
-
-    let mut set = BackendSet::new(cfg.maglev_table_size);
-    if let Some(table) = set.update(backends) {
-        dp.set_backends(table).await?;
-    }
     status.update(|s| {
         s.interfaces = attached
             .iter()
@@ -92,20 +85,27 @@ pub async fn run(cfg: Config) -> Result<()> {
                 xdp_mode: a.mode.to_string(),
             })
             .collect();
-        s.backends = backend_status(set.current());
-        s.phase = Phase::Running;
     });
+
+    let (set_tx, set_rx) = watch::channel(Vec::new());
+    let mut set = BackendSet::new(cfg.maglev_table_size);
+    apply(&mut set, initial, &dp, &set_tx).await?;
+    let attached_names: Vec<String> = attached.iter().map(|a| a.ifname.clone()).collect();
+    let balancer = tokio::spawn(balancer_loop(set, provider.backends, dp.clone(), set_tx, attached_names));
+    let stats =
+        tokio::spawn(stats_loop(dp.clone(), status.clone(), set_rx, provider.health, cfg.orphan_ttl_secs));
+    status.update(|s| s.phase = Phase::Running);
     info!(
         listen = %net.listen,
         ports = ?cfg.ports.iter().map(|p| format!("{}->{}", p.local_port, p.remote_port)).collect::<Vec<_>>(),
-        backends = set.current().len(),
         "xlb running"
     );
 
-    let stats = tokio::spawn(stats_loop(dp.clone(), status.clone(), cfg.orphan_ttl_secs));
     let why = shutdown_trigger(&cfg.shutdown_file).await?;
     info!("shutting down ({why})");
     status.update(|s| s.phase = Phase::Draining);
+    // The backend set is frozen from here on.
+    balancer.abort();
     stats.abort();
     dp.stop().await?;
     status.update(|s| {
@@ -115,6 +115,47 @@ pub async fn run(cfg: Config) -> Result<()> {
     admin.abort();
     info!("detached; bye");
     Ok(())
+}
+
+/// Installs a backend set (when it changed) and publishes it with its ids.
+async fn apply(
+    set: &mut BackendSet,
+    next: Vec<Backend>,
+    dp: &DataplaneHandle,
+    published: &watch::Sender<Vec<(u32, Backend)>>,
+) -> Result<()> {
+    if let Some(table) = set.update(next) {
+        dp.set_backends(table).await?;
+        published.send_replace(set.current_with_ids());
+    }
+    Ok(())
+}
+
+/// Provider updates -> maglev table -> data plane, in order.
+async fn balancer_loop(
+    mut set: BackendSet,
+    mut updates: watch::Receiver<Vec<Backend>>,
+    dp: DataplaneHandle,
+    published: watch::Sender<Vec<(u32, Backend)>>,
+    attached: Vec<String>,
+) {
+    while updates.changed().await.is_ok() {
+        let next = updates.borrow_and_update().clone();
+        for b in &next {
+            if let Ok(iface) = netinfo::route_iface(b.addr).await {
+                if !attached.contains(&iface.name) {
+                    warn!(
+                        "backend {} {} is reached through {}, which carries no XLB program: \
+                         the kernel forwards its packets (slower); list it under interfaces",
+                        b.name, b.addr, iface.name
+                    );
+                }
+            }
+        }
+        if let Err(e) = apply(&mut set, next, &dp, &published).await {
+            warn!("applying the backend set failed: {e:#}");
+        }
+    }
 }
 
 async fn resolve_network(cfg: &Config, backends: &[Backend]) -> Result<Network> {
@@ -181,12 +222,62 @@ fn clear_stale_shutdown_file(path: &Path) {
     }
 }
 
-fn backend_status(set: &[Backend]) -> Vec<BackendStatus> {
-    set.iter().map(|b| BackendStatus { name: b.name.clone(), address: b.addr, weight: b.weight }).collect()
+/// Per-backend accounting kept across sweeps.
+#[derive(Debug, Default)]
+struct BackendTotals {
+    backend: Option<Backend>,
+    active: u64,
+    live: Traffic,
+    closed_fin: u64,
+    closed_rst: u64,
+    orphaned: u64,
+    /// Traffic of connections that have ended.
+    ended: Traffic,
 }
 
-/// Counters into the status document, and expiry of finished connections.
-async fn stats_loop(dp: DataplaneHandle, status: SharedStatus, orphan_ttl_secs: u64) {
+/// The current set (active) plus backends that left it but still carry
+/// connections (draining).
+fn backend_status(current: &[(u32, Backend)], totals: &HashMap<u32, BackendTotals>) -> Vec<BackendStatus> {
+    let mut out: Vec<BackendStatus> = totals
+        .iter()
+        .filter_map(|(id, t)| {
+            let b = t.backend.as_ref()?;
+            let state = if current.iter().any(|(cid, _)| cid == id) {
+                "active"
+            } else if t.active > 0 {
+                "draining"
+            } else {
+                return None;
+            };
+            let mut traffic = t.ended;
+            traffic.add(&t.live);
+            Some(BackendStatus {
+                name: b.name.clone(),
+                address: b.addr,
+                weight: b.weight,
+                state,
+                connections_active: t.active,
+                connections_closed_fin: t.closed_fin,
+                connections_closed_rst: t.closed_rst,
+                connections_orphaned: t.orphaned,
+                traffic,
+            })
+        })
+        .collect();
+    out.sort_by_key(|b| b.address);
+    out
+}
+
+/// Counters, per-backend traffic and provider health into the status
+/// document, and expiry of finished connections.
+async fn stats_loop(
+    dp: DataplaneHandle,
+    status: SharedStatus,
+    set: watch::Receiver<Vec<(u32, Backend)>>,
+    health: watch::Receiver<ProviderHealth>,
+    orphan_ttl_secs: u64,
+) {
+    let mut totals: HashMap<u32, BackendTotals> = HashMap::new();
     let mut tick = tokio::time::interval(STATS_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -196,19 +287,50 @@ async fn stats_loop(dp: DataplaneHandle, status: SharedStatus, orphan_ttl_secs: 
             idle_ns: orphan_ttl_secs.saturating_mul(1_000_000_000),
             closed_ns: CLOSED_TTL.as_nanos() as u64,
         };
-        match dp.expire_flows(policy).await {
-            Ok(gc) => {
-                if gc.closed + gc.orphaned + gc.unpaired > 0 {
-                    tracing::debug!(?gc, "expired connections");
-                }
-                status.update(|s| s.connections_active = gc.active);
+        let gc = match dp.expire_flows(policy).await {
+            Ok(gc) => gc,
+            Err(e) => {
+                warn!("conntrack sweep failed: {e:#}");
+                continue;
             }
-            Err(e) => warn!("conntrack sweep failed: {e:#}"),
+        };
+        if gc.closed + gc.orphaned + gc.unpaired > 0 {
+            tracing::debug!(
+                closed = gc.closed,
+                orphaned = gc.orphaned,
+                unpaired = gc.unpaired,
+                "expired connections"
+            );
         }
-        match dp.counters().await {
-            Ok(c) => status.update(|s| s.counters = c.iter().map(|(k, v)| (k.to_string(), v)).collect()),
-            Err(e) => warn!("reading counters failed: {e:#}"),
+        let current = set.borrow().clone();
+        for (id, b) in &current {
+            totals.entry(*id).or_default().backend = Some(b.clone());
         }
+        for t in totals.values_mut() {
+            t.active = 0;
+            t.live = Default::default();
+        }
+        for (id, f) in &gc.per_backend {
+            let t = totals.entry(*id).or_default();
+            t.active = f.active;
+            t.live = f.live;
+            t.closed_fin += f.closed_fin;
+            t.closed_rst += f.closed_rst;
+            t.orphaned += f.orphaned;
+            t.ended.add(&f.removed);
+        }
+        let backends = backend_status(&current, &totals);
+        let counters = dp.counters().await;
+        let provider = health.borrow().clone();
+        status.update(|s| {
+            s.connections_active = gc.active;
+            s.backends = backends;
+            s.provider = Some(provider);
+            match counters {
+                Ok(c) => s.counters = c.iter().map(|(k, v)| (k.to_string(), v)).collect(),
+                Err(e) => warn!("reading counters failed: {e:#}"),
+            }
+        });
     }
 }
 

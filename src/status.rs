@@ -7,6 +7,9 @@ use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
 
+pub use crate::dataplane::Traffic;
+use crate::provider::ProviderHealth;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
@@ -28,6 +31,19 @@ pub struct BackendStatus {
     pub name: String,
     pub address: Ipv4Addr,
     pub weight: u32,
+    /// `active` (gets new connections) or `draining` (left the set; its
+    /// existing connections continue).
+    pub state: &'static str,
+    /// Live connections at the last sweep.
+    pub connections_active: u64,
+    /// Connections that ended with FIN both ways / with a RST / idle past
+    /// orphan_ttl_secs, since start.
+    pub connections_closed_fin: u64,
+    pub connections_closed_rst: u64,
+    pub connections_orphaned: u64,
+    /// Bytes and packets since start, both directions (ended connections
+    /// plus live ones as of the last sweep).
+    pub traffic: Traffic,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -46,6 +62,7 @@ pub struct Status {
     pub ports: Vec<PortStatus>,
     pub interfaces: Vec<InterfaceStatus>,
     pub backends: Vec<BackendStatus>,
+    pub provider: Option<ProviderHealth>,
     /// Connections tracked at the last sweep.
     pub connections_active: u64,
     /// Packet outcome counters, by name.
@@ -62,6 +79,7 @@ impl Default for Status {
             ports: Vec::new(),
             interfaces: Vec::new(),
             backends: Vec::new(),
+            provider: None,
             connections_active: 0,
             counters: Default::default(),
         }
@@ -75,7 +93,10 @@ impl Status {
             Phase::Starting => Some("starting"),
             Phase::Draining | Phase::Stopped => Some("shutting_down"),
             Phase::Running if self.interfaces.is_empty() => Some("not_attached"),
-            Phase::Running if self.backends.is_empty() => Some("no_backends"),
+            Phase::Running if !self.provider.as_ref().is_some_and(|p| p.synced) => {
+                Some("provider_not_synced")
+            }
+            Phase::Running if !self.backends.iter().any(|b| b.state == "active") => Some("no_backends"),
             Phase::Running => None,
         }
     }

@@ -27,6 +27,11 @@ impl BackendSet {
         &self.current
     }
 
+    /// The current set with each backend's data-plane id.
+    pub fn current_with_ids(&self) -> Vec<(u32, Backend)> {
+        self.current.iter().map(|b| (self.ids[&b.addr], b.clone())).collect()
+    }
+
     /// Applies a new set; returns the table to install, or None when
     /// nothing that affects selection changed.
     pub fn update(&mut self, mut next: Vec<Backend>) -> Option<Table> {

@@ -1,5 +1,6 @@
 //! Reading and expiring the conntrack map from user space.
 
+use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result};
@@ -62,7 +63,7 @@ pub struct GcPolicy {
     pub closed_ns: u64,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GcStats {
     /// Connections (entry pairs) still tracked.
     pub active: u64,
@@ -72,6 +73,49 @@ pub struct GcStats {
     pub orphaned: u64,
     /// Entries whose peer was missing, removed.
     pub unpaired: u64,
+    /// Per backend id: live connections, and what this sweep removed.
+    pub per_backend: HashMap<u32, BackendFlows>,
+}
+
+/// Traffic of one backend's connections as one sweep saw them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackendFlows {
+    /// Connections still tracked.
+    pub active: u64,
+    /// Bytes/packets of the live connections, client -> backend and back.
+    pub live: Traffic,
+    /// Connections removed by this sweep, by how they ended.
+    pub closed_fin: u64,
+    pub closed_rst: u64,
+    pub orphaned: u64,
+    /// Final bytes/packets of the connections this sweep removed.
+    pub removed: Traffic,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Traffic {
+    pub bytes_to_backend: u64,
+    pub packets_to_backend: u64,
+    pub bytes_to_client: u64,
+    pub packets_to_client: u64,
+}
+
+impl Traffic {
+    fn of(fwd: &Flow, rev: &Flow) -> Traffic {
+        Traffic {
+            bytes_to_backend: fwd.bytes,
+            packets_to_backend: fwd.packets,
+            bytes_to_client: rev.bytes,
+            packets_to_client: rev.packets,
+        }
+    }
+
+    pub fn add(&mut self, o: &Traffic) {
+        self.bytes_to_backend += o.bytes_to_backend;
+        self.packets_to_backend += o.packets_to_backend;
+        self.bytes_to_client += o.bytes_to_client;
+        self.packets_to_client += o.packets_to_client;
+    }
 }
 
 const BATCH: u32 = 4096;
@@ -88,7 +132,7 @@ pub(super) fn entries(map: &MapMut<'_>) -> Result<Vec<FlowEntry>> {
 
 pub(super) fn expire(map: &MapMut<'_>, p: &GcPolicy) -> Result<GcStats> {
     let all = entries(map)?;
-    let mut by_key = std::collections::HashMap::with_capacity(all.len());
+    let mut by_key = HashMap::with_capacity(all.len());
     for e in &all {
         by_key.insert(bytes(&e.key).to_vec(), e.flow);
     }
@@ -106,24 +150,31 @@ pub(super) fn expire(map: &MapMut<'_>, p: &GcPolicy) -> Result<GcStats> {
             continue;
         };
         let idle = idle_for(&e.flow).min(idle_for(rev));
-        let seen = e.flow.tcp_flags | rev.tcp_flags;
-        let closed = seen & TCP_RST != 0 || (e.flow.tcp_flags & TCP_FIN != 0 && rev.tcp_flags & TCP_FIN != 0);
-        let expired = if closed && idle > p.closed_ns {
+        let reset = (e.flow.tcp_flags | rev.tcp_flags) & TCP_RST != 0;
+        let closed = reset || (e.flow.tcp_flags & TCP_FIN != 0 && rev.tcp_flags & TCP_FIN != 0);
+        let traffic = Traffic::of(&e.flow, rev);
+        let b = stats.per_backend.entry(e.flow.backend_id).or_default();
+        if closed && idle > p.closed_ns {
             stats.closed += 1;
-            true
+            if reset {
+                b.closed_rst += 1;
+            } else {
+                b.closed_fin += 1;
+            }
         } else if idle > p.idle_ns {
             stats.orphaned += 1;
-            true
+            b.orphaned += 1;
         } else {
             stats.active += 1;
-            false
-        };
-        if expired {
-            // Forward first: once it is gone no client packet can use the
-            // NAT port, and only then is the port freed with the reverse.
-            delete(map, &e.key)?;
-            delete(map, &rk)?;
+            b.active += 1;
+            b.live.add(&traffic);
+            continue;
         }
+        b.removed.add(&traffic);
+        // Forward first: once it is gone no client packet can use the NAT
+        // port, and only then is the port freed with the reverse.
+        delete(map, &e.key)?;
+        delete(map, &rk)?;
     }
     // Reverse entries whose forward entry is gone (insert raced, or a crash).
     for e in all.iter().filter(|e| e.flow.dir == DIR_TO_CLIENT) {
