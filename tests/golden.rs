@@ -553,3 +553,74 @@ fn rst_closes_a_flow() {
         assert!(lb.dp.flows().unwrap().is_empty());
     });
 }
+
+/// The RST|ACK a closed port sends for `syn`, built independently.
+fn expected_rst(syn: &Tcp) -> Vec<u8> {
+    let mut tcp = TcpHeader::new(syn.dst.1, syn.src.1, 0, 0);
+    tcp.rst = true;
+    tcp.ack = true;
+    tcp.acknowledgment_number = syn.seq.wrapping_add(1 + syn.payload.len() as u32);
+    let mut ip =
+        Ipv4Header::new(tcp.header_len() as u16, 64, IpNumber::TCP, syn.dst.0.octets(), syn.src.0.octets())
+            .unwrap();
+    ip.dont_fragment = true;
+    ip.header_checksum = ip.calc_header_checksum();
+    tcp.checksum = tcp.calc_checksum_ipv4(&ip, &[]).unwrap();
+    let eth = Ethernet2Header { source: syn.dmac, destination: syn.smac, ether_type: EtherType::IPV4 };
+    let mut out = eth.to_bytes().to_vec();
+    out.extend_from_slice(&ip.to_bytes());
+    out.extend_from_slice(&tcp.to_bytes());
+    out
+}
+
+#[test]
+fn draining_answers_a_new_syn_with_an_exact_rst() {
+    case(ONE, |lb| {
+        lb.dp.set_drain(true);
+        let syn = from_client(80);
+        let (action, out) = lb.run(&syn.frame());
+        assert_eq!(action, XDP_TX);
+        assert_eq!(out, expected_rst(&syn));
+        checked_tcp(&out);
+        lb.counters_moved(&[(Counter::XLB_CNT_DRAIN_RST, 1)]);
+        assert!(lb.dp.flows().unwrap().is_empty(), "a refused SYN opens nothing");
+    });
+}
+
+#[test]
+fn drain_rst_acks_syn_payload_and_drops_options() {
+    case(ONE, |lb| {
+        lb.dp.set_drain(true);
+        let syn = Tcp { ip_options: vec![1, 1, 1, 0], payload: vec![7; 33], seq: u32::MAX - 3, ..from_client(443) };
+        let (action, out) = lb.run(&syn.frame());
+        assert_eq!(action, XDP_TX);
+        assert_eq!(out, expected_rst(&syn), "ack = seq + 1 + 33, wrapping; 54-byte frame");
+    });
+}
+
+#[test]
+fn draining_never_answers_a_rst_and_keeps_established_flows() {
+    case(ONE, |lb| {
+        let syn = from_client(80);
+        lb.run(&syn.frame());
+        lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 1), (Counter::XLB_CNT_FWD_TO_BACKEND, 1)]);
+        lb.dp.set_drain(true);
+
+        let (action, out) = lb.run(&syn.clone().ack().frame());
+        assert_eq!(action, XDP_TX, "established flow still forwarded");
+        assert_eq!(checked_tcp(&out).0.destination, BACKEND.octets());
+        let (action, _) = lb.run(&syn.frame());
+        assert_eq!(action, XDP_TX, "a retransmitted SYN of a tracked flow is forwarded, not refused");
+        lb.counters_moved(&[(Counter::XLB_CNT_FWD_TO_BACKEND, 2)]);
+
+        let stranger = Tcp { src: (CLIENT, 40009), syn: false, rst: true, ..from_client(80) };
+        let (action, _) = lb.run(&stranger.frame());
+        assert_eq!(action, XDP_DROP, "an incoming RST is never answered");
+        lb.counters_moved(&[(Counter::XLB_CNT_DROP_NO_FLOW, 1)]);
+
+        lb.dp.set_drain(false);
+        let (action, _) = lb.run(&Tcp { src: (CLIENT, 40010), ..from_client(80) }.frame());
+        assert_eq!(action, XDP_TX, "drain off: new connections are balanced again");
+        lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 1), (Counter::XLB_CNT_FWD_TO_BACKEND, 1)]);
+    });
+}

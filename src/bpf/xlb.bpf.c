@@ -5,7 +5,8 @@
  *   classify -> client to listen_ip:local_port, or backend reply to
  *               snat_ip:nat_port? anything else passes untouched
  *   conntrack -> find the connection; a client SYN creates one (maglev
- *                picks the backend, the reverse entry claims a NAT port)
+ *                picks the backend, the reverse entry claims a NAT port),
+ *                or, while draining, is answered with a RST
  *   NAT -> rewrite addresses and ports, fix checksums incrementally
  *   forward -> FIB lookup, then XDP_TX / redirect, or the kernel for ARP
  * Every outcome is counted once, in xlb_xdp(), which alone returns verdicts.
@@ -19,6 +20,7 @@
 #include "conntrack.h"
 #include "nat.h"
 #include "forward.h"
+#include "rst.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -38,6 +40,13 @@ static __always_inline struct outcome to_backend(struct xdp_md *ctx, struct pack
 		if ((tcp_flags(pkt->tcp) & (XLB_TCP_SYN | XLB_TCP_ACK | XLB_TCP_RST)) !=
 		    XLB_TCP_SYN)
 			return verdict(XDP_DROP, XLB_CNT_DROP_NO_FLOW);
+		/* Draining: refuse at once so the client retries elsewhere;
+		 * connections already tracked keep flowing below. */
+		if (config.flags & XLB_F_DRAIN) {
+			if (syn_to_rst(ctx, pkt))
+				return verdict(XDP_DROP, XLB_CNT_DRAIN_RST);
+			return verdict(XDP_TX, XLB_CNT_DRAIN_RST);
+		}
 		be = pick_backend(key);
 		if (!be)
 			return verdict(XDP_DROP, XLB_CNT_DROP_NO_BACKEND);

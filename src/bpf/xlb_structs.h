@@ -30,6 +30,7 @@ enum xlb_counter {
 	XLB_CNT_DROP_CT_FULL,	     /* conntrack at capacity */
 	XLB_CNT_DROP_FIB,	     /* no route / unreachable / MTU */
 	XLB_CNT_DROP_TTL,	     /* TTL would reach zero */
+	XLB_CNT_DRAIN_RST,	     /* new connection refused with RST (drain) */
 	XLB_CNT_MAX,
 };
 

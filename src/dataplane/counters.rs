@@ -26,6 +26,7 @@ pub const ALL: &[(Counter, &str)] = &[
     (Counter::XLB_CNT_DROP_CT_FULL, "drop_ct_full"),
     (Counter::XLB_CNT_DROP_FIB, "drop_fib"),
     (Counter::XLB_CNT_DROP_TTL, "drop_ttl"),
+    (Counter::XLB_CNT_DRAIN_RST, "drain_rst"),
 ];
 
 /// The stable name of a counter.

@@ -1,0 +1,86 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Refusing a connection from XDP: the client's SYN becomes, in place, the
+ * RST|ACK a closed port would send (RFC 9293 §3.10.7.1: seq 0, ack = the
+ * SYN's sequence number plus its segment length). Used while draining, so
+ * clients fail over at once instead of waiting for a timeout. */
+#ifndef XLB_RST_H
+#define XLB_RST_H
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/tcp.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+#include "csum.h"
+#include "parsing.h"
+
+#define XLB_RST_FRAME_LEN (sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct tcphdr))
+#define XLB_RST_TTL	  64
+
+static __always_inline __u16 csum_fold32(__s64 sum)
+{
+	return ~csum_fold((__u64)sum);
+}
+
+/* Returns 0 with the frame rewritten into the RST (send it with XDP_TX), or
+ * -1 if the frame could not be reshaped (leave it alone). */
+static __always_inline int syn_to_rst(struct xdp_md *ctx, struct packet *pkt)
+{
+	struct ethhdr *eth = pkt->eth;
+	struct iphdr *ip = pkt->ip;
+	struct tcphdr *tcp = pkt->tcp;
+	__u8 mac[ETH_ALEN];
+	__u32 saddr = ip->saddr, daddr = ip->daddr;
+	__u16 sport = tcp->source, dport = tcp->dest;
+	__u32 payload = bpf_ntohs(ip->tot_len) - ip->ihl * 4 - tcp->doff * 4;
+	__u32 ack = bpf_ntohl(tcp->seq) + 1 + payload;
+	void *data, *data_end;
+	__s64 sum;
+
+	__builtin_memcpy(mac, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, mac, ETH_ALEN);
+
+	/* Drop IP options, TCP options and payload: a bare 54-byte frame. */
+	if (bpf_xdp_adjust_tail(ctx, (int)XLB_RST_FRAME_LEN - (int)pkt->len))
+		return -1;
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	if (data + XLB_RST_FRAME_LEN > data_end)
+		return -1;
+	ip = data + sizeof(struct ethhdr);
+	tcp = (void *)(ip + 1);
+
+	ip->version = 4;
+	ip->ihl = 5;
+	ip->tos = 0;
+	ip->tot_len = bpf_htons(sizeof(struct iphdr) + sizeof(struct tcphdr));
+	ip->id = 0;
+	ip->frag_off = bpf_htons(0x4000); /* DF */
+	ip->ttl = XLB_RST_TTL;
+	ip->protocol = IPPROTO_TCP;
+	ip->saddr = daddr;
+	ip->daddr = saddr;
+	ip->check = 0;
+	sum = bpf_csum_diff(0, 0, (__be32 *)ip, sizeof(*ip), 0);
+	ip->check = csum_fold32(sum);
+
+	__builtin_memset(tcp, 0, sizeof(*tcp));
+	tcp->source = dport;
+	tcp->dest = sport;
+	tcp->ack_seq = bpf_htonl(ack);
+	tcp->doff = 5;
+	tcp->rst = 1;
+	tcp->ack = 1;
+	/* Pseudo-header (addresses, protocol, length), then the header. */
+	sum = bpf_csum_diff(0, 0, &ip->saddr, 8, 0);
+	sum = bpf_csum_diff(0, 0, (__be32 *)tcp, sizeof(*tcp), sum);
+	sum += bpf_htons(IPPROTO_TCP) + bpf_htons(sizeof(*tcp));
+	tcp->check = csum_fold32(sum);
+	pkt->len = XLB_RST_FRAME_LEN;
+	return 0;
+}
+
+#endif
