@@ -28,6 +28,21 @@ enum Command {
     Check(ConfigArg),
     /// Print the version.
     Version,
+    /// Remove an instance's pinned program and connections (XDP detaches
+    /// once no running xlb holds it). Stop the instance first.
+    Detach(DetachArgs),
+}
+
+#[derive(Args, Debug)]
+struct DetachArgs {
+    /// The instance (pin directory under /sys/fs/bpf/xlb); default: from the config.
+    #[arg(long, conflicts_with = "all")]
+    instance: Option<String>,
+    /// Every instance on this host.
+    #[arg(long)]
+    all: bool,
+    #[command(flatten)]
+    config: ConfigArg,
 }
 
 #[derive(Args, Debug)]
@@ -52,6 +67,7 @@ pub fn main() -> ExitCode {
         None => run(&cli.run),
         Some(Command::Run(a)) => run(&a),
         Some(Command::Check(a)) => check(&a),
+        Some(Command::Detach(a)) => detach(&a),
         Some(Command::Version) => {
             println!("xlb {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
@@ -108,6 +124,63 @@ fn run(a: &RunArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn detach(a: &DetachArgs) -> ExitCode {
+    use crate::dataplane::pins;
+    let instances = if a.all {
+        pins::instances()
+    } else if let Some(i) = &a.instance {
+        vec![i.clone()]
+    } else {
+        let cfg = match load(&a.config) {
+            Ok(c) => c,
+            Err(code) => return code,
+        };
+        match instance_of(&cfg) {
+            Ok(i) => vec![i],
+            Err(e) => {
+                eprintln!("error: {e:#}; name the instance with --instance");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    let mut failed = false;
+    for i in instances {
+        let dir = pins::PinDir::for_instance(&i);
+        if !dir.path.exists() {
+            println!("{i}: nothing pinned");
+            continue;
+        }
+        let links = dir.linked_ifaces();
+        match dir.remove() {
+            Ok(()) => println!(
+                "{i}: removed; XDP detached from {}",
+                if links.is_empty() { "-".into() } else { links.join(", ") }
+            ),
+            Err(e) => {
+                eprintln!("error: {i}: removing {}: {e}", dir.path.display());
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// The instance a config runs as (resolving `listen: auto` on this host).
+fn instance_of(cfg: &Config) -> anyhow::Result<String> {
+    let listen = match cfg.listen {
+        crate::config::Listen::Ip(ip) => ip,
+        crate::config::Listen::Auto => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(crate::netinfo::default_route_addr())?.1
+        }
+    };
+    Ok(crate::lifecycle::instance_name(cfg, listen))
 }
 
 fn init_logging() {

@@ -9,13 +9,16 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR2};
+use signal_hook_tokio::Signals;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::balancer::BackendSet;
 use crate::config::{Config, Listen};
-use crate::dataplane::{AttachTarget, DataplaneHandle, GcPolicy, LoadOptions, Service, Traffic};
+use crate::dataplane::{
+    pins, AttachTarget, Counter, DataplaneHandle, GcPolicy, LoadOptions, Service, Traffic,
+};
 use crate::netinfo;
 use crate::provider::{self, Backend, ProviderHealth};
 use crate::status::{BackendStatus, InterfaceStatus, Phase, PortStatus, SharedStatus};
@@ -62,7 +65,20 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
             info!("sysctl {change}");
         }
     }
-    let opts = LoadOptions { conntrack_capacity: cfg.conntrack_capacity, maglev_size: cfg.maglev_table_size };
+    let instance = instance_name(&cfg, net.listen);
+    let pins = if pins::is_bpffs(Path::new("/sys/fs/bpf")) {
+        Some(pins::PinDir::for_instance(&instance))
+    } else {
+        warn!("/sys/fs/bpf is not a bpf file system: nothing is pinned, so a restart drops connections");
+        None
+    };
+    let opts = LoadOptions {
+        conntrack_capacity: cfg.conntrack_capacity,
+        maglev_size: cfg.maglev_table_size,
+        pins: pins.clone(),
+    };
+    // Signals are caught from here on: nothing is attached yet.
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR2]).context("installing signal handlers")?;
     let service = Service {
         listen: net.listen,
         snat: net.snat,
@@ -70,9 +86,18 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
         ports: cfg.ports.iter().map(|p| (p.local_port, p.remote_port)).collect(),
     };
     let targets = net.targets.clone();
-    let (dp, attached) = tokio::task::spawn_blocking(move || DataplaneHandle::start(opts, service, targets))
+    let (dp, started) = tokio::task::spawn_blocking(move || DataplaneHandle::start(opts, service, targets))
         .await
         .context("data plane start task")??;
+    let attached = started.attached;
+    if let Some(p) = &pins {
+        match started.adopted {
+            Some(n) => {
+                info!(instance = %instance, "adopted {n} live connections pinned in {}", p.path.display())
+            }
+            None => info!(instance = %instance, "pinned in {}", p.path.display()),
+        }
+    }
     for a in &attached {
         info!(interface = %a.ifname, mode = %a.mode, "XDP attached to {} in {} mode", a.ifname, a.mode);
     }
@@ -101,20 +126,63 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
         "xlb running"
     );
 
-    let why = shutdown_trigger(&cfg.shutdown_file).await?;
-    info!("shutting down ({why})");
+    let trigger = shutdown_trigger(&mut signals, &cfg.shutdown_file).await;
+    if trigger == Trigger::Handover {
+        // Exit at once and leave the program attached and pinned: the next
+        // `xlb run` for this instance adopts its connections.
+        info!("SIGUSR2: exiting for a handover; XDP stays attached and pinned");
+        balancer.abort();
+        stats.abort();
+        dp.stop(true).await?;
+        admin.abort();
+        return Ok(());
+    }
     status.update(|s| s.phase = Phase::Draining);
     // The backend set is frozen from here on.
     balancer.abort();
+    dp.set_drain(true).await?;
+    let before = status.read();
+    let open_at_start = before.connections_active;
+    let rst_at_start = before.counters.get("drain_rst").copied().unwrap_or(0);
+    info!(
+        "shutting down ({trigger}): readiness fails, new connections get a RST for {}s \
+         while {open_at_start} open connections finish",
+        cfg.shutdown_timeout
+    );
+    if cfg.shutdown_timeout > 0 {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(cfg.shutdown_timeout)) => {}
+            sig = signals.next() => info!("{}: ending the drain early", signal_name(sig)),
+        }
+    }
     stats.abort();
-    dp.stop().await?;
+    let rst = dp.counters().await.map(|c| c.get(Counter::XLB_CNT_DRAIN_RST)).unwrap_or(rst_at_start);
+    let open_at_end = dp.flows_active().await.unwrap_or(0);
+    dp.stop(false).await?;
     status.update(|s| {
         s.phase = Phase::Stopped;
         s.interfaces.clear();
     });
     admin.abort();
-    info!("detached; bye");
+    info!(
+        "drain done: {} of {open_at_start} connections finished, {open_at_end} still open were cut, \
+         {} new connections refused with RST; detached",
+        open_at_start.saturating_sub(open_at_end),
+        rst.saturating_sub(rst_at_start)
+    );
     Ok(())
+}
+
+/// The pin directory name: the config's `name`, else derived from the
+/// listen address, so two XLBs on one node never share pins.
+pub fn instance_name(cfg: &Config, listen: Ipv4Addr) -> String {
+    match &cfg.name {
+        Some(n) => n
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+            .collect(),
+        None => format!("xlb-{}", listen.to_string().replace('.', "-")),
+    }
 }
 
 /// Installs a backend set (when it changed) and publishes it with its ids.
@@ -334,21 +402,46 @@ async fn stats_loop(
     }
 }
 
-/// Waits for SIGTERM, SIGINT or the shutdown file; says which.
-async fn shutdown_trigger(file: &Path) -> Result<String> {
-    let mut signals =
-        signal_hook_tokio::Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
-    let file: PathBuf = file.to_path_buf();
+#[derive(Debug, PartialEq, Eq)]
+enum Trigger {
+    Signal(&'static str),
+    File(PathBuf),
+    Handover,
+}
+
+impl std::fmt::Display for Trigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Trigger::Signal(s) => f.write_str(s),
+            Trigger::File(p) => write!(f, "{} appeared", p.display()),
+            Trigger::Handover => f.write_str("SIGUSR2"),
+        }
+    }
+}
+
+fn signal_name(sig: Option<i32>) -> &'static str {
+    match sig {
+        Some(SIGTERM) => "SIGTERM",
+        Some(SIGINT) => "SIGINT",
+        Some(SIGUSR2) => "SIGUSR2",
+        _ => "signal",
+    }
+}
+
+/// Waits for SIGTERM, SIGINT, SIGUSR2 or the shutdown file.
+async fn shutdown_trigger(signals: &mut Signals, file: &Path) -> Trigger {
     let mut poll = tokio::time::interval(SHUTDOWN_FILE_POLL);
     loop {
         tokio::select! {
             sig = signals.next() => {
-                let name = match sig { Some(SIGTERM) => "SIGTERM", Some(SIGINT) => "SIGINT", _ => "signal" };
-                return Ok(name.to_string());
+                return match sig {
+                    Some(SIGUSR2) => Trigger::Handover,
+                    other => Trigger::Signal(signal_name(other)),
+                };
             }
             _ = poll.tick() => {
                 if file.exists() {
-                    return Ok(format!("{} appeared", file.display()));
+                    return Trigger::File(file.to_path_buf());
                 }
             }
         }

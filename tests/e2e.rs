@@ -12,14 +12,7 @@ use std::time::Duration;
 use common::*;
 
 fn config(backends: usize) -> String {
-    let mut c = String::from(
-        "listen: {ip: 10.100.0.1}\nports:\n  - {local_port: 80, remote_port: 8080}\nprovider:\n  static:\n    backends:\n",
-    );
-    for k in 1..=backends {
-        c += &format!("      - {{name: be{k}, ip: {}}}\n", backend_ip(k));
-    }
-    c += "shutdown_timeout: 1\n";
-    c
+    lb_config(backends, "shutdown_timeout: 1\n")
 }
 
 fn url() -> String {

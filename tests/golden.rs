@@ -125,7 +125,8 @@ impl Lb {
     fn new(backends: &[Ipv4Addr]) -> Lb {
         let ifindex = nix::net::if_::if_nametoindex("g0").unwrap();
         let far = nix::net::if_::if_nametoindex("g1").unwrap();
-        let mut dp = Dataplane::load(LoadOptions { conntrack_capacity: 1024, maglev_size: 251 }).unwrap();
+        let mut dp =
+            Dataplane::load(LoadOptions { conntrack_capacity: 1024, maglev_size: 251, pins: None }).unwrap();
         dp.set_service(&Service {
             listen: LISTEN,
             snat: LISTEN,
@@ -591,7 +592,8 @@ fn draining_answers_a_new_syn_with_an_exact_rst() {
 fn drain_rst_acks_syn_payload_and_drops_options() {
     case(ONE, |lb| {
         lb.dp.set_drain(true);
-        let syn = Tcp { ip_options: vec![1, 1, 1, 0], payload: vec![7; 33], seq: u32::MAX - 3, ..from_client(443) };
+        let syn =
+            Tcp { ip_options: vec![1, 1, 1, 0], payload: vec![7; 33], seq: u32::MAX - 3, ..from_client(443) };
         let (action, out) = lb.run(&syn.frame());
         assert_eq!(action, XDP_TX);
         assert_eq!(out, expected_rst(&syn), "ack = seq + 1 + 33, wrapping; 54-byte frame");

@@ -3,6 +3,10 @@
 #ifndef XLB_CONSTS_H
 #define XLB_CONSTS_H
 
+/* Layout version of the maps a restarted XLB adopts from its pins
+ * (struct flow_key, struct flow). Bump on any change to them. */
+#define XLB_ABI_VERSION 1
+
 /* Port mappings one listener can carry (the config schema allows 1..8). */
 #define XLB_MAX_PORTS 8
 

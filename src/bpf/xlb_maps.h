@@ -15,6 +15,16 @@ struct xlb_config config;
  * into the skeleton's generated types. */
 const volatile enum xlb_counter xlb_counter_max = XLB_CNT_MAX;
 
+/* The ABI version this object was built with, and its pinned copy: a new
+ * binary adopts pinned connections only when the two match. */
+const volatile __u32 xlb_abi_version = XLB_ABI_VERSION;
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} abi SEC(".maps");
+
 /* Both directions of every connection. A plain hash, not an LRU: a SYN flood
  * must never evict an established connection; a full table refuses new ones.
  * No preallocation: memory follows the number of live connections. */

@@ -5,6 +5,7 @@
 mod abi;
 mod conntrack;
 mod counters;
+pub mod pins;
 mod worker;
 
 use std::mem::MaybeUninit;
@@ -19,7 +20,7 @@ use libbpf_rs::{MapCore, MapFlags, ProgramInput};
 pub use abi::{BackendSlot, Flow, FlowKey};
 pub use conntrack::{BackendFlows, FlowEntry, GcPolicy, GcStats, Traffic};
 pub use counters::{counter_name, Counter, Counters};
-pub use worker::{AttachTarget, Attached, DataplaneHandle};
+pub use worker::{AttachTarget, Attached, DataplaneHandle, Started};
 
 use abi::{bytes, XlbSkel, XlbSkelBuilder};
 
@@ -27,12 +28,14 @@ use abi::{bytes, XlbSkel, XlbSkelBuilder};
 pub const MAX_PORTS: usize = 8;
 
 /// Sizes fixed when the program is loaded.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct LoadOptions {
     /// Concurrent connections the conntrack map holds (two entries each).
     pub conntrack_capacity: u32,
     /// Slots in one maglev table (prime).
     pub maglev_size: u32,
+    /// Pin conntrack and links here, adopting what an earlier instance left.
+    pub pins: Option<pins::PinDir>,
 }
 
 /// What the packet path serves; written before attaching.
@@ -77,6 +80,9 @@ pub struct Dataplane {
     skel: XlbSkel<'static>,
     maglev_size: u32,
     attachments: Vec<Attachment>,
+    pins: Option<pins::PinDir>,
+    /// Connections taken over from an earlier instance's pinned map.
+    adopted: bool,
 }
 
 impl Dataplane {
@@ -96,12 +102,43 @@ impl Dataplane {
             .maglev
             .set_max_entries(opts.maglev_size.checked_mul(2).context("maglev size too large")?)
             .context("sizing the maglev map")?;
+        let abi =
+            open.maps.rodata_data.as_deref().expect("the program has a .rodata section").xlb_abi_version;
+        let mut adopted = false;
+        if let Some(p) = &opts.pins {
+            std::fs::create_dir_all(&p.path).with_context(|| format!("creating {}", p.path.display()))?;
+            let ct = p.map("conntrack");
+            if ct.exists() {
+                check_pinned_abi(p, abi)?;
+                open.maps.conntrack.reuse_pinned_map(&ct).map_err(|e| incompatible(p, &e.to_string()))?;
+                adopted = true;
+            }
+        }
         let skel = open.load().context(
             "loading the XDP program into the kernel (needs root or CAP_BPF+CAP_NET_ADMIN, and BTF)",
         )?;
-        let mut dp = Dataplane { skel, maglev_size: opts.maglev_size, attachments: Vec::new() };
+        let mut dp = Dataplane {
+            skel,
+            maglev_size: opts.maglev_size,
+            attachments: Vec::new(),
+            pins: opts.pins,
+            adopted,
+        };
         dp.config_mut().maglev_size = opts.maglev_size;
+        if let Some(p) = dp.pins.clone() {
+            if !adopted {
+                dp.skel.maps.abi.update(&0u32.to_ne_bytes(), &abi.to_ne_bytes(), MapFlags::ANY)?;
+                let _ = std::fs::remove_file(p.map("abi"));
+                dp.skel.maps.abi.pin(p.map("abi")).context("pinning the abi map")?;
+                dp.skel.maps.conntrack.pin(p.map("conntrack")).context("pinning the conntrack map")?;
+            }
+        }
         Ok(dp)
+    }
+
+    /// Whether live connections were taken over from pins.
+    pub fn adopted(&self) -> bool {
+        self.adopted
     }
 
     fn config_mut(&mut self) -> &mut abi::XlbConfig {
@@ -177,14 +214,39 @@ impl Dataplane {
         if self.attachments.iter().any(|a| a.ifindex == ifindex) {
             bail!("{ifname} is already attached");
         }
-        let prog_fd = self.skel.progs.xlb_xdp.as_fd().as_raw_fd();
-        let (link, mode) = match link_xdp(prog_fd, ifindex, libbpf_sys::XDP_FLAGS_DRV_MODE) {
-            Ok(fd) => (fd, XdpMode::Native),
-            Err(native) => {
-                let fd = link_xdp(prog_fd, ifindex, libbpf_sys::XDP_FLAGS_SKB_MODE).with_context(|| {
-                    format!("attaching XDP to {ifname} (native mode failed too: {native})")
-                })?;
-                (fd, XdpMode::Generic)
+        let prog = self.skel.progs.xlb_xdp.as_fd();
+        let pinned = self.pins.as_ref().map(|p| p.link(ifname));
+        let mut adopted = None;
+        if let Some(path) = &pinned {
+            if let Some(link) = pins::open(path).with_context(|| format!("opening {}", path.display()))? {
+                // The earlier instance's link: swap the program in place, so
+                // no packet on this interface goes without XDP.
+                match pins::link_update(link.as_fd(), prog) {
+                    Ok(()) => adopted = Some(link),
+                    Err(e) => {
+                        tracing::warn!("pinned link for {ifname} is stale ({e}); attaching afresh");
+                        std::fs::remove_file(path)?;
+                    }
+                }
+            }
+        }
+        let (link, mode) = match adopted {
+            Some(link) => (link, query_mode(prog, ifindex)),
+            None => {
+                let (link, mode) = match link_xdp(prog.as_raw_fd(), ifindex, libbpf_sys::XDP_FLAGS_DRV_MODE) {
+                    Ok(fd) => (fd, XdpMode::Native),
+                    Err(native) => {
+                        let fd = link_xdp(prog.as_raw_fd(), ifindex, libbpf_sys::XDP_FLAGS_SKB_MODE)
+                            .with_context(|| {
+                                format!("attaching XDP to {ifname} (native mode failed too: {native})")
+                            })?;
+                        (fd, XdpMode::Generic)
+                    }
+                };
+                if let Some(path) = &pinned {
+                    pins::pin(link.as_fd(), path).with_context(|| format!("pinning {}", path.display()))?;
+                }
+                (link, mode)
             }
         };
         self.skel
@@ -198,6 +260,29 @@ impl Dataplane {
 
     pub fn attachments(&self) -> &[Attachment] {
         &self.attachments
+    }
+
+    /// Removes pinned links of interfaces this instance no longer uses, so
+    /// the old program stops running there.
+    pub fn prune_pinned_links(&self) -> Result<Vec<String>> {
+        let Some(p) = &self.pins else { return Ok(Vec::new()) };
+        let mut pruned = Vec::new();
+        for name in p.linked_ifaces() {
+            if !self.attachments.iter().any(|a| a.ifname == name) {
+                std::fs::remove_file(p.link(&name))?;
+                pruned.push(name);
+            }
+        }
+        Ok(pruned)
+    }
+
+    /// Removes this instance's pins: on exit the program then detaches and
+    /// the maps go away with the process.
+    pub fn remove_pins(&self) -> Result<()> {
+        if let Some(p) = &self.pins {
+            p.remove().with_context(|| format!("removing {}", p.path.display()))?;
+        }
+        Ok(())
     }
 
     /// Detaches from every interface (also done on drop).
@@ -256,6 +341,43 @@ impl Dataplane {
 impl Drop for Dataplane {
     fn drop(&mut self) {
         self.detach_all();
+    }
+}
+
+fn check_pinned_abi(p: &pins::PinDir, ours: u32) -> Result<()> {
+    let path = p.map("abi");
+    let fd = pins::open(&path)?.ok_or_else(|| incompatible(p, "it has no ABI version"))?;
+    let key = 0u32;
+    let mut theirs = 0u32;
+    // SAFETY: a 4-byte key and a 4-byte value buffer, as the abi map has.
+    let ret = unsafe {
+        libbpf_sys::bpf_map_lookup_elem(
+            fd.as_raw_fd(),
+            (&key as *const u32).cast(),
+            (&mut theirs as *mut u32).cast(),
+        )
+    };
+    if ret != 0 || theirs != ours {
+        return Err(incompatible(p, &format!("its ABI version is {theirs}, this binary's is {ours}")));
+    }
+    Ok(())
+}
+
+fn incompatible(p: &pins::PinDir, why: &str) -> anyhow::Error {
+    let instance = p.path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    anyhow::anyhow!(
+        "the connections pinned in {} cannot be adopted ({why}; conntrack_capacity changed, or another \
+         XLB version left them). `xlb detach --instance {instance}` removes them (their connections \
+         break), or run the XLB version that made them",
+        p.path.display()
+    )
+}
+
+fn query_mode(prog: std::os::fd::BorrowedFd<'_>, ifindex: u32) -> XdpMode {
+    let q = libbpf_rs::Xdp::new(prog).query(ifindex as i32, libbpf_rs::XdpFlags::empty());
+    match q.map(|q| q.attach_mode as u32) {
+        Ok(libbpf_sys::XDP_ATTACHED_SKB) => XdpMode::Generic,
+        _ => XdpMode::Native,
     }
 }
 

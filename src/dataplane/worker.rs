@@ -25,6 +25,14 @@ pub struct Attached {
     pub mode: XdpMode,
 }
 
+/// What starting produced.
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub attached: Vec<Attached>,
+    /// Live connections adopted from an earlier instance's pins, if any.
+    pub adopted: Option<usize>,
+}
+
 type Reply<T> = oneshot::Sender<Result<T>>;
 
 enum Cmd {
@@ -32,7 +40,8 @@ enum Cmd {
     Counters(Reply<Counters>),
     Expire(GcPolicy, Reply<GcStats>),
     Drain(bool, Reply<()>),
-    Stop(Reply<()>),
+    FlowsActive(Reply<u64>),
+    Stop(bool, Reply<()>),
 }
 
 /// A cheap, cloneable handle; the thread detaches and exits when the last
@@ -50,21 +59,31 @@ impl DataplaneHandle {
         opts: LoadOptions,
         service: Service,
         targets: Vec<AttachTarget>,
-    ) -> Result<(DataplaneHandle, Vec<Attached>)> {
+    ) -> Result<(DataplaneHandle, Started)> {
         let (tx, rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("xlb-dataplane".into())
             .spawn(move || {
-                let setup = || -> Result<(Dataplane, Vec<Attached>)> {
+                let setup = || -> Result<(Dataplane, Started)> {
                     let mut dp = Dataplane::load(opts)?;
+                    let adopted = if dp.adopted() {
+                        Some(dp.flows()?.iter().filter(|f| f.is_forward()).count())
+                    } else {
+                        None
+                    };
                     dp.set_service(&service)?;
                     let mut attached = Vec::new();
                     for t in &targets {
                         let mode = dp.attach(&t.ifname, t.ifindex)?;
                         attached.push(Attached { ifname: t.ifname.clone(), ifindex: t.ifindex, mode });
                     }
-                    Ok((dp, attached))
+                    for name in dp.prune_pinned_links()? {
+                        tracing::info!(
+                            "detached the earlier instance's program from {name}: no longer listed"
+                        );
+                    }
+                    Ok((dp, Started { attached, adopted }))
                 };
                 match setup() {
                     Ok((dp, attached)) => {
@@ -104,9 +123,16 @@ impl DataplaneHandle {
         self.call(|r| Cmd::Drain(on, r)).await
     }
 
-    /// Detaches from every interface and ends the thread; later calls fail.
-    pub async fn stop(&self) -> Result<()> {
-        self.call(Cmd::Stop).await
+    /// Live connections (forward entries) right now.
+    pub async fn flows_active(&self) -> Result<u64> {
+        self.call(Cmd::FlowsActive).await
+    }
+
+    /// Ends the thread; later calls fail. With `handover` the pins stay, so
+    /// the program keeps running for the next instance to adopt; otherwise
+    /// the pins are removed and the program detaches.
+    pub async fn stop(&self, handover: bool) -> Result<()> {
+        self.call(|r| Cmd::Stop(handover, r)).await
     }
 }
 
@@ -127,9 +153,13 @@ fn serve(mut dp: Dataplane, rx: mpsc::Receiver<Cmd>) {
                 dp.set_drain(on);
                 let _ = r.send(Ok(()));
             }
-            Cmd::Stop(r) => {
+            Cmd::FlowsActive(r) => {
+                let _ = r.send(dp.flows().map(|f| f.iter().filter(|f| f.is_forward()).count() as u64));
+            }
+            Cmd::Stop(handover, r) => {
+                let res = if handover { Ok(()) } else { dp.remove_pins() };
                 drop(dp);
-                let _ = r.send(Ok(()));
+                let _ = r.send(res);
                 return;
             }
         }

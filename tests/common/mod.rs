@@ -151,6 +151,18 @@ impl NsRef {
 
 pub const LISTEN: &str = "10.100.0.1";
 
+/// An XLB config for a Topology with `backends` backends, plus `extra` YAML
+/// lines. Its unique name is also the instance whose pins the run owns.
+pub fn lb_config(backends: usize, extra: &str) -> String {
+    let mut c = format!("name: {}\n", unique("xi"));
+    c += "listen: {ip: 10.100.0.1}\nports:\n  - {local_port: 80, remote_port: 8080}\n";
+    c += "provider:\n  static:\n    backends:\n";
+    for k in 1..=backends {
+        c += &format!("      - {{name: be{k}, ip: {}}}\n", backend_ip(k));
+    }
+    c + extra
+}
+
 pub fn backend_ip(k: usize) -> String {
     format!("10.{}.0.2", 100 + k)
 }
@@ -181,6 +193,8 @@ impl Drop for Topology {
 pub struct XlbProcess {
     pub child: std::process::Child,
     pub log: PathBuf,
+    /// The config's `name`: its pins are removed on drop.
+    pub instance: Option<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -188,9 +202,13 @@ impl XlbProcess {
     /// Starts xlb with `config` (YAML text) in `ns`, entering only its network
     /// namespace, and waits until /readyz answers 200.
     pub fn start(ns: &NsRef, config: &str) -> XlbProcess {
-        let p = Self::spawn(ns, config);
+        Self::start_binary(ns, config, std::path::Path::new(env!("CARGO_BIN_EXE_xlb")))
+    }
+
+    pub fn start_binary(ns: &NsRef, config: &str, binary: &std::path::Path) -> XlbProcess {
+        let p = Self::spawn_binary(ns, config, binary);
         let lb = ns.clone();
-        let ready = wait_for(Duration::from_secs(20), || {
+        let ready = wait_for(Duration::from_secs(30), || {
             let lb = lb.clone();
             let code = lb.run(|| http_get("127.0.0.1:9090", "/readyz").map(|r| r.status));
             (code.ok() == Some(200)).then_some(())
@@ -202,13 +220,17 @@ impl XlbProcess {
     }
 
     pub fn spawn(ns: &NsRef, config: &str) -> XlbProcess {
+        Self::spawn_binary(ns, config, std::path::Path::new(env!("CARGO_BIN_EXE_xlb")))
+    }
+
+    pub fn spawn_binary(ns: &NsRef, config: &str, binary: &std::path::Path) -> XlbProcess {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("xlb.yaml");
         std::fs::write(&cfg, config).unwrap();
         let log = dir.path().join("xlb.log");
         let child = Command::new("nsenter")
             .arg(format!("--net={}", ns.path().display()))
-            .arg(env!("CARGO_BIN_EXE_xlb"))
+            .arg(binary)
             .args(["run", "-c"])
             .arg(&cfg)
             .env("RUST_LOG", "info")
@@ -216,7 +238,8 @@ impl XlbProcess {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("spawn xlb");
-        XlbProcess { child, log, _dir: dir }
+        let instance = xlb::config::Config::parse(config, "test").ok().and_then(|c| c.name);
+        XlbProcess { child, log, instance, _dir: dir }
     }
 
     pub fn log(&self) -> String {
@@ -235,11 +258,24 @@ impl XlbProcess {
     }
 }
 
+impl XlbProcess {
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id() as i32)
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(self.pid(), sig);
+    }
+}
+
 impl Drop for XlbProcess {
     fn drop(&mut self) {
         if self.child.try_wait().ok().flatten().is_none() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+        if let Some(i) = &self.instance {
+            remove_pins(i);
         }
     }
 }
@@ -340,12 +376,86 @@ fn serve_one(c: &mut std::net::TcpStream, name: &str) {
         }
     }
     let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    if path == "/echo" {
+        // A long-lived connection: echo lines back until the client closes.
+        let _ = write!(c, "HTTP/1.0 200 OK\r\n\r\n");
+        let mut l = String::new();
+        while r.read_line(&mut l).is_ok_and(|n| n > 0) {
+            if c.write_all(l.as_bytes()).is_err() {
+                return;
+            }
+            l.clear();
+        }
+        return;
+    }
+    if let Some(n) = path.strip_prefix("/slow/") {
+        // blob(n) in 50 paced chunks: a transfer that takes about 2 s.
+        let body = blob(n.parse().unwrap_or(0));
+        let _ = write!(c, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+        for chunk in body.chunks(body.len().div_ceil(50).max(1)) {
+            if c.write_all(chunk).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(40));
+        }
+        return;
+    }
     let body = match path.strip_prefix("/blob/") {
         Some(n) => blob(n.parse().unwrap_or(0)),
         None => format!("backend {name}\n").into_bytes(),
     };
     let _ = write!(c, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
     let _ = c.write_all(&body);
+}
+
+/// A long-lived connection to the backends' /echo through XLB.
+pub struct EchoConn {
+    s: std::net::TcpStream,
+    r: std::io::BufReader<std::net::TcpStream>,
+}
+
+impl EchoConn {
+    pub fn open(addr: &str) -> std::io::Result<EchoConn> {
+        use std::io::{BufRead, Write};
+        let sa: std::net::SocketAddr = addr.parse().expect("socket address");
+        let mut s = std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"GET /echo HTTP/1.0\r\n\r\n")?;
+        let mut r = std::io::BufReader::new(s.try_clone()?);
+        let mut l = String::new();
+        while r.read_line(&mut l)? > 2 {
+            l.clear();
+        }
+        Ok(EchoConn { s, r })
+    }
+
+    /// Sends a line and checks it comes back.
+    pub fn ping(&mut self, msg: &str) -> std::io::Result<()> {
+        use std::io::{BufRead, Write};
+        self.s.write_all(format!("{msg}\n").as_bytes())?;
+        let mut l = String::new();
+        self.r.read_line(&mut l)?;
+        if l.trim_end() != msg {
+            return Err(std::io::Error::other(format!("echo returned {l:?} for {msg:?}")));
+        }
+        Ok(())
+    }
+}
+
+/// Pins an XLB instance leaves on the host's bpffs.
+pub fn pin_dir(instance: &str) -> PathBuf {
+    PathBuf::from(format!("/sys/fs/bpf/xlb/{instance}"))
+}
+
+/// Removes an instance's pins (what a SIGKILLed xlb leaves).
+pub fn remove_pins(instance: &str) {
+    let dir = pin_dir(instance);
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for e in entries.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+        let _ = std::fs::remove_dir(&dir);
+    }
 }
 
 /// The LB's status document (admin API, inside the LB namespace).
