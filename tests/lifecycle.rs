@@ -215,3 +215,27 @@ fn detach_removes_what_a_crashed_instance_left() {
     wait_for(Duration::from_secs(3), || (!xdp_attached(&t.lb)).then_some(())).expect("XDP detached");
     assert!(try_connect(&t.client).is_err(), "nothing balances any more");
 }
+
+#[test]
+fn incompatible_pins_are_refused_with_a_way_out() {
+    let t = Topology::new(1);
+    let _b1 = start_backend(&t.backends[0], "be1");
+    let cfg = lb_config(1, "conntrack_capacity: 1000\n");
+    let mut first = XlbProcess::start(&t.lb, &cfg);
+    let instance = first.instance.clone().unwrap();
+    first.signal(Signal::SIGKILL);
+    first.wait(Duration::from_secs(5)).expect("killed");
+
+    // Same instance, a conntrack map of another size: never silently reused.
+    let resized = cfg.replace("conntrack_capacity: 1000", "conntrack_capacity: 2000");
+    let mut second = XlbProcess::spawn(&t.lb, &resized);
+    let st = second.wait(Duration::from_secs(20)).expect("refuses and exits");
+    assert_eq!(st.code(), Some(1));
+    let log = second.log();
+    assert!(
+        log.contains("cannot be adopted") && log.contains(&format!("xlb detach --instance {instance}")),
+        "{log}"
+    );
+    assert!(try_connect(&t.client).is_ok(), "the earlier program still serves");
+    drop(first);
+}

@@ -110,6 +110,26 @@ impl Dataplane {
             let ct = p.map("conntrack");
             if ct.exists() {
                 check_pinned_abi(p, abi)?;
+                // reuse_pinned_map takes the pinned map's shape as it is, so
+                // the shape is compared here: never adopt a map of another size.
+                let pinned = libbpf_rs::MapHandle::from_pinned_path(&ct)
+                    .map_err(|e| incompatible(p, &e.to_string()))?;
+                let want = &open.maps.conntrack;
+                let shape = |m: &dyn MapCore| (m.key_size(), m.value_size(), m.max_entries());
+                if shape(&pinned) != (want.key_size(), want.value_size(), want.max_entries()) {
+                    return Err(incompatible(
+                        p,
+                        &format!(
+                            "it holds {} entries of {}+{} bytes, this run needs {} of {}+{}",
+                            pinned.max_entries(),
+                            pinned.key_size(),
+                            pinned.value_size(),
+                            want.max_entries(),
+                            want.key_size(),
+                            want.value_size()
+                        ),
+                    ));
+                }
                 open.maps.conntrack.reuse_pinned_map(&ct).map_err(|e| incompatible(p, &e.to_string()))?;
                 adopted = true;
             }
