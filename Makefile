@@ -5,7 +5,7 @@
 CARGO ?= cargo
 BPF_SRC := $(wildcard src/bpf/*.c src/bpf/*.h)
 
-.PHONY: all setup build test demo lint fmt bench clean
+.PHONY: all setup build test demo lint fmt bench clean fuzz
 
 all: build
 
@@ -23,6 +23,11 @@ test: setup
 demo: build
 	scripts/demo.sh
 
+# A long run of the packet fuzzer (make test runs 100k frames); replay a
+# failure with XLB_FUZZ_SEED=<seed>.
+fuzz: setup
+	XLB_FUZZ_ITERS=$${XLB_FUZZ_ITERS:-5000000} $(CARGO) test --locked --test golden fuzz -- --nocapture
+
 lint: setup
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets --locked -- -D warnings
@@ -34,3 +39,31 @@ fmt:
 
 clean:
 	$(CARGO) clean
+
+# Packaging (docs/packaging.md). `make install` as root on a bare-metal node:
+# the binary, the systemd unit, a starting /etc/xlb/xlb.yaml (never
+# overwritten) and the xlb system user the unit runs as. DESTDIR stages it
+# for a package instead (no user, no systemctl).
+.PHONY: install vm-test
+PREFIX ?= /usr/local
+DESTDIR ?=
+XLB_BIN ?= target/release/xlb
+
+install: build
+	install -D -m 0755 $(XLB_BIN) $(DESTDIR)$(PREFIX)/bin/xlb
+	install -d -m 0755 $(DESTDIR)/etc/systemd/system
+	sed 's#/usr/local/bin/xlb#$(PREFIX)/bin/xlb#g' config/xlb.service >$(DESTDIR)/etc/systemd/system/xlb.service
+	chmod 0644 $(DESTDIR)/etc/systemd/system/xlb.service
+	install -d -m 0755 $(DESTDIR)/etc/xlb
+	[ -e $(DESTDIR)/etc/xlb/xlb.yaml ] || install -m 0640 config/xlb.yaml $(DESTDIR)/etc/xlb/xlb.yaml
+	if [ -z "$(DESTDIR)" ]; then \
+		id -u xlb >/dev/null 2>&1 || useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin xlb; \
+		chgrp xlb /etc/xlb/xlb.yaml; \
+		[ ! -d /run/systemd/system ] || systemctl daemon-reload; \
+		echo "installed; edit /etc/xlb/xlb.yaml, then: systemctl enable --now xlb"; \
+	fi
+
+# The end-to-end tests inside a throwaway VM (qemu; KVM when present), for
+# developers who would rather not run root XDP tests on their own machine.
+vm-test:
+	tests/packaging/vm-test.sh

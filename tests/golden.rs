@@ -242,7 +242,42 @@ fn passed_untouched() -> Vec<(&'static str, Vec<u8>, Counter)> {
         ack: true,
         ..from_client(80)
     };
+    let with = |f: &dyn Fn(&mut Vec<u8>)| {
+        let mut frame = from_client(80).frame();
+        f(&mut frame);
+        frame
+    };
+    let icmp = with(&|f| f[14 + 9] = 1);
+    let qinq = with(&|f| {
+        f.splice(12..12, [0x88, 0xa8, 0x00, 0x07]);
+    });
+    let later_fragment = with(&|f| f[14 + 7] = 0x10); // offset 16, MF clear
+    let ipv6_in_ipv4_type = with(&|f| f[14] = 0x65);
+    let ihl_past_frame = with(&|f| f[14] = 0x4f);
+    let doff_below_5 = with(&|f| f[14 + 20 + 12] = 0x40);
+    let doff_past_total_len = with(&|f| f[14 + 20 + 12] = 0xf0);
+    let tot_len_short = with(&|f| f[14 + 2..14 + 4].copy_from_slice(&30u16.to_be_bytes()));
+    let other_local_port = from_client(81);
+    let reply_outside_nat_range = Tcp {
+        smac: BACKEND_MAC,
+        src: (BACKEND, 8080),
+        dst: (LISTEN, NAT_PORTS.1 + 1),
+        ack: true,
+        ..from_client(80)
+    };
+    let from_listen_port = Tcp { src: (LISTEN, 80), dst: (CLIENT, 40000), ..from_client(80) };
     vec![
+        ("icmp_to_listen_ip", icmp, Counter::XLB_CNT_PASS_NOT_TCP),
+        ("qinq_tagged", qinq, Counter::XLB_CNT_PASS_VLAN),
+        ("non_first_fragment", later_fragment, Counter::XLB_CNT_PASS_FRAGMENT),
+        ("ip_version_6_in_ipv4_frame", ipv6_in_ipv4_type, Counter::XLB_CNT_PASS_MALFORMED),
+        ("ihl_beyond_the_frame", ihl_past_frame, Counter::XLB_CNT_PASS_MALFORMED),
+        ("tcp_data_offset_below_5", doff_below_5, Counter::XLB_CNT_PASS_MALFORMED),
+        ("tcp_data_offset_past_total_length", doff_past_total_len, Counter::XLB_CNT_PASS_MALFORMED),
+        ("ip_total_length_shorter_than_headers", tot_len_short, Counter::XLB_CNT_PASS_MALFORMED),
+        ("tcp_to_neighbouring_port", other_local_port.frame(), Counter::XLB_CNT_PASS_NOT_OURS),
+        ("backend_packet_outside_nat_range", reply_outside_nat_range.frame(), Counter::XLB_CNT_PASS_NOT_OURS),
+        ("packet_from_the_listen_ip", from_listen_port.frame(), Counter::XLB_CNT_PASS_NOT_OURS),
         ("tcp_to_other_ip", other_ip.frame(), Counter::XLB_CNT_PASS_NOT_OURS),
         ("tcp_to_unmapped_port", other_port.frame(), Counter::XLB_CNT_PASS_NOT_OURS),
         ("udp_to_listen_port", udp, Counter::XLB_CNT_PASS_NOT_TCP),
@@ -359,6 +394,9 @@ fn non_syn_without_a_flow_is_dropped() {
             ("ack", from_client(80).ack()),
             ("syn_ack", Tcp { ack: true, ..from_client(80) }),
             ("rst", Tcp { syn: false, rst: true, ..from_client(80) }),
+            ("syn_fin", Tcp { fin: true, ..from_client(80) }),
+            ("syn_rst", Tcp { rst: true, ..from_client(80) }),
+            ("fin", Tcp { syn: false, fin: true, ..from_client(80) }),
         ] {
             let (action, _) = lb.run(&t.frame());
             assert_eq!(action, XDP_DROP, "{name}");
@@ -624,5 +662,252 @@ fn draining_never_answers_a_rst_and_keeps_established_flows() {
         let (action, _) = lb.run(&Tcp { src: (CLIENT, 40010), ..from_client(80) }.frame());
         assert_eq!(action, XDP_TX, "drain off: new connections are balanced again");
         lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 1), (Counter::XLB_CNT_FWD_TO_BACKEND, 1)]);
+    });
+}
+
+#[test]
+fn tcp_options_and_large_payloads_keep_valid_checksums() {
+    case(ONE, |lb| {
+        // SYN with MSS, SACK-permitted, timestamps and window scale.
+        let mut syn = from_client(80);
+        syn.payload = vec![];
+        let frame = {
+            let mut tcp = TcpHeader::new(syn.src.1, syn.dst.1, syn.seq, 64240);
+            tcp.syn = true;
+            tcp.set_options(&[
+                etherparse::TcpOptionElement::MaximumSegmentSize(1460),
+                etherparse::TcpOptionElement::SelectiveAcknowledgementPermitted,
+                etherparse::TcpOptionElement::Timestamp(123456, 0),
+                etherparse::TcpOptionElement::Noop,
+                etherparse::TcpOptionElement::WindowScale(7),
+            ])
+            .unwrap();
+            let mut ip =
+                Ipv4Header::new(tcp.header_len() as u16, 64, IpNumber::TCP, CLIENT.octets(), LISTEN.octets())
+                    .unwrap();
+            ip.header_checksum = ip.calc_header_checksum();
+            tcp.checksum = tcp.calc_checksum_ipv4(&ip, &[]).unwrap();
+            let eth =
+                Ethernet2Header { source: CLIENT_MAC, destination: LB_MAC, ether_type: EtherType::IPV4 };
+            let mut f = eth.to_bytes().to_vec();
+            f.extend_from_slice(&ip.to_bytes());
+            f.extend_from_slice(&tcp.to_bytes());
+            f
+        };
+        let (action, out) = lb.run(&frame);
+        assert_eq!(action, XDP_TX);
+        let (_, tcp) = checked_tcp(&out);
+        assert_eq!(tcp.options(), TcpHeader::from_slice(&frame[34..]).unwrap().0.options(), "options intact");
+
+        let big = Tcp { payload: (0..1400).map(|i| i as u8).collect(), ..syn.clone().ack() };
+        let (action, out) = lb.run(&big.frame());
+        assert_eq!(action, XDP_TX);
+        checked_tcp(&out);
+        assert_eq!(&out[out.len() - 1400..], &big.payload[..], "payload untouched");
+
+        let empty_ack = Tcp { payload: vec![], ..syn.ack() };
+        let (action, out) = lb.run(&empty_ack.frame());
+        assert_eq!(action, XDP_TX);
+        checked_tcp(&out);
+    });
+}
+
+#[test]
+fn a_syn_after_the_connection_closed_starts_a_fresh_one() {
+    case(&[BACKEND, FAR_BACKEND], |lb| {
+        let syn = from_client(80);
+        lb.run(&syn.frame());
+        lb.run(&Tcp { fin: true, ..syn.clone().ack() }.frame());
+        let before = lb.dp.flows().unwrap();
+        let old = before.iter().find(|f| f.is_forward()).unwrap().flow;
+        assert_eq!(old.tcp_flags & 0x01, 0x01, "FIN recorded");
+
+        let again = Tcp { seq: 999_999, ..syn.clone() };
+        let (action, _) = lb.run(&again.frame());
+        assert!(action == XDP_TX || action == XDP_REDIRECT);
+        let after = lb.dp.flows().unwrap();
+        assert_eq!(after.len(), 2, "the old pair was replaced, not added to");
+        let fresh = after.iter().find(|f| f.is_forward()).unwrap().flow;
+        assert_eq!(fresh.tcp_flags & 0x01, 0, "a new connection, without the old FIN");
+        assert_eq!(fresh.packets, 1);
+        lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 2), (Counter::XLB_CNT_FWD_TO_BACKEND, 3)]);
+    });
+}
+
+#[test]
+fn a_syn_on_a_reset_connection_starts_a_fresh_one() {
+    case(ONE, |lb| {
+        let syn = from_client(80);
+        lb.run(&syn.frame());
+        let port = lb.nat_port(syn.src);
+        let rst = Tcp {
+            smac: BACKEND_MAC,
+            src: (BACKEND, 8080),
+            dst: (LISTEN, port),
+            syn: false,
+            rst: true,
+            ..syn.clone()
+        };
+        lb.run(&rst.frame());
+        lb.run(&syn.frame());
+        let fwd = lb.dp.flows().unwrap().into_iter().find(|f| f.is_forward()).unwrap();
+        assert_eq!(fwd.flow.packets, 1, "fresh entry after the backend's RST");
+        lb.counters_moved(&[
+            (Counter::XLB_CNT_NEW_FLOW, 2),
+            (Counter::XLB_CNT_FWD_TO_BACKEND, 2),
+            (Counter::XLB_CNT_FWD_TO_CLIENT, 1),
+        ]);
+    });
+}
+
+#[test]
+fn fin_and_rst_of_a_tracked_flow_are_forwarded() {
+    case(ONE, |lb| {
+        let syn = from_client(80);
+        lb.run(&syn.frame());
+        for (name, t) in [
+            ("fin", Tcp { fin: true, ..syn.clone().ack() }),
+            ("rst", Tcp { syn: false, rst: true, ..syn.clone() }),
+        ] {
+            let (action, out) = lb.run(&t.frame());
+            assert_eq!(action, XDP_TX, "{name}");
+            checked_tcp(&out);
+        }
+        lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 1), (Counter::XLB_CNT_FWD_TO_BACKEND, 3)]);
+    });
+}
+
+/// A small deterministic PRNG (xorshift64*), so a failing seed reproduces.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Whether the program may touch this frame: IPv4/TCP (no VLAN, not a
+/// fragment) to the listen IP on a mapped port or in the NAT range.
+fn may_touch(frame: &[u8]) -> bool {
+    let Ok((eth, rest)) = Ethernet2Header::from_slice(frame) else { return false };
+    if eth.ether_type != EtherType::IPV4 {
+        return false;
+    }
+    let Ok((ip, rest)) = Ipv4Header::from_slice(rest) else { return false };
+    if ip.protocol != IpNumber::TCP || ip.destination != LISTEN.octets() || rest.len() < 4 {
+        return false;
+    }
+    let dport = u16::from_be_bytes([rest[2], rest[3]]);
+    dport == 80 || dport == 443 || (NAT_PORTS.0..=NAT_PORTS.1).contains(&dport)
+}
+
+/// TCP/IPv4 checksums both valid (false when the frame does not parse).
+fn checksums_valid(frame: &[u8]) -> bool {
+    let Ok((_, rest)) = Ethernet2Header::from_slice(frame) else { return false };
+    let Ok((ip, rest)) = Ipv4Header::from_slice(rest) else { return false };
+    let Ok((tcp, payload)) = TcpHeader::from_slice(rest) else { return false };
+    let payload = &payload
+        [..payload.len().min((ip.total_len as usize).saturating_sub(ip.header_len() + tcp.header_len()))];
+    ip.header_checksum == ip.calc_header_checksum()
+        && tcp.calc_checksum_ipv4(&ip, payload).ok() == Some(tcp.checksum)
+}
+
+/// Random and mutated frames: never XDP_ABORTED; a frame that is not ours
+/// leaves untouched; a rewritten frame that had valid checksums keeps them.
+/// XLB_FUZZ_ITERS sets the count (make fuzz runs a long one); XLB_FUZZ_SEED
+/// replays a seed.
+#[test]
+fn fuzz_random_and_mutated_frames() {
+    let iters: usize = std::env::var("XLB_FUZZ_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
+    let seed: u64 = std::env::var("XLB_FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x5eed_1234);
+    case(&[BACKEND, FAR_BACKEND, UNRESOLVED_BACKEND], move |lb| {
+        let mut rng = Rng(seed);
+        let start = std::time::Instant::now();
+        let templates: Vec<Vec<u8>> = vec![
+            from_client(80).frame(),
+            from_client(443).ack().frame(),
+            Tcp { ip_options: vec![1, 1, 1, 0], ..from_client(80) }.frame(),
+            Tcp {
+                smac: BACKEND_MAC,
+                src: (BACKEND, 8080),
+                dst: (LISTEN, NAT_PORTS.0 + 3),
+                ack: true,
+                ..from_client(80)
+            }
+            .frame(),
+        ];
+        let mut touched = 0;
+        for i in 0..iters {
+            let mut f = match rng.below(4) {
+                // Pure noise, sometimes with an IPv4 ethertype to get further.
+                0 => {
+                    let len = 14 + rng.below(120);
+                    let mut f: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+                    if rng.below(2) == 0 {
+                        f[12..14].copy_from_slice(&[8, 0]);
+                    }
+                    f
+                }
+                // A valid frame with random client port/flags: real flows.
+                1 => {
+                    let mut t = from_client(if rng.below(2) == 0 { 80 } else { 443 });
+                    t.src.1 = 1024 + rng.below(2000) as u16;
+                    t.syn = rng.below(2) == 0;
+                    t.ack = rng.below(2) == 0;
+                    t.fin = rng.below(8) == 0;
+                    t.rst = rng.below(8) == 0;
+                    t.payload = vec![0xab; rng.below(64)];
+                    t.frame()
+                }
+                // A template with a few random bytes or bits changed.
+                _ => {
+                    let mut f = templates[rng.below(templates.len())].clone();
+                    for _ in 0..1 + rng.below(4) {
+                        let at = rng.below(f.len());
+                        if rng.below(2) == 0 {
+                            f[at] = rng.next() as u8;
+                        } else {
+                            f[at] ^= 1 << rng.below(8);
+                        }
+                    }
+                    match rng.below(6) {
+                        0 => f.truncate(14.max(rng.below(f.len() + 1))),
+                        1 => f.extend((0..rng.below(32)).map(|_| rng.next() as u8)),
+                        _ => {}
+                    }
+                    f
+                }
+            };
+            if f.len() < 14 {
+                f.resize(14, 0);
+            }
+            let (action, out) = lb.run(&f);
+            let ctx = || format!("iteration {i} (seed {seed}), frame {f:02x?}");
+            assert!(
+                matches!(action, XDP_DROP | XDP_PASS | XDP_TX | XDP_REDIRECT),
+                "action {action}: {}",
+                ctx()
+            );
+            if !may_touch(&f) {
+                assert_eq!(action, XDP_PASS, "not ours must pass: {}", ctx());
+                assert_eq!(out, f, "not ours must be untouched: {}", ctx());
+            } else if out != f {
+                touched += 1;
+                if checksums_valid(&f) {
+                    assert!(checksums_valid(&out), "checksums broken by the rewrite: {}", ctx());
+                }
+            }
+            if start.elapsed() > std::time::Duration::from_secs(120) {
+                eprintln!("fuzz: time bound reached after {i} frames");
+                break;
+            }
+        }
+        assert!(touched > iters / 20, "the fuzzer reached the rewrite path ({touched} frames)");
     });
 }

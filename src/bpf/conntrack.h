@@ -32,6 +32,43 @@ static __always_inline void flow_touch(struct flow *f, const struct packet *pkt,
 	f->last_seen_ns = now;
 }
 
+/* The key of the entry for the other direction: the reverse of this entry's
+ * rewritten tuple. */
+static __always_inline void flow_peer_key(struct flow_key *peer, const struct flow *f)
+{
+	peer->saddr = f->nat_daddr;
+	peer->daddr = f->nat_saddr;
+	peer->sport = f->nat_dport;
+	peer->dport = f->nat_sport;
+	peer->proto = IPPROTO_TCP;
+}
+
+/* Whether a connection has seen a FIN or RST either way: a new SYN on its
+ * tuple then starts a new connection rather than resuming this one. */
+static __always_inline int ct_closed(const struct flow *f)
+{
+	struct flow_key peer = {};
+	struct flow *r;
+	__u32 seen = f->tcp_flags;
+
+	flow_peer_key(&peer, f);
+	r = bpf_map_lookup_elem(&conntrack, &peer);
+	if (r)
+		seen |= r->tcp_flags;
+	return seen & (XLB_TCP_FIN | XLB_TCP_RST);
+}
+
+/* Removes both entries, forward first so the NAT port is never in use by
+ * the client side once the reverse entry (the port's claim) is gone. */
+static __always_inline void ct_delete_pair(const struct flow_key *key, const struct flow *f)
+{
+	struct flow_key peer = {};
+
+	flow_peer_key(&peer, f);
+	bpf_map_delete_elem(&conntrack, key);
+	bpf_map_delete_elem(&conntrack, &peer);
+}
+
 /*
  * Creates the entry pair for a new connection from `key` to `be`. The reverse
  * entry is inserted first, because inserting it is what claims the NAT port.

@@ -30,15 +30,22 @@ static __always_inline struct outcome to_backend(struct xdp_md *ctx, struct pack
 {
 	__u64 now = bpf_ktime_get_coarse_ns();
 	struct flow *f = bpf_map_lookup_elem(&conntrack, key);
+	int bare_syn = (tcp_flags(pkt->tcp) &
+			(XLB_TCP_SYN | XLB_TCP_ACK | XLB_TCP_RST | XLB_TCP_FIN)) == XLB_TCP_SYN;
 
+	/* A SYN on the tuple of a finished connection opens a new one (the
+	 * client reused its port); a retransmitted SYN of a live one does not. */
+	if (f && bare_syn && ct_closed(f)) {
+		ct_delete_pair(key, f);
+		f = NULL;
+	}
 	if (!f) {
 		const struct backend *be;
 		int why;
 
 		/* Only a bare SYN opens a connection; anything else without an
 		 * entry belongs to no connection we know. */
-		if ((tcp_flags(pkt->tcp) & (XLB_TCP_SYN | XLB_TCP_ACK | XLB_TCP_RST)) !=
-		    XLB_TCP_SYN)
+		if (!bare_syn)
 			return verdict(XDP_DROP, XLB_CNT_DROP_NO_FLOW);
 		/* Draining: refuse at once so the client retries elsewhere;
 		 * connections already tracked keep flowing below. */
