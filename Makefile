@@ -41,9 +41,8 @@ clean:
 	$(CARGO) clean
 
 # Packaging (docs/packaging.md). `make install` as root on a bare-metal node:
-# the binary, the systemd unit, a starting /etc/xlb/xlb.yaml (never
-# overwritten) and the xlb system user the unit runs as. DESTDIR stages it
-# for a package instead (no user, no systemctl).
+# the binary, the systemd unit and a starting /etc/xlb/xlb.yaml (never
+# overwritten). DESTDIR stages them for a package instead (no systemctl).
 .PHONY: install vm-test
 PREFIX ?= /usr/local
 DESTDIR ?=
@@ -57,8 +56,6 @@ install: build
 	install -d -m 0755 $(DESTDIR)/etc/xlb
 	[ -e $(DESTDIR)/etc/xlb/xlb.yaml ] || install -m 0640 config/xlb.yaml $(DESTDIR)/etc/xlb/xlb.yaml
 	if [ -z "$(DESTDIR)" ]; then \
-		id -u xlb >/dev/null 2>&1 || useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin xlb; \
-		chgrp xlb /etc/xlb/xlb.yaml; \
 		[ ! -d /run/systemd/system ] || systemctl daemon-reload; \
 		echo "installed; edit /etc/xlb/xlb.yaml, then: systemctl enable --now xlb"; \
 	fi

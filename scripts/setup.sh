@@ -20,6 +20,8 @@ declare -A need=(
 	[python3]=/usr/bin/python3
 	[util-linux]=/usr/bin/nsenter
 	[procps]=/usr/sbin/sysctl
+	[systemd]=/usr/bin/systemd-analyze
+	[strace]=/usr/bin/strace
 )
 missing=()
 for pkg in "${!need[@]}"; do

@@ -1,4 +1,4 @@
-//! The command line: `xlb [run] [-c PATH]`, `xlb check`, `xlb version`.
+//! The command line: `xlb [run] [-c PATH]`, `xlb check`, `xlb status`, `xlb version`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +28,12 @@ enum Command {
     Check(ConfigArg),
     /// Print the version.
     Version,
+    /// Show a running instance's status, read from its admin listener.
+    Status(StatusArgs),
+    /// List the backend set with weights, state and connections (admin listener).
+    Backends(StatusArgs),
+    /// List live connections, read from the instance's pinned conntrack map.
+    Flows(FlowsArgs),
     /// Remove an instance's pinned program and connections (XDP detaches
     /// once no running xlb holds it). Stop the instance first.
     Detach(DetachArgs),
@@ -43,6 +49,34 @@ struct DetachArgs {
     all: bool,
     #[command(flatten)]
     config: ConfigArg,
+}
+
+#[derive(Args, Debug)]
+struct FlowsArgs {
+    /// The instance (pin directory under /sys/fs/bpf/xlb); default: from the config.
+    #[arg(long)]
+    instance: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    config: ConfigArg,
+}
+
+#[derive(Args, Debug)]
+struct StatusArgs {
+    /// The instance's admin listener: HOST:PORT, :PORT or http://HOST:PORT.
+    #[arg(long, env = "XLB_ADMIN", default_value = crate::telemetry::client::DEFAULT_ADMIN)]
+    admin: String,
+    /// Print the status document as JSON instead of a summary.
+    #[arg(long)]
+    json: bool,
+    /// User name for an instance with admin.auth; the password is read from --password-env.
+    #[arg(long, env = "XLB_ADMIN_USER")]
+    user: Option<String>,
+    /// Environment variable holding the admin password.
+    #[arg(long, default_value = crate::config::DEFAULT_PASSWORD_ENV)]
+    password_env: String,
 }
 
 #[derive(Args, Debug)]
@@ -68,6 +102,9 @@ pub fn main() -> ExitCode {
         Some(Command::Run(a)) => run(&a),
         Some(Command::Check(a)) => check(&a),
         Some(Command::Detach(a)) => detach(&a),
+        Some(Command::Status(a)) => status(&a),
+        Some(Command::Backends(a)) => backends(&a),
+        Some(Command::Flows(a)) => flows(&a),
         Some(Command::Version) => {
             println!("xlb {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
@@ -181,6 +218,66 @@ fn instance_of(cfg: &Config) -> anyhow::Result<String> {
         }
     };
     Ok(crate::lifecycle::instance_name(cfg, listen))
+}
+
+fn credentials(a: &StatusArgs) -> Result<Option<crate::telemetry::client::Credentials>, ExitCode> {
+    match &a.user {
+        None => Ok(None),
+        Some(user) => match std::env::var(&a.password_env) {
+            Ok(password) => Ok(Some(crate::telemetry::client::Credentials { user: user.clone(), password })),
+            Err(_) => {
+                eprintln!("error: --user {user} needs the password in ${}", a.password_env);
+                Err(ExitCode::FAILURE)
+            }
+        },
+    }
+}
+
+fn print_or_fail(r: anyhow::Result<String>) -> ExitCode {
+    match r {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn status(a: &StatusArgs) -> ExitCode {
+    match credentials(a) {
+        Ok(creds) => print_or_fail(crate::telemetry::client::status(&a.admin, a.json, creds.as_ref())),
+        Err(code) => code,
+    }
+}
+
+fn backends(a: &StatusArgs) -> ExitCode {
+    match credentials(a) {
+        Ok(creds) => print_or_fail(crate::inspect::backends(&a.admin, a.json, creds.as_ref())),
+        Err(code) => code,
+    }
+}
+
+fn flows(a: &FlowsArgs) -> ExitCode {
+    let instance = match &a.instance {
+        Some(i) => i.clone(),
+        None => {
+            let cfg = match load(&a.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match instance_of(&cfg) {
+                Ok(i) => i,
+                Err(e) => {
+                    eprintln!("error: {e:#}; name the instance with --instance");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    };
+    print_or_fail(crate::inspect::flows(&instance, a.json))
 }
 
 fn init_logging() {

@@ -272,17 +272,75 @@ pub enum OtelProtocol {
     Http,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     pub address: IpAddr,
     pub port: u16,
+    /// Basic auth for `/api/*` and `/metrics`; `/healthz` and `/readyz`
+    /// stay open for probes. Unset: no auth.
+    pub auth: Option<AdminAuth>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { address: Ipv4Addr::LOCALHOST.into(), port: 9090 }
+        AdminConfig { address: Ipv4Addr::LOCALHOST.into(), port: 9090, auth: None }
     }
+}
+
+/// `admin.auth: {username, password_env}`: the password never sits in the
+/// file; it is read from the named environment variable at startup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminAuth {
+    pub username: String,
+    #[serde(default = "default_password_env")]
+    pub password_env: String,
+}
+
+pub const DEFAULT_PASSWORD_ENV: &str = "XLB_ADMIN_PASSWORD";
+
+fn default_password_env() -> String {
+    DEFAULT_PASSWORD_ENV.into()
+}
+
+impl AdminAuth {
+    /// The password from the environment; `None` when unset or empty.
+    pub fn password(&self) -> Option<String> {
+        std::env::var(&self.password_env).ok().filter(|p| !p.is_empty())
+    }
+
+    fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        let u = &self.username;
+        let message =
+            format!("`{u}` is not a usable user name; use 1-64 printable characters without ':' or spaces");
+        let ok = (1..=64).contains(&u.len()) && u.chars().all(|c| c.is_ascii_graphic() && c != ':');
+        ensure(ok, format!("{at}.username"), message)?;
+        let v = &self.password_env;
+        let message = format!(
+            "`{v}` is not an environment variable name; use letters, digits and '_', not starting with a digit"
+        );
+        ensure(is_env_name(v), format!("{at}.password_env"), message)
+    }
+}
+
+/// A portable environment variable name: `[A-Za-z_][A-Za-z0-9_]*`.
+fn is_env_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// A URI authority's port, if it has one, is 0..=65535 (`http::Uri` accepts any digits).
+fn has_valid_port(authority: &axum::http::uri::Authority) -> bool {
+    let a = authority.as_str();
+    let after_host = a.rsplit_once(']').map_or(a, |(_, rest)| rest);
+    after_host.rsplit_once(':').is_none_or(|(_, port)| port.parse::<u16>().is_ok())
+}
+
+/// An HTTP header name (RFC 9110 token) that is also valid gRPC metadata.
+fn is_header_name(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// Source ports the dataplane allocates for NAT'd connections.
@@ -518,6 +576,9 @@ impl Config {
         ensure(self.shutdown_file.is_absolute(), "shutdown_file", message)?;
         self.otel.validate("otel")?;
         ensure(self.admin.port != 0, "admin.port", "is 0; allowed 1..=65535")?;
+        if let Some(auth) = &self.admin.auth {
+            auth.validate("admin.auth")?;
+        }
 
         if let Some(interfaces) = &self.interfaces {
             ensure(!interfaces.is_empty(), "interfaces", "is empty; list names or omit the key")?;
@@ -543,7 +604,16 @@ impl Config {
 
     /// Settings the schema accepts but `xlb run` refuses for now.
     pub fn startup_checks(&self) -> Result<(), ConfigError> {
-        ensure(self.proto == Proto::Tcp, "proto", "udp is not supported yet; use tcp")
+        ensure(self.proto == Proto::Tcp, "proto", "udp is not supported yet; use tcp")?;
+        let message = "https with protocol: http is not supported yet; use protocol: grpc for TLS, \
+                       or an http:// endpoint";
+        ensure(!self.otel.https_over_http(), "otel.endpoint", message)?;
+        if let Some(auth) = &self.admin.auth {
+            let message =
+                format!("{} is not set or empty; export the admin password in it", auth.password_env);
+            ensure(auth.password().is_some(), "admin.auth.password_env", message)?;
+        }
+        Ok(())
     }
 
     /// Non-fatal notes for `xlb check` and the startup log.
@@ -551,6 +621,12 @@ impl Config {
         let mut notes = Vec::new();
         if self.proto == Proto::Udp {
             notes.push("proto: udp is not supported yet: xlb run will refuse it".to_string());
+        }
+        if self.otel.https_over_http() {
+            notes.push(
+                "otel.endpoint: https with protocol: http is not supported yet: xlb run will refuse it"
+                    .into(),
+            );
         }
         if let Provider::Static(s) = &self.provider {
             let backends = s.backends.len() as u64;
@@ -603,15 +679,32 @@ impl KubernetesProvider {
 }
 
 impl OtelConfig {
+    /// TLS is built in for OTLP/gRPC only.
+    fn https_over_http(&self) -> bool {
+        self.enabled && self.protocol == OtelProtocol::Http && self.endpoint.starts_with("https://")
+    }
+
     fn validate(&self, at: &str) -> Result<(), ConfigError> {
         let host = ["http://", "https://"].iter().find_map(|s| self.endpoint.strip_prefix(s));
         let message = format!(
             "`{}` is not a URL; it must start with http:// or https:// and name a host",
             self.endpoint
         );
-        ensure(host.is_some_and(|h| !h.is_empty()), format!("{at}.endpoint"), message)?;
+        // The exporter parses it as a URI at startup; a failure then would come after attaching.
+        let parses =
+            self.endpoint.parse::<axum::http::Uri>().is_ok_and(|u| u.authority().is_some_and(has_valid_port));
+        ensure(host.is_some_and(|h| !h.is_empty()) && parses, format!("{at}.endpoint"), message)?;
         let message = "is 0; must be at least 1";
-        ensure(self.export_interval_secs >= 1, format!("{at}.export_interval_secs"), message)
+        ensure(self.export_interval_secs >= 1, format!("{at}.export_interval_secs"), message)?;
+        for (name, value) in &self.headers {
+            let message = format!("`{name}` is not a valid header name; use letters, digits and '-'");
+            ensure(is_header_name(name), format!("{at}.headers"), message)?;
+            // Visible ASCII and spaces: what both HTTP headers and gRPC metadata carry.
+            let ok = value.bytes().all(|b| b == b' ' || b.is_ascii_graphic());
+            let message = "has a control or non-ASCII character; headers carry printable ASCII only";
+            ensure(ok, format!("{at}.headers.{name}"), message)?;
+        }
+        Ok(())
     }
 }
 
@@ -694,6 +787,7 @@ provider: {static: {backends: [{name: a, ip: 10.0.0.2}]}}
         assert!(c.otel.headers.is_empty());
         assert_eq!(c.admin.address, IpAddr::from([127, 0, 0, 1]));
         assert_eq!(c.admin.port, 9090);
+        assert_eq!(c.admin.auth, None);
         assert_eq!(c.interfaces, None);
         assert_eq!(c.snat_ip, None);
         assert_eq!((c.nat_port_range.min, c.nat_port_range.max), (10240, 32767));
@@ -751,6 +845,7 @@ otel:
             c.otel.headers.insert("Authorization".into(), "Bearer x".into());
             c.otel.protocol = OtelProtocol::Http;
             c.admin.address = "::1".parse().unwrap();
+            c.admin.auth = Some(AdminAuth { username: "ops".into(), password_env: "XLB_PW".into() });
         });
         let kube = with(|c| c.provider = k8s("prod", "web"));
         for config in [base(), full, kube] {
@@ -875,6 +970,46 @@ provider: {static: {backends: [{name: a, ip: 10.0.0.2}]}}
         let e = Config::load(&missing).unwrap_err().to_string();
         assert!(e.starts_with(&format!("{}: cannot read: ", missing.display())), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn startup_needs_the_admin_password_in_the_environment() {
+        let unset = "XLB_TEST_PASSWORD_NOBODY_SETS";
+        let auth = |env: &str| AdminAuth { username: "ops".into(), password_env: env.into() };
+        let e = with(|c| c.admin.auth = Some(auth(unset))).startup_checks().unwrap_err();
+        assert_eq!(e.path, "admin.auth.password_env");
+        assert!(e.message.starts_with(&format!("{unset} is not set or empty")), "{e}");
+        // PATH is set in every environment the tests run in.
+        assert_eq!(with(|c| c.admin.auth = Some(auth("PATH"))).startup_checks(), Ok(()));
+    }
+
+    #[test]
+    fn admin_auth_parses_with_default_password_env() {
+        let c = Config::parse(&format!("{MINIMAL}admin: {{auth: {{username: ops}}}}"), "x").unwrap();
+        let auth = c.admin.auth.unwrap();
+        assert_eq!((auth.username.as_str(), auth.password_env.as_str()), ("ops", "XLB_ADMIN_PASSWORD"));
+        parse_fails(&format!("{MINIMAL}admin: {{auth: {{user: ops}}}}"), "admin.auth.user: unknown field");
+        parse_fails(
+            &format!("{MINIMAL}admin: {{auth: {{password: x}}}}"),
+            "admin.auth.password: unknown field",
+        );
+    }
+
+    #[test]
+    fn startup_refuses_otlp_http_over_tls() {
+        let https = |protocol| {
+            with(|c| {
+                c.otel.enabled = true;
+                c.otel.endpoint = "https://collector:4318".into();
+                c.otel.protocol = protocol;
+            })
+        };
+        let e = https(OtelProtocol::Http).startup_checks().unwrap_err();
+        assert_eq!(e.path, "otel.endpoint");
+        assert!(e.message.contains("https with protocol: http is not supported yet"), "{e}");
+        assert_eq!(https(OtelProtocol::Http).warnings().len(), 1);
+        assert_eq!(https(OtelProtocol::Grpc).startup_checks(), Ok(()));
+        assert!(https(OtelProtocol::Grpc).warnings().is_empty());
     }
 
     #[test]
@@ -1042,7 +1177,10 @@ provider: {static: {backends: [{name: a, ip: 10.0.0.2}]}}
             => "otel.endpoint", "http:// or https://";
         reject |c| c.otel.endpoint = "grpc://collector:4317".into() => "otel.endpoint", "http://";
         reject |c| c.otel.endpoint = "http://".into() => "otel.endpoint", "name a host";
+        reject |c| c.otel.endpoint = "http://exa mple:4317".into() => "otel.endpoint", "is not a URL";
+        reject |c| c.otel.endpoint = "http://collector:99999".into() => "otel.endpoint", "is not a URL";
         accept |c| c.otel.endpoint = "https://collector.example:4318".into();
+        accept |c| c.otel.endpoint = "http://[::1]:4317/otlp".into();
     }
     rule! { otel_export_interval_at_least_1:
         reject |c| c.otel.export_interval_secs = 0 => "otel.export_interval_secs", "at least 1";
@@ -1051,6 +1189,34 @@ provider: {static: {backends: [{name: a, ip: 10.0.0.2}]}}
     rule! { admin_port_nonzero:
         reject |c| c.admin.port = 0 => "admin.port", "allowed 1..=65535";
         accept |c| c.admin.port = 1;
+    }
+    rule! { admin_auth_username_valid:
+        reject |c| c.admin.auth = Some(AdminAuth { username: "".into(), password_env: "P".into() })
+            => "admin.auth.username", "not a usable user name";
+        reject |c| c.admin.auth = Some(AdminAuth { username: "a:b".into(), password_env: "P".into() })
+            => "admin.auth.username", "without ':'";
+        reject |c| c.admin.auth = Some(AdminAuth { username: "a b".into(), password_env: "P".into() })
+            => "admin.auth.username", "not a usable";
+        accept |c| c.admin.auth = Some(AdminAuth { username: "ops-1".into(), password_env: "P".into() });
+    }
+    rule! { admin_auth_password_env_is_a_name:
+        reject |c| c.admin.auth = Some(AdminAuth { username: "ops".into(), password_env: "".into() })
+            => "admin.auth.password_env", "not an environment variable name";
+        reject |c| c.admin.auth = Some(AdminAuth { username: "ops".into(), password_env: "1PASS".into() })
+            => "admin.auth.password_env", "not starting with a digit";
+        reject |c| c.admin.auth = Some(AdminAuth { username: "ops".into(), password_env: "XLB-PASS".into() })
+            => "admin.auth.password_env", "not an environment";
+        accept |c| c.admin.auth = Some(AdminAuth { username: "ops".into(), password_env: "_XLB_PASS2".into() });
+    }
+    rule! { otel_headers_valid:
+        reject |c| { c.otel.headers.insert("bad header".into(), "x".into()); }
+            => "otel.headers", "`bad header` is not a valid header name";
+        reject |c| { c.otel.headers.insert("".into(), "x".into()); }
+            => "otel.headers", "not a valid header name";
+        reject |c| { c.otel.headers.insert("Authorization".into(), "Bearer x\r\nX-Evil: 1".into()); }
+            => "otel.headers.Authorization", "control or non-ASCII";
+        accept |c| { c.otel.headers.insert("Authorization".into(), "Bearer abc/+=".into()); };
+        accept |c| { c.otel.headers.insert("x-scope-orgid".into(), "tenant 1".into()); };
     }
     rule! { interfaces_not_empty:
         reject |c| c.interfaces = interfaces(&[]) => "interfaces", "is empty";

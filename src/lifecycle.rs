@@ -3,7 +3,7 @@
 //! trigger and takes everything down in order.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -49,6 +49,7 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
     status.update(|s| {
         s.listen = Some(net.listen);
         s.snat = Some(net.snat);
+        s.conntrack_capacity = cfg.conntrack_capacity.into();
         s.ports = cfg
             .ports
             .iter()
@@ -56,8 +57,7 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
             .collect();
     });
     // Bound before anything is attached: a taken port is a startup error.
-    let admin =
-        crate::admin::serve(SocketAddr::new(cfg.admin.address, cfg.admin.port), status.clone()).await?;
+    let admin = crate::admin::serve(&cfg, status.clone()).await?;
     clear_stale_shutdown_file(&cfg.shutdown_file);
 
     for t in &net.targets {
@@ -120,6 +120,8 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
     let stats =
         tokio::spawn(stats_loop(dp.clone(), status.clone(), set_rx, provider.health, cfg.orphan_ttl_secs));
     status.update(|s| s.phase = Phase::Running);
+    // Metrics export (issue #6): reads the status document only.
+    let telemetry = crate::telemetry::start(&cfg, status.clone())?;
     info!(
         listen = %net.listen,
         ports = ?cfg.ports.iter().map(|p| format!("{}->{}", p.local_port, p.remote_port)).collect::<Vec<_>>(),
@@ -163,6 +165,7 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
         s.phase = Phase::Stopped;
         s.interfaces.clear();
     });
+    telemetry.shutdown().await;
     admin.abort();
     info!(
         "drain done: {} of {open_at_start} connections finished, {open_at_end} still open were cut, \
@@ -192,8 +195,9 @@ async fn apply(
     dp: &DataplaneHandle,
     published: &watch::Sender<Vec<(u32, Backend)>>,
 ) -> Result<()> {
-    if let Some(table) = set.update(next) {
+    if let Some((table, changes)) = set.update(next) {
         dp.set_backends(table).await?;
+        changes.log();
         published.send_replace(set.current_with_ids());
     }
     Ok(())
@@ -209,7 +213,9 @@ async fn balancer_loop(
 ) {
     while updates.changed().await.is_ok() {
         let next = updates.borrow_and_update().clone();
-        for b in &next {
+        // Only newcomers: a route lookup per backend per update would not
+        // scale to large Kubernetes services.
+        for b in next.iter().filter(|b| !set.current().iter().any(|c| c.addr == b.addr)) {
             if let Ok(iface) = netinfo::route_iface(b.addr).await {
                 if !attached.contains(&iface.name) {
                     warn!(
@@ -346,10 +352,11 @@ async fn stats_loop(
     orphan_ttl_secs: u64,
 ) {
     let mut totals: HashMap<u32, BackendTotals> = HashMap::new();
-    let mut tick = tokio::time::interval(STATS_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pause = Duration::ZERO;
     loop {
-        tick.tick().await;
+        tokio::time::sleep(pause).await;
+        pause = STATS_INTERVAL;
+        let sweep_started = std::time::Instant::now();
         let policy = GcPolicy {
             now_ns: crate::dataplane::now_ns(),
             idle_ns: orphan_ttl_secs.saturating_mul(1_000_000_000),
@@ -362,6 +369,9 @@ async fn stats_loop(
                 continue;
             }
         };
+        // A sweep reads every entry: with millions of connections, sweep
+        // less often so it stays under ~10% of one core.
+        pause = STATS_INTERVAL.max(sweep_started.elapsed() * 10);
         if gc.closed + gc.orphaned + gc.unpaired > 0 {
             tracing::debug!(
                 closed = gc.closed,

@@ -65,6 +65,9 @@ pub struct Status {
     pub provider: Option<ProviderHealth>,
     /// Connections tracked at the last sweep.
     pub connections_active: u64,
+    /// Concurrent connections the conntrack map holds (config
+    /// `conntrack_capacity`); 0 until the data plane is configured.
+    pub conntrack_capacity: u64,
     /// Packet outcome counters, by name.
     pub counters: std::collections::BTreeMap<String, u64>,
 }
@@ -81,6 +84,7 @@ impl Default for Status {
             backends: Vec::new(),
             provider: None,
             connections_active: 0,
+            conntrack_capacity: 0,
             counters: Default::default(),
         }
     }
@@ -102,7 +106,7 @@ impl Status {
     }
 }
 
-#[derive(Clone, Default)]
+#[derive(Clone, Default, Debug)]
 pub struct SharedStatus(Arc<RwLock<Status>>);
 
 impl SharedStatus {

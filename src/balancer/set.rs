@@ -18,6 +18,31 @@ pub struct BackendSet {
 /// A data-plane table: slot -> (backend address, backend id).
 pub type Table = Vec<Option<(Ipv4Addr, u32)>>;
 
+/// What one update changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub added: Vec<Backend>,
+    pub removed: Vec<Backend>,
+    /// With the old weight.
+    pub reweighted: Vec<(Backend, u32)>,
+}
+
+impl Changes {
+    /// One line per change, each with the word `backend` and the address
+    /// (the user's guide greps the logs for it). Call once the change is live.
+    pub fn log(&self) {
+        for b in &self.added {
+            tracing::info!(name = %b.name, address = %b.addr, weight = b.weight, "backend added: {} {}", b.name, b.addr);
+        }
+        for (b, old) in &self.reweighted {
+            tracing::info!(name = %b.name, address = %b.addr, "backend weight changed: {} {} {old} -> {}", b.name, b.addr, b.weight);
+        }
+        for b in &self.removed {
+            tracing::info!(name = %b.name, address = %b.addr, "backend removed: {} {} (its connections drain)", b.name, b.addr);
+        }
+    }
+}
+
 impl BackendSet {
     pub fn new(size: u32) -> Self {
         BackendSet { size, ids: HashMap::new(), current: Vec::new() }
@@ -32,30 +57,24 @@ impl BackendSet {
         self.current.iter().map(|b| (self.ids[&b.addr], b.clone())).collect()
     }
 
-    /// Applies a new set; returns the table to install, or None when
-    /// nothing that affects selection changed.
-    pub fn update(&mut self, mut next: Vec<Backend>) -> Option<Table> {
+    /// Applies a new set; returns the table to install and what changed,
+    /// or None when nothing that affects selection changed.
+    pub fn update(&mut self, mut next: Vec<Backend>) -> Option<(Table, Changes)> {
         next.sort_by_key(|b| b.addr);
         next.dedup_by_key(|b| b.addr);
         if next == self.current {
             return None;
         }
+        let mut changes = Changes::default();
         for b in &next {
             match self.current.iter().find(|c| c.addr == b.addr) {
-                None => {
-                    tracing::info!(name = %b.name, address = %b.addr, weight = b.weight, "backend added: {} {}", b.name, b.addr)
-                }
-                Some(old) if old.weight != b.weight => tracing::info!(
-                    name = %b.name, address = %b.addr, "backend weight changed: {} {} {} -> {}", b.name, b.addr, old.weight, b.weight
-                ),
+                None => changes.added.push(b.clone()),
+                Some(old) if old.weight != b.weight => changes.reweighted.push((b.clone(), old.weight)),
                 Some(_) => {}
             }
         }
-        for old in &self.current {
-            if !next.iter().any(|b| b.addr == old.addr) {
-                tracing::info!(name = %old.name, address = %old.addr, "backend removed: {} {} (its connections drain)", old.name, old.addr);
-            }
-        }
+        changes.removed =
+            self.current.iter().filter(|o| !next.iter().any(|b| b.addr == o.addr)).cloned().collect();
         for b in &next {
             let n = self.ids.len() as u32;
             self.ids.entry(b.addr).or_insert(n);
@@ -69,7 +88,7 @@ impl BackendSet {
             .map(|slot| slot.map(|i| (next[i as usize].addr, self.ids[&next[i as usize].addr])))
             .collect();
         self.current = next;
-        Some(table)
+        Some((table, changes))
     }
 }
 
@@ -84,12 +103,14 @@ mod tests {
     #[test]
     fn unchanged_sets_produce_no_table_and_ids_stay_stable() {
         let mut s = BackendSet::new(251);
-        let t1 = s.update(vec![b("a", 1, 1), b("b", 2, 1)]).expect("first set");
+        let (t1, c1) = s.update(vec![b("a", 1, 1), b("b", 2, 1)]).expect("first set");
+        assert_eq!(c1.added.len(), 2);
         assert!(t1.iter().all(|x| x.is_some()));
         assert!(s.update(vec![b("b", 2, 1), b("a", 1, 1)]).is_none(), "order does not matter");
-        let t2 = s.update(vec![b("b", 2, 1)]).expect("removal changes the table");
+        let (t2, c2) = s.update(vec![b("b", 2, 1)]).expect("removal changes the table");
+        assert_eq!(c2.removed, vec![b("a", 1, 1)]);
         assert!(t2.iter().all(|x| *x == Some((Ipv4Addr::new(10, 0, 0, 2), 1))));
-        let t3 = s.update(vec![b("a", 1, 1), b("b", 2, 1)]).unwrap();
+        let (t3, _) = s.update(vec![b("a", 1, 1), b("b", 2, 1)]).unwrap();
         assert_eq!(t1, t3, "same set, same ids, same table");
     }
 
@@ -97,7 +118,7 @@ mod tests {
     fn empty_set_empties_the_table() {
         let mut s = BackendSet::new(251);
         s.update(vec![b("a", 1, 1)]);
-        let t = s.update(vec![]).unwrap();
+        let (t, _) = s.update(vec![]).unwrap();
         assert!(t.iter().all(|x| x.is_none()));
     }
 }

@@ -52,6 +52,80 @@ pub fn peer_key(f: &Flow) -> FlowKey {
     }
 }
 
+/// A TCP connection's state as XLB sees it, from the flags seen each way.
+pub fn connection_state(fwd: &Flow, rev: Option<&Flow>) -> &'static str {
+    let (f, r) = (fwd.tcp_flags, rev.map_or(0, |r| r.tcp_flags));
+    const SYN: u32 = 0x02;
+    const ACK: u32 = 0x10;
+    if (f | r) & TCP_RST != 0 {
+        "reset"
+    } else if f & TCP_FIN != 0 && r & TCP_FIN != 0 {
+        "closed"
+    } else if (f | r) & TCP_FIN != 0 {
+        "closing"
+    } else if r & SYN != 0 && f & ACK != 0 {
+        "established"
+    } else {
+        "syn_sent"
+    }
+}
+
+/// One connection, both entries decoded (for inspection).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Connection {
+    pub client: std::net::SocketAddrV4,
+    pub listen: std::net::SocketAddrV4,
+    pub backend: std::net::SocketAddrV4,
+    pub nat_port: u16,
+    pub state: &'static str,
+    pub age_secs: f64,
+    pub idle_secs: f64,
+    pub backend_id: u32,
+    pub traffic: Traffic,
+}
+
+/// Pairs up entries into connections.
+pub fn connections(all: &[FlowEntry], now_ns: u64) -> Vec<Connection> {
+    let by_key: HashMap<Vec<u8>, &Flow> = all.iter().map(|e| (bytes(&e.key).to_vec(), &e.flow)).collect();
+    let secs = |ns: u64| now_ns.saturating_sub(ns) as f64 / 1e9;
+    let mut out: Vec<Connection> = all
+        .iter()
+        .filter(|e| e.is_forward())
+        .map(|e| {
+            let rev = by_key.get(bytes(&peer_key(&e.flow))).copied();
+            let ((_, nat_port), backend) = e.nat();
+            let last = rev.map_or(e.flow.last_seen_ns, |r| r.last_seen_ns.max(e.flow.last_seen_ns));
+            Connection {
+                client: std::net::SocketAddrV4::new(e.src().0, e.src().1),
+                listen: std::net::SocketAddrV4::new(e.dst().0, e.dst().1),
+                backend: std::net::SocketAddrV4::new(backend.0, backend.1),
+                nat_port,
+                state: connection_state(&e.flow, rev),
+                age_secs: secs(e.flow.created_ns),
+                idle_secs: secs(last),
+                backend_id: e.flow.backend_id,
+                traffic: rev.map_or(Traffic::default(), |r| Traffic::of(&e.flow, r)),
+            }
+        })
+        .collect();
+    out.sort_by_key(|c| c.client);
+    out
+}
+
+/// Every connection in an instance's pinned conntrack map: works while the
+/// instance runs, and after it crashed.
+pub fn pinned_connections(pins: &super::pins::PinDir) -> Result<Vec<Connection>> {
+    let path = pins.map("conntrack");
+    let map = libbpf_rs::MapHandle::from_pinned_path(&path).with_context(|| {
+        format!("opening {} (is the instance running, and are you root?)", path.display())
+    })?;
+    let mut all = Vec::new();
+    for (k, v) in map.lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY).context("reading conntrack")? {
+        all.push(FlowEntry { key: from_bytes(&k), flow: from_bytes(&v) });
+    }
+    Ok(connections(&all, super::now_ns()))
+}
+
 /// When connections are removed.
 #[derive(Debug, Clone, Copy)]
 pub struct GcPolicy {
@@ -150,8 +224,9 @@ pub(super) fn expire(map: &MapMut<'_>, p: &GcPolicy) -> Result<GcStats> {
             continue;
         };
         let idle = idle_for(&e.flow).min(idle_for(rev));
-        let reset = (e.flow.tcp_flags | rev.tcp_flags) & TCP_RST != 0;
-        let closed = reset || (e.flow.tcp_flags & TCP_FIN != 0 && rev.tcp_flags & TCP_FIN != 0);
+        let state = connection_state(&e.flow, Some(rev));
+        let reset = state == "reset";
+        let closed = reset || state == "closed";
         let traffic = Traffic::of(&e.flow, rev);
         let b = stats.per_backend.entry(e.flow.backend_id).or_default();
         if closed && idle > p.closed_ns {

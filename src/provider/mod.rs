@@ -3,6 +3,7 @@
 //! that leaves the set keeps its existing connections, which drain) and its
 //! own health. Providers never touch the data plane.
 
+pub mod kubernetes;
 pub mod static_list;
 
 use std::net::Ipv4Addr;
@@ -88,8 +89,6 @@ pub struct Sources {
 pub async fn start(cfg: &Config, sources: &Sources) -> Result<Provider> {
     match &cfg.provider {
         ProviderConfig::Static(s) => Ok(static_list::start(s, &sources.config_path)),
-        ProviderConfig::Kubernetes(_) => {
-            anyhow::bail!("provider kubernetes is not available in this version yet; use provider: static")
-        }
+        ProviderConfig::Kubernetes(k) => kubernetes::start(k, sources.kubeconfig.as_deref()).await,
     }
 }

@@ -1,0 +1,476 @@
+"""Tests of helm/xlb through the real Helm engine (see helmlib.py).
+
+Usage: python test_chart.py CASE [CASE ...]   (or `all`; `list` names them)
+Environment: XLB_BIN, the xlb binary (`xlb check` judges rendered configs);
+XLB_GUIDE, the user's guide (default: ../shared/seed-kubernetes-deployment.md
+beside the repository). Prints `ok CASE` per case; exits 1 on the first failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fakekube  # noqa: E402
+import helmlib  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "helm" / "xlb"
+GUIDE = Path(os.environ.get("XLB_GUIDE") or REPO.parent / "shared" / "seed-kubernetes-deployment.md")
+QUICK_START = yaml.safe_load((CHART / "ci" / "quick-start-values.yaml").read_text())
+COMPLETE = yaml.safe_load((CHART / "ci" / "complete-example-values.yaml").read_text())
+
+GRACE_MESSAGE = "terminationGracePeriodSeconds ({grace}) must be greater than config.shutdown_timeout ({timeout})"
+SERVICE_MESSAGE = "config.provider.kubernetes.service is required"
+
+CASES = {}
+
+
+def case(fn):
+    CASES[fn.__name__] = fn
+    return fn
+
+
+# -- rendering ---------------------------------------------------------------
+
+
+class Rendered:
+    """One `helm install` into FakeKube: what Helm rendered and submitted."""
+
+    def __init__(self, release: dict, kube: fakekube.FakeKube) -> None:
+        self.release = release
+        self.notes = release["info"].get("notes", "")
+        self.manifests = [m for m in yaml.safe_load_all(release["manifest"]) if m]
+        self.submitted = kube.created()
+        self.writes = kube.writes
+
+    def get(self, kind: str) -> dict:
+        found = [m for m in self.manifests if m["kind"] == kind]
+        assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+        return found[0]
+
+    def kinds(self) -> list[str]:
+        return sorted(m["kind"] for m in self.manifests)
+
+    @property
+    def pod(self) -> dict:
+        return self.get("Deployment")["spec"]["template"]
+
+    @property
+    def container(self) -> dict:
+        (c,) = [c for c in self.pod["spec"]["containers"] if c["name"] == "xlb"]
+        return c
+
+    @property
+    def xlb_yaml_text(self) -> str:
+        return self.get("ConfigMap")["data"]["xlb.yaml"]
+
+    @property
+    def xlb_yaml(self) -> dict:
+        return yaml.safe_load(self.xlb_yaml_text)
+
+
+def render(values: dict | None, namespace: str = "xlb") -> Rendered:
+    with fakekube.FakeKube() as kube:
+        release = helmlib.install(kube, values, namespace=namespace)
+        assert not kube.errors, kube.errors
+        return Rendered(release, kube)
+
+
+def refused(values: dict | None) -> str:
+    """Helm's error text for values the chart must refuse."""
+    with fakekube.FakeKube() as kube:
+        try:
+            helmlib.install(kube, values)
+        except helmlib.helm.HelmError as e:
+            assert not [w for w in kube.writes if "/secrets" not in w[1]], "refused, yet objects were created"
+            return str(e)
+    raise AssertionError(f"helm install accepted values it must refuse: {values}")
+
+
+def xlb_check(text: str) -> dict:
+    """`xlb check` on a rendered xlb.yaml; returns the effective config."""
+    xlb = os.environ.get("XLB_BIN") or str(REPO / "target" / "debug" / "xlb")
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        f.write(text)
+        f.flush()
+        run = subprocess.run([xlb, "check", "-c", f.name], capture_output=True, text=True)
+    assert run.returncode == 0, f"xlb check refused the rendered xlb.yaml ({run.returncode}): {run.stderr}\n{text}"
+    return yaml.safe_load(run.stdout)
+
+
+def with_quick_start(values: dict) -> dict:
+    return helmlib.merge(QUICK_START, values, keep_null=True)
+
+
+def guide_snippets() -> list[tuple[str, dict]]:
+    """(heading, values) for every ```yaml block of the guide's Configuration
+    sections; the Complete Example's block is the one the ci/ file copies."""
+    if not GUIDE.exists():
+        return []
+    heading, out = "", []
+    for m in re.finditer(r"^(#+ [^\n]*)$|^```yaml\n(.*?)^```", GUIDE.read_text(), re.M | re.S):
+        if m.group(1):
+            heading = m.group(1).lstrip("# ").strip()
+        else:
+            out.append((heading, yaml.safe_load(m.group(2))))
+    return out
+
+
+def require_guide() -> bool:
+    if GUIDE.exists():
+        return True
+    print(f"note: the guide is not at {GUIDE}; its snippets are not compared", file=sys.stderr)
+    return False
+
+
+# -- cases -------------------------------------------------------------------
+
+
+@case
+def lint_default_values():
+    """The defaults are valid to Helm's linter but name no backend Service:
+    rendering stops with the message that says which value to set."""
+    res = helmlib.lint()
+    assert not res.errors, f"lint errors with default values: {res}"
+    assert len(res.fails) > 0 and all(SERVICE_MESSAGE in f for f in res.fails), res
+    assert SERVICE_MESSAGE in refused(None)
+
+
+@case
+def lint_quick_start():
+    """The guide's Quick Start: --set config.provider.kubernetes.service=my-backend-service."""
+    res = helmlib.lint(QUICK_START)
+    assert res.ok, f"lint of the quick-start values: {res}\n{res.log}"
+    r = render(helmlib.set_value({}, "config.provider.kubernetes.service", "my-backend-service"))
+    assert r.kinds() == ["ConfigMap", "Deployment", "Role", "RoleBinding", "Service", "ServiceAccount"], r.kinds()
+    assert r.xlb_yaml["provider"] == {"kubernetes": {"namespace": "default", "service": "my-backend-service"}}
+
+
+@case
+def lint_complete_example():
+    """The guide's Complete Example values file, as `-f xlb-values.yaml`."""
+    if require_guide():
+        (block,) = [v for h, v in guide_snippets() if h == "Complete Example"]
+        assert block == COMPLETE, "helm/xlb/ci/complete-example-values.yaml differs from the guide's Complete Example"
+    res = helmlib.lint(COMPLETE)
+    assert res.ok, f"lint of the Complete Example: {res}\n{res.log}"
+    r = render(COMPLETE)
+    dep, svc, cfg = r.get("Deployment"), r.get("Service"), r.xlb_yaml
+    assert dep["spec"]["replicas"] == 2
+    assert r.container["image"] == "emaczura/xlb:latest"
+    assert r.pod["spec"]["terminationGracePeriodSeconds"] == 90
+    assert r.container["resources"] == COMPLETE["resources"]
+    assert svc["spec"]["type"] == "LoadBalancer" and "clusterIP" not in svc["spec"]
+    assert svc["spec"]["externalTrafficPolicy"] == "Local"
+    assert svc["metadata"]["annotations"] == {
+        "external-dns.alpha.kubernetes.io/hostname": "lb.example.com",
+        "external-dns.alpha.kubernetes.io/ttl": "60",
+    }
+    assert [(p["port"], p["targetPort"], p["protocol"]) for p in svc["spec"]["ports"]] == [(80, 80, "TCP")]
+    assert cfg["shutdown_timeout"] == 60 and cfg["listen"] == "auto" and cfg["proto"] == "tcp"
+    assert cfg["ports"] == [{"local_port": 80, "remote_port": 8080}]
+    assert cfg["otel"] == {"enabled": True, "endpoint": "http://opentelemetry-collector:4317"}
+    assert cfg["provider"] == {"kubernetes": {"namespace": "default", "service": "backend-service"}}
+    xlb_check(r.xlb_yaml_text)
+
+
+@case
+def guide_snippets_render():
+    """Every values snippet in the guide, over the quick-start values, renders
+    and does what the guide says it does."""
+    if not require_guide():
+        return
+    snippets = guide_snippets()
+    assert len(snippets) >= 8, f"expected the guide's values snippets, found {[h for h, _ in snippets]}"
+    for heading, values in snippets:
+        r = render(with_quick_start(values))
+        effective = xlb_check(r.xlb_yaml_text)
+        spec, cfg = r.pod["spec"], r.xlb_yaml
+        if heading == "Backend Discovery":
+            assert cfg["provider"]["kubernetes"] == {"namespace": "default", "service": "backend-service"}
+            role = r.get("Role")
+            assert role["metadata"]["namespace"] == "default"
+        elif heading == "Port Mapping":
+            assert effective["ports"] == values["config"]["ports"]
+            ports = [(p["port"], p["targetPort"]) for p in r.get("Service")["spec"]["ports"]]
+            assert ports == [(80, 80), (443, 443)], ports
+        elif heading == "ExternalDNS Integration":
+            svc = r.get("Service")
+            assert svc["spec"]["type"] == "LoadBalancer"
+            assert svc["metadata"]["annotations"]["external-dns.alpha.kubernetes.io/ttl"] == "60"
+        elif heading == "Graceful Shutdown":
+            assert effective["shutdown_timeout"] == 60 and spec["terminationGracePeriodSeconds"] == 90
+        elif heading == "Pod Anti-Affinity":
+            assert spec["affinity"] == values["affinity"]
+        elif heading == "Host Network Mode":
+            assert spec["hostNetwork"] is True and spec["dnsPolicy"] == "ClusterFirstWithHostNet"
+        elif heading == "Resource Requirements":
+            assert r.container["resources"] == values["resources"]
+        elif heading == "OpenTelemetry Metrics":
+            assert effective["otel"] == {**values["config"]["otel"]}, effective["otel"]
+        elif heading == "Complete Example":
+            pass  # lint_complete_example
+        else:
+            raise AssertionError(f"a guide snippet this test does not know: {heading}")
+
+
+@case
+def pod_spec():
+    """What the guide and the issue promise about the pod, with default values."""
+    r = render(QUICK_START)
+    spec, c = r.pod["spec"], r.container
+    labels = r.pod["metadata"]["labels"]
+    assert labels["app.kubernetes.io/name"] == "xlb", "kubectl logs -l app.kubernetes.io/name=xlb must find the pods"
+    assert spec["hostNetwork"] is True and spec["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"] == [
+        {
+            "labelSelector": {
+                "matchExpressions": [{"key": "app.kubernetes.io/name", "operator": "In", "values": ["xlb"]}]
+            },
+            "topologyKey": "kubernetes.io/hostname",
+        }
+    ]
+    assert c["args"] == ["run", "--config", "/etc/xlb/xlb.yaml"]
+    assert c["lifecycle"]["preStop"]["exec"]["command"] == ["touch", "/tmp/shutdown"]
+    ready = c["readinessProbe"]["exec"]["command"]
+    assert ready[:2] == ["/bin/sh", "-c"] and ready[2].startswith("test ! -e /tmp/shutdown && curl -fsS"), ready
+    assert ready[2].endswith("http://127.0.0.1:9090/readyz"), ready
+    for probe in ("livenessProbe", "startupProbe"):
+        assert c[probe]["httpGet"] == {"host": "127.0.0.1", "path": "/healthz", "port": "admin"}, c[probe]
+    assert {"name": "admin", "containerPort": 9090, "protocol": "TCP"} in c["ports"]
+    env = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in c["env"]}
+    assert env == {
+        "K8S_POD_NAME": "metadata.name",
+        "K8S_NAMESPACE_NAME": "metadata.namespace",
+        "K8S_NODE_NAME": "spec.nodeName",
+    }, env
+    sc = c["securityContext"]
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["BPF", "NET_ADMIN", "PERFMON"]}, sc
+    assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert volumes["bpffs"]["hostPath"] == {"path": "/sys/fs/bpf", "type": "Directory"}
+    assert mounts["bpffs"]["mountPath"] == "/sys/fs/bpf"
+    assert mounts["config"]["mountPath"] == "/etc/xlb" and volumes["config"]["configMap"]["name"] == "xlb"
+    assert mounts["tmp"]["mountPath"] == "/tmp" and "emptyDir" in volumes["tmp"]
+    (init,) = spec["initContainers"]
+    assert init["securityContext"] == {"privileged": True} and init["command"] == ["/bin/sh", "/etc/xlb/prepare-node.sh"]
+    assert spec["serviceAccountName"] == r.get("ServiceAccount")["metadata"]["name"]
+    assert spec["terminationGracePeriodSeconds"] > r.xlb_yaml["shutdown_timeout"]
+    svc = r.get("Service")["spec"]
+    assert svc["type"] == "ClusterIP" and svc["clusterIP"] == "None", "the default Service is headless"
+    assert svc["selector"] == {"app.kubernetes.io/name": "xlb", "app.kubernetes.io/instance": "xlb"}
+    assert svc["publishNotReadyAddresses"] is False
+    # What reached the API server is what Helm rendered.
+    assert sorted(o["kind"] for o in r.submitted) == r.kinds()
+
+
+@case
+def rbac_least_privilege():
+    """A Role in the target namespace only: get/list/watch on endpointslices
+    and endpoints, bound to the pods' ServiceAccount; nothing cluster-wide."""
+    r = render(with_quick_start({"config": {"provider": {"kubernetes": {"namespace": "shop"}}}}), namespace="lb")
+    role, binding, sa = r.get("Role"), r.get("RoleBinding"), r.get("ServiceAccount")
+    assert role["metadata"]["namespace"] == "shop" and binding["metadata"]["namespace"] == "shop"
+    rules = sorted((tuple(x["apiGroups"]), tuple(x["resources"]), tuple(sorted(x["verbs"]))) for x in role["rules"])
+    assert rules == [(("",), ("endpoints",), ("get", "list", "watch")), (("discovery.k8s.io",), ("endpointslices",), ("get", "list", "watch"))], rules
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "lb"}]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+    assert not [k for k in r.kinds() if k.startswith("Cluster")]
+    # Static backends need no API access at all.
+    r = render({"config": {"provider": {"static": {"backends": [{"name": "a", "ip": "10.0.0.1"}]}}}})
+    assert "Role" not in r.kinds() and "RoleBinding" not in r.kinds()
+    assert r.xlb_yaml["provider"] == {"static": {"backends": [{"name": "a", "ip": "10.0.0.1"}]}}
+    xlb_check(r.xlb_yaml_text)
+
+
+@case
+def refuses_short_grace_period():
+    """terminationGracePeriodSeconds <= config.shutdown_timeout is refused,
+    by lint (its log: see helmlib) and by install, with the message; one
+    second more is accepted."""
+    for grace, timeout in [(60, 60), (30, 60)]:
+        values = with_quick_start({"terminationGracePeriodSeconds": grace, "config": {"shutdown_timeout": timeout}})
+        message = GRACE_MESSAGE.format(grace=grace, timeout=timeout)
+        res = helmlib.lint(values)
+        assert [f for f in res.fails if message in f], f"lint did not refuse grace {grace} <= {timeout}: {res}"
+        assert message in refused(values)
+    # xlb's own default shutdown_timeout (15) counts when the key is removed.
+    values = with_quick_start({"terminationGracePeriodSeconds": 15, "config": {"shutdown_timeout": None}})
+    assert GRACE_MESSAGE.format(grace=15, timeout=15) in refused(values)
+    values = with_quick_start({"terminationGracePeriodSeconds": 61, "config": {"shutdown_timeout": 60}})
+    assert helmlib.lint(values).ok
+    render(values)
+
+
+@case
+def refuses_bad_values():
+    """values.schema.json: keys xlb does not know and values it refuses stop
+    the install before anything is rendered."""
+    cases = [
+        ({"config": {"shutdown_timout": 30}}, "shutdown_timout"),
+        ({"config": {"otel": {"enabeld": True}}}, "enabeld"),
+        ({"config": {"ports": [{"local_port": 70000, "remote_port": 80}]}}, "/config/ports/0/local_port"),
+        ({"config": {"admin": {"address": "10.0.0.1"}}}, "/config/admin/address"),
+        ({"config": {"proto": "udp"}}, "/config/proto"),
+        ({"service": {"type": "NodePort"}}, "/service/type"),
+        ({"terminationGracePeriod": 90}, "terminationGracePeriod"),
+        ({"hostNetwork": False}, "/hostNetwork"),
+    ]
+    for values, needle in cases:
+        message = refused(with_quick_start(values))
+        assert "schema" in message and needle in message, f"{values}: {message}"
+        assert "values.yaml" in helmlib.lint(with_quick_start(values)).errors, values
+    both = {"config": {"provider": {"static": {"backends": [{"name": "a", "ip": "10.0.0.1"}]}}}}
+    assert "set exactly one" in refused(with_quick_start(both))
+
+
+@case
+def config_keys_match_xlb():
+    """values.schema.json's `config` allows exactly the keys xlb's config has:
+    a key xlb gains must reach the chart, and the chart must never render a
+    key xlb refuses. The key tree comes from `xlb check` (every key, unset
+    ones as null)."""
+    schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["config"]
+    base = {"ports": [{"local_port": 80, "remote_port": 8080}], "name": "x", "interfaces": ["eth0"], "snat_ip": "10.0.0.5"}
+    trees = [
+        xlb_check(yaml.safe_dump({**base, "provider": {"kubernetes": {"service": "web"}}})),
+        xlb_check(yaml.safe_dump({**base, "provider": {"static": {"backends": [{"name": "a", "ip": "10.0.0.1"}]}}})),
+    ]
+
+    def compare(path: str, value, node: dict) -> None:
+        if isinstance(value, list) and value and "items" in node:
+            compare(path + "[]", value[0], node["items"])
+        if not isinstance(value, dict) or "properties" not in node:
+            return
+        allowed = set(node["properties"])
+        if path == "config.provider":
+            assert set(value) <= allowed, f"{path}: xlb has {sorted(value)}, the schema {sorted(allowed)}"
+        else:
+            assert set(value) == allowed, (
+                f"{path}: keys only in xlb: {sorted(set(value) - allowed)}; only in the chart's schema: {sorted(allowed - set(value))}"
+            )
+        for key, sub in value.items():
+            compare(f"{path}.{key}", sub, node["properties"][key])
+
+    for tree in trees:
+        compare("config", tree, schema)
+
+
+@case
+def rendered_config_passes_xlb_check():
+    """The ConfigMap's xlb.yaml, for the values users will give, is accepted
+    by `xlb check`, and the chart's choices reach xlb."""
+    variants = [
+        QUICK_START,
+        COMPLETE,
+        with_quick_start({"config": {"listen": {"ip": "192.0.2.10"}, "interfaces": ["eth0", "eth1"], "name": "edge"}}),
+        with_quick_start({"config": {"admin": {"address": "0.0.0.0", "port": 9191}, "shutdown_file": "/tmp/drain"}}),
+        with_quick_start({"config": {"otel": {"enabled": True, "protocol": "http", "headers": {"Authorization": "Bearer t"}}}}),
+    ]
+    for values in variants:
+        r = render(values)
+        effective = xlb_check(r.xlb_yaml_text)
+        admin = values["config"].get("admin", {})
+        got = (effective["admin"]["address"], effective["admin"]["port"])
+        assert got == (admin.get("address", "127.0.0.1"), admin.get("port", 9090)), effective["admin"]
+        shutdown_file = values["config"].get("shutdown_file", "/tmp/shutdown")
+        assert effective["shutdown_file"] == shutdown_file
+        assert r.container["lifecycle"]["preStop"]["exec"]["command"] == ["touch", shutdown_file]
+        assert f"test ! -e {shutdown_file} &&" in r.container["readinessProbe"]["exec"]["command"][2]
+        assert {"name": "admin", "containerPort": admin.get("port", 9090), "protocol": "TCP"} in r.container["ports"]
+
+
+@case
+def admin_auth_password_from_secret():
+    """config.admin.auth reaches xlb; its password comes from a Secret via
+    extraEnv, never through the ConfigMap; the probes' paths stay open."""
+    secret = {"name": "XLB_ADMIN_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "xlb-admin", "key": "password"}}}
+    r = render(with_quick_start({"config": {"admin": {"auth": {"username": "ops"}}}, "extraEnv": [secret]}))
+    effective = xlb_check(r.xlb_yaml_text)
+    assert effective["admin"]["auth"] == {"username": "ops", "password_env": "XLB_ADMIN_PASSWORD"}, effective["admin"]
+    assert secret in r.container["env"], r.container["env"]
+    assert "password" not in r.xlb_yaml_text
+    assert "schema" in refused(with_quick_start({"config": {"admin": {"auth": {"username": "a:b"}}}}))
+
+
+@case
+def upgrade_set_env_keeps_provider():
+    """The guide's `helm upgrade xlb ./helm/xlb -n xlb --set env.RUST_LOG=debug`
+    (no --reuse-values, so Helm starts from the chart's defaults) after the
+    quick-start install: xlb gets RUST_LOG=debug and keeps its backends."""
+    with fakekube.FakeKube() as kube:
+        helmlib.install(kube, QUICK_START)
+        release = helmlib.upgrade(kube, helmlib.set_value({}, "env.RUST_LOG", "debug"))
+        assert release["version"] == 2
+        r = Rendered(release, kube)
+    env = {e["name"]: e.get("value") for e in r.container["env"]}
+    assert env.get("RUST_LOG") == "debug", env
+    assert r.xlb_yaml["provider"] == {"kubernetes": {"namespace": "default", "service": "my-backend-service"}}
+    assert "Role" in r.kinds()
+    # Without a running release there is nothing to keep: the same values fail.
+    assert SERVICE_MESSAGE in refused(helmlib.set_value({}, "env.RUST_LOG", "debug"))
+
+
+@case
+def notes_and_readme():
+    """NOTES.txt tells how to check XDP attachment and discovered backends,
+    as the guide's troubleshooting does; the chart README explains the
+    Service model."""
+    r = render(QUICK_START)
+    for line in [
+        "kubectl exec -n xlb <pod-name> -- ip link show | grep xdp",
+        "kubectl logs -n xlb -l app.kubernetes.io/name=xlb | grep backend",
+        "--set env.RUST_LOG=debug",
+    ]:
+        assert line in r.notes, f"NOTES.txt lacks: {line}\n{r.notes}"
+    assert "LoadBalancer" not in r.notes
+    lb = render(COMPLETE)
+    assert "service.type is LoadBalancer" in lb.notes
+    readme = (CHART / "README.md").read_text()
+    for needle in ["## The Service model", "headless", "LoadBalancer", "ExternalDNS", "terminationGracePeriodSeconds"]:
+        assert needle in readme, f"helm/xlb/README.md lacks {needle!r}"
+
+
+@case
+def privileged_fallback():
+    """securityContext.privileged: true is the opt-in fallback; the chart
+    drops what Kubernetes refuses next to it."""
+    r = render(with_quick_start({"securityContext": {"privileged": True}}))
+    sc = r.container["securityContext"]
+    assert sc["privileged"] is True and "allowPrivilegeEscalation" not in sc and "capabilities" not in sc, sc
+    r = render(with_quick_start({"nodePrep": {"enabled": False}}))
+    assert "initContainers" not in r.pod["spec"]
+
+
+def main(argv: list[str]) -> int:
+    names = argv or ["all"]
+    if names == ["list"]:
+        print("\n".join(CASES))
+        return 0
+    if names == ["all"]:
+        names = list(CASES)
+    for name in names:
+        if name not in CASES:
+            print(f"unknown case {name}; known: {', '.join(CASES)}", file=sys.stderr)
+            return 2
+        try:
+            CASES[name]()
+        except Exception as e:
+            print(f"FAILED {name}: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
+        print(f"ok {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
