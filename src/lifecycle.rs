@@ -28,6 +28,8 @@ use crate::status::{BackendStatus, InterfaceStatus, Phase, PortStatus, SharedSta
 const CLOSED_TTL: Duration = Duration::from_secs(10);
 /// How often counters are read and expired connections swept.
 const STATS_INTERVAL: Duration = Duration::from_secs(1);
+/// How long startup waits for a provider's first complete backend set.
+const FIRST_SYNC_WAIT: Duration = Duration::from_secs(5);
 /// How often the shutdown file is looked for.
 const SHUTDOWN_FILE_POLL: Duration = Duration::from_millis(200);
 
@@ -41,7 +43,20 @@ struct Network {
 
 pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
     cfg.startup_checks()?;
-    let provider = provider::start(&cfg, &sources).await?;
+    let mut provider = provider::start(&cfg, &sources).await?;
+    // The interfaces to attach follow the backends' routes, so give a
+    // discovering provider a moment to deliver its first set. An API server
+    // that does not answer is not fatal: XLB starts with what it has.
+    let synced = tokio::time::timeout(FIRST_SYNC_WAIT, provider.health.wait_for(|h| h.synced))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    if !synced {
+        warn!(
+            "the backend provider has not synced after {}s; starting without its backends \
+             (interfaces routing to backends found later are not attached: list them under interfaces)",
+            FIRST_SYNC_WAIT.as_secs()
+        );
+    }
     let initial = provider.backends.borrow().clone();
     let net = resolve_network(&cfg, &initial).await?;
     check_nat_range(&cfg)?;
