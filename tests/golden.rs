@@ -114,7 +114,9 @@ fn checked_tcp(frame: &[u8]) -> (Ipv4Header, TcpHeader) {
     (ip, tcp)
 }
 
-/// A loaded program in a namespace whose FIB knows the test hosts.
+/// A loaded program in a namespace whose FIB knows the test hosts. IPv6 is
+/// off there: the program sits on g1, and the kernel's own neighbour
+/// discovery frames would otherwise move the counters under a test.
 struct Lb {
     dp: Dataplane,
     ifindex: u32,
@@ -175,7 +177,8 @@ impl Lb {
 fn golden_ns() -> common::Netns {
     let ns = common::Netns::new("xg");
     ns.exec(&format!(
-        "ip link add g0 address {} type veth peer name g0p && \
+        "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 && \
+         ip link add g0 address {} type veth peer name g0p && \
          ip link add g1 address {} type veth peer name g1p && \
          ip addr add 10.0.0.1/24 dev g0 && ip addr add 10.1.0.1/24 dev g1 && \
          for d in g0 g0p g1 g1p; do ip link set $d up; done && \
@@ -804,6 +807,9 @@ fn may_touch(frame: &[u8]) -> bool {
         return false;
     }
     let Ok((ip, rest)) = Ipv4Header::from_slice(rest) else { return false };
+    if ip.protocol == IpNumber::ICMP && ip.destination == LISTEN.octets() {
+        return true; // an error about one of our flows is translated
+    }
     if ip.protocol != IpNumber::TCP || ip.destination != LISTEN.octets() || rest.len() < 4 {
         return false;
     }
@@ -811,10 +817,24 @@ fn may_touch(frame: &[u8]) -> bool {
     dport == 80 || dport == 443 || (NAT_PORTS.0..=NAT_PORTS.1).contains(&dport)
 }
 
-/// TCP/IPv4 checksums both valid (false when the frame does not parse).
+/// RFC 1071: the ones' complement sum of a span with its checksum in place.
+fn sums_to_zero(b: &[u8]) -> bool {
+    let mut sum: u32 =
+        b.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum == 0xffff
+}
+
+/// IPv4 and TCP (or ICMP) checksums all valid (false when it does not parse).
 fn checksums_valid(frame: &[u8]) -> bool {
     let Ok((_, rest)) = Ethernet2Header::from_slice(frame) else { return false };
     let Ok((ip, rest)) = Ipv4Header::from_slice(rest) else { return false };
+    if ip.protocol == IpNumber::ICMP {
+        let len = (ip.total_len as usize).saturating_sub(ip.header_len()).min(rest.len());
+        return ip.header_checksum == ip.calc_header_checksum() && sums_to_zero(&rest[..len]);
+    }
     let Ok((tcp, payload)) = TcpHeader::from_slice(rest) else { return false };
     let payload = &payload
         [..payload.len().min((ip.total_len as usize).saturating_sub(ip.header_len() + tcp.header_len()))];
@@ -845,6 +865,14 @@ fn fuzz_random_and_mutated_frames() {
                 ..from_client(80)
             }
             .frame(),
+            // An ICMP error quoting a segment of one of the fuzzer's flows.
+            frag_needed(
+                CLIENT_MAC,
+                Ipv4Addr::new(10, 0, 0, 254),
+                LISTEN,
+                &Tcp { src: (LISTEN, 80), dst: (CLIENT, 1024), ack: true, ..from_client(80) },
+                64,
+            ),
         ];
         let mut touched = 0;
         for i in 0..iters {
@@ -913,5 +941,86 @@ fn fuzz_random_and_mutated_frames() {
             }
         }
         assert!(touched > iters / 20, "the fuzzer reached the rewrite path ({touched} frames)");
+    });
+}
+
+/// An ICMP "fragmentation needed" from `router` to `to`, quoting the first
+/// 28 bytes of `quoted` (an IPv4/TCP frame), with valid checksums.
+fn frag_needed(smac: [u8; 6], router: Ipv4Addr, to: Ipv4Addr, quoted: &Tcp, ttl: u8) -> Vec<u8> {
+    use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Header, Icmpv4Type};
+    let q = quoted.frame();
+    let quote = &q[14..14 + 28];
+    let icmp = Icmpv4Header::with_checksum(
+        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 }),
+        quote,
+    );
+    let mut ip = Ipv4Header::new(
+        (icmp.header_len() + quote.len()) as u16,
+        ttl,
+        IpNumber::ICMP,
+        router.octets(),
+        to.octets(),
+    )
+    .unwrap();
+    ip.header_checksum = ip.calc_header_checksum();
+    let eth = Ethernet2Header { source: smac, destination: LB_MAC, ether_type: EtherType::IPV4 };
+    let mut out = eth.to_bytes().to_vec();
+    out.extend_from_slice(&ip.to_bytes());
+    out.extend_from_slice(&icmp.to_bytes());
+    out.extend_from_slice(quote);
+    out
+}
+
+#[test]
+fn icmp_frag_needed_from_the_client_side_reaches_the_backend() {
+    case(ONE, |lb| {
+        let syn = from_client(80);
+        lb.run(&syn.frame());
+        let port = lb.nat_port(syn.src);
+        // A router near the client reports on a segment XLB sent the client.
+        let sent_to_client =
+            Tcp { smac: LB_MAC, dmac: CLIENT_MAC, src: (LISTEN, 80), dst: syn.src, ack: true, ..syn.clone() };
+        let router = Ipv4Addr::new(10, 0, 0, 254);
+        let (action, out) = lb.run(&frag_needed(CLIENT_MAC, router, LISTEN, &sent_to_client, 64));
+        assert_eq!(action, XDP_TX);
+        // The backend hears about its own segment, from the address it talks to.
+        let backend_sent = Tcp { src: (BACKEND, 8080), dst: (LISTEN, port), ..sent_to_client.clone() };
+        let mut want = frag_needed(LB_MAC, LISTEN, BACKEND, &backend_sent, 63);
+        want[0..6].copy_from_slice(&BACKEND_MAC);
+        assert_eq!(out, want);
+        lb.counters_moved(&[
+            (Counter::XLB_CNT_NEW_FLOW, 1),
+            (Counter::XLB_CNT_FWD_TO_BACKEND, 1),
+            (Counter::XLB_CNT_FWD_ICMP, 1),
+        ]);
+    });
+}
+
+#[test]
+fn icmp_frag_needed_from_the_backend_side_reaches_the_client() {
+    case(ONE, |lb| {
+        let syn = from_client(80);
+        lb.run(&syn.frame());
+        let port = lb.nat_port(syn.src);
+        let sent_to_backend = Tcp { src: (LISTEN, port), dst: (BACKEND, 8080), ack: true, ..syn.clone() };
+        let router = Ipv4Addr::new(10, 0, 0, 253);
+        let (action, out) = lb.run(&frag_needed(BACKEND_MAC, router, LISTEN, &sent_to_backend, 64));
+        assert_eq!(action, XDP_TX);
+        let client_sent = Tcp { src: syn.src, dst: (LISTEN, 80), ..sent_to_backend.clone() };
+        let mut want = frag_needed(LB_MAC, LISTEN, CLIENT, &client_sent, 63);
+        want[0..6].copy_from_slice(&CLIENT_MAC);
+        assert_eq!(out, want);
+    });
+}
+
+#[test]
+fn icmp_about_no_flow_of_ours_passes_untouched() {
+    case(ONE, |lb| {
+        let stranger = Tcp { src: (LISTEN, 80), dst: (CLIENT, 41234), ack: true, ..from_client(80) };
+        let frame = frag_needed(CLIENT_MAC, Ipv4Addr::new(10, 0, 0, 254), LISTEN, &stranger, 64);
+        let (action, out) = lb.run(&frame);
+        assert_eq!(action, XDP_PASS);
+        assert_eq!(out, frame);
+        lb.counters_moved(&[(Counter::XLB_CNT_PASS_NOT_TCP, 1)]);
     });
 }

@@ -38,7 +38,7 @@ static __always_inline struct outcome forward(struct xdp_md *ctx, struct packet 
 
 	fib.family = AF_INET;
 	fib.tos = ip->tos;
-	fib.l4_protocol = IPPROTO_TCP;
+	fib.l4_protocol = ip->protocol;
 	fib.tot_len = bpf_ntohs(ip->tot_len);
 	fib.ipv4_src = ip->saddr;
 	fib.ipv4_dst = ip->daddr;

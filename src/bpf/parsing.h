@@ -45,6 +45,9 @@ static __always_inline int parse_tcp4(struct xdp_md *ctx, struct packet *pkt)
 	ihl = ip->ihl;
 	if (ip->version != 4 || ihl < 5)
 		return XLB_CNT_PASS_MALFORMED;
+	/* Kept for the ICMP path, which looks inside errors about our flows. */
+	pkt->eth = eth;
+	pkt->ip = ip;
 	if (ip->protocol != IPPROTO_TCP)
 		return XLB_CNT_PASS_NOT_TCP;
 	if (ip->frag_off & bpf_htons(XLB_IP_MF | XLB_IP_OFFSET))

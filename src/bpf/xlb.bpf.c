@@ -9,6 +9,8 @@
  *                or, while draining, is answered with a RST
  *   NAT -> rewrite addresses and ports, fix checksums incrementally
  *   forward -> FIB lookup, then XDP_TX / redirect, or the kernel for ARP
+ * ICMP errors about a tracked connection are translated for the other side
+ * (icmp.h), so path MTU discovery works through the NAT.
  * Every outcome is counted once, in xlb_xdp(), which alone returns verdicts.
  */
 #include <linux/bpf.h>
@@ -21,6 +23,7 @@
 #include "nat.h"
 #include "forward.h"
 #include "rst.h"
+#include "icmp.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -86,6 +89,8 @@ static __always_inline struct outcome handle(struct xdp_md *ctx, struct packet *
 	int reason;
 
 	reason = parse_tcp4(ctx, pkt);
+	if (reason == XLB_CNT_PASS_NOT_TCP)
+		return icmp_error(ctx, pkt);
 	if (reason >= 0)
 		return verdict(XDP_PASS, reason);
 

@@ -40,6 +40,9 @@
 #define XLB_TCP_PSH 0x08
 #define XLB_TCP_ACK 0x10
 
+#define XLB_ICMP_DEST_UNREACH  3
+#define XLB_ICMP_TIME_EXCEEDED 11
+
 #define XLB_IP_MF     0x2000
 #define XLB_IP_OFFSET 0x1fff
 

@@ -27,6 +27,7 @@ pub const ALL: &[(Counter, &str)] = &[
     (Counter::XLB_CNT_DROP_FIB, "drop_fib"),
     (Counter::XLB_CNT_DROP_TTL, "drop_ttl"),
     (Counter::XLB_CNT_DRAIN_RST, "drain_rst"),
+    (Counter::XLB_CNT_FWD_ICMP, "fwd_icmp"),
 ];
 
 /// The stable name of a counter.
