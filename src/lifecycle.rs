@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use crate::balancer::BackendSet;
 use crate::config::{Config, Listen};
 use crate::dataplane::{
-    pins, AttachTarget, Counter, DataplaneHandle, GcPolicy, LoadOptions, Service, Traffic,
+    pins, AttachTarget, Counter, DataplaneHandle, GcPolicy, LoadOptions, Service, Traffic, Vlan,
 };
 use crate::netinfo;
 use crate::provider::{self, Backend, ProviderHealth};
@@ -39,6 +39,8 @@ struct Network {
     listen: Ipv4Addr,
     snat: Ipv4Addr,
     targets: Vec<AttachTarget>,
+    /// VLAN interfaces on the targets: tagged traffic is served on them.
+    vlans: Vec<netinfo::VlanIface>,
 }
 
 pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
@@ -75,8 +77,10 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
     let admin = crate::admin::serve(&cfg, status.clone()).await?;
     clear_stale_shutdown_file(&cfg.shutdown_file);
 
-    for t in &net.targets {
-        for change in netinfo::prepare_sysctls(&t.ifname)? {
+    let l3_ifaces =
+        net.targets.iter().map(|t| t.ifname.as_str()).chain(net.vlans.iter().map(|v| v.iface.name.as_str()));
+    for ifname in l3_ifaces {
+        for change in netinfo::prepare_sysctls(ifname)? {
             info!("sysctl {change}");
         }
     }
@@ -99,7 +103,15 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
         snat: net.snat,
         nat_ports: (cfg.nat_port_range.min, cfg.nat_port_range.max),
         ports: cfg.ports.iter().map(|p| (p.local_port, p.remote_port)).collect(),
+        vlans: net
+            .vlans
+            .iter()
+            .map(|v| Vlan { ifindex: v.iface.index, lower_ifindex: v.lower_index, vid: v.vid })
+            .collect(),
     };
+    for v in &net.vlans {
+        info!(vlan = %v.iface.name, vid = v.vid, "serving tagged traffic of VLAN {} ({})", v.vid, v.iface.name);
+    }
     let targets = net.targets.clone();
     let (dp, started) = tokio::task::spawn_blocking(move || DataplaneHandle::start(opts, service, targets))
         .await
@@ -154,10 +166,12 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
         admin.abort();
         return Ok(());
     }
+    // The data plane refuses new connections before readiness says so, so
+    // nothing that saw 503 can still get a connection in.
+    dp.set_drain(true).await?;
     status.update(|s| s.phase = Phase::Draining);
     // The backend set is frozen from here on.
     balancer.abort();
-    dp.set_drain(true).await?;
     let before = status.read();
     let open_at_start = before.connections_active;
     let rst_at_start = before.counters.get("drain_rst").copied().unwrap_or(0);
@@ -282,8 +296,23 @@ async fn resolve_network(cfg: &Config, backends: &[Backend]) -> Result<Network> 
             }
         }
     }
-    let targets = ifaces.into_iter().map(|i| AttachTarget { ifname: i.name, ifindex: i.index }).collect();
-    Ok(Network { listen, snat, targets })
+    // An address on a VLAN interface means the traffic arrives tagged on
+    // its lower interface: that is where XDP sees it.
+    let all_vlans = netinfo::vlan_ifaces().await?;
+    let mut lowered = Vec::new();
+    for i in ifaces {
+        let lower = match all_vlans.iter().find(|v| v.iface.index == i.index) {
+            Some(v) => netinfo::iface_by_index(v.lower_index).await?,
+            None => i,
+        };
+        if !lowered.contains(&lower) {
+            lowered.push(lower);
+        }
+    }
+    let vlans: Vec<_> =
+        all_vlans.into_iter().filter(|v| lowered.iter().any(|l| l.index == v.lower_index)).collect();
+    let targets = lowered.into_iter().map(|i| AttachTarget { ifname: i.name, ifindex: i.index }).collect();
+    Ok(Network { listen, snat, targets, vlans })
 }
 
 /// Replies arrive at snat:nat_port; if the kernel could hand the same port

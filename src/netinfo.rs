@@ -120,6 +120,51 @@ pub async fn iface_by_name(name: &str) -> Result<Iface> {
     first_link(request, || format!("no interface named {name:?}")).await
 }
 
+/// A VLAN interface and the interface it sits on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VlanIface {
+    pub iface: Iface,
+    pub lower_index: u32,
+    pub vid: u16,
+}
+
+/// Interface by index.
+pub async fn iface_by_index(index: u32) -> Result<Iface> {
+    Netlink::connect()?.link_by_index(index).await
+}
+
+/// Every 802.1Q VLAN interface.
+pub async fn vlan_ifaces() -> Result<Vec<VlanIface>> {
+    use rtnetlink::packet_route::link::{InfoData, InfoVlan, LinkInfo};
+    let nl = Netlink::connect()?;
+    let links: Vec<LinkMessage> =
+        nl.handle.link().get().execute().try_collect().await.context("dumping interfaces")?;
+    let mut out = Vec::new();
+    for link in links {
+        let (mut name, mut lower, mut vid) = (None, None, None);
+        for a in &link.attributes {
+            match a {
+                LinkAttribute::IfName(n) => name = Some(n.clone()),
+                LinkAttribute::Link(l) => lower = Some(*l),
+                LinkAttribute::LinkInfo(infos) => {
+                    for i in infos {
+                        if let LinkInfo::Data(InfoData::Vlan(v)) = i {
+                            vid = v
+                                .iter()
+                                .find_map(|x| if let InfoVlan::Id(id) = x { Some(*id) } else { None });
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let (Some(name), Some(lower), Some(vid)) = (name, lower, vid) {
+            out.push(VlanIface { iface: Iface { name, index: link.header.index }, lower_index: lower, vid });
+        }
+    }
+    Ok(out)
+}
+
 /// Makes the kernel able to finish what XDP hands it, on `ifname`:
 /// - `net.ipv4.conf.<if>.forwarding=1`: `bpf_fib_lookup` refuses to answer without it;
 /// - `net.ipv4.conf.<if>.accept_local=1`: rewritten packets carry a local source address when

@@ -30,6 +30,11 @@ const FAR_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 10);
 /// On-link but with no neighbour entry: the kernel must resolve it.
 const UNRESOLVED_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 12);
 const NAT_PORTS: (u16, u16) = (20000, 20999);
+/// VLAN 100 over g0. This kernel has no 8021q module, so g1 stands in for
+/// the VLAN interface in the maps (the program only sees ifindexes): its
+/// hosts are reached with frames tagged 100 on g0.
+const VLAN_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
+const VLAN_BACKEND: Ipv4Addr = FAR_BACKEND;
 
 /// A TCP/IPv4 frame, described by the fields a case cares about.
 #[derive(Clone)]
@@ -46,6 +51,8 @@ struct Tcp {
     ttl: u8,
     ip_options: Vec<u8>,
     payload: Vec<u8>,
+    /// An 802.1Q tag with this VLAN id.
+    vlan: Option<u16>,
 }
 
 fn from_client(dport: u16) -> Tcp {
@@ -62,6 +69,7 @@ fn from_client(dport: u16) -> Tcp {
         ttl: 64,
         ip_options: vec![],
         payload: vec![],
+        vlan: None,
     }
 }
 
@@ -96,6 +104,7 @@ impl Tcp {
         tcp.checksum = tcp.calc_checksum_ipv4(&ip, &self.payload).unwrap();
         let eth = Ethernet2Header { source: self.smac, destination: self.dmac, ether_type: EtherType::IPV4 };
         let mut out = eth.to_bytes().to_vec();
+        tag(&mut out, self.vlan);
         out.extend_from_slice(&ip.to_bytes());
         out.extend_from_slice(&tcp.to_bytes());
         out.extend_from_slice(&self.payload);
@@ -103,10 +112,21 @@ impl Tcp {
     }
 }
 
+/// Inserts an 802.1Q tag after the MAC addresses of a 14-byte header.
+fn tag(frame: &mut Vec<u8>, vlan: Option<u16>) {
+    if let Some(vid) = vlan {
+        let [hi, lo] = vid.to_be_bytes();
+        frame.splice(12..12, [0x81, 0x00, hi, lo]);
+    }
+}
+
 /// Checks the frame's IPv4 and TCP checksums with etherparse, and returns
 /// the TCP header.
 fn checked_tcp(frame: &[u8]) -> (Ipv4Header, TcpHeader) {
-    let (_, rest) = Ethernet2Header::from_slice(frame).unwrap();
+    let (eth, mut rest) = Ethernet2Header::from_slice(frame).unwrap();
+    if eth.ether_type == EtherType::VLAN_TAGGED_FRAME {
+        rest = &rest[4..];
+    }
     let (ip, rest) = Ipv4Header::from_slice(rest).unwrap();
     assert_eq!(ip.header_checksum, ip.calc_header_checksum(), "IPv4 checksum");
     let (tcp, payload) = TcpHeader::from_slice(rest).unwrap();
@@ -134,6 +154,7 @@ impl Lb {
             snat: LISTEN,
             nat_ports: NAT_PORTS,
             ports: vec![(80, 8080), (443, 8443)],
+            vlans: vec![xlb::dataplane::Vlan { ifindex: far, lower_ifindex: ifindex, vid: 100 }],
         })
         .unwrap();
         let table: Vec<_> = (0..251)
@@ -185,12 +206,14 @@ fn golden_ns() -> common::Netns {
          sysctl -qw net.ipv4.conf.all.forwarding=1 && \
          ip neigh add {CLIENT} lladdr {} dev g0 nud permanent && \
          ip neigh add {BACKEND} lladdr {} dev g0 nud permanent && \
-         ip neigh add {FAR_BACKEND} lladdr {} dev g1 nud permanent",
+         ip neigh add {FAR_BACKEND} lladdr {} dev g1 nud permanent && \
+         ip neigh add {VLAN_CLIENT} lladdr {} dev g1 nud permanent",
         mac(LB_MAC),
         mac(LB1_MAC),
         mac(CLIENT_MAC),
         mac(BACKEND_MAC),
-        mac(FAR_BACKEND_MAC)
+        mac(FAR_BACKEND_MAC),
+        mac(CLIENT_MAC)
     ));
     ns
 }
@@ -610,6 +633,7 @@ fn expected_rst(syn: &Tcp) -> Vec<u8> {
     tcp.checksum = tcp.calc_checksum_ipv4(&ip, &[]).unwrap();
     let eth = Ethernet2Header { source: syn.dmac, destination: syn.smac, ether_type: EtherType::IPV4 };
     let mut out = eth.to_bytes().to_vec();
+    tag(&mut out, syn.vlan);
     out.extend_from_slice(&ip.to_bytes());
     out.extend_from_slice(&tcp.to_bytes());
     out
@@ -799,11 +823,21 @@ impl Rng {
     }
 }
 
-/// Whether the program may touch this frame: IPv4/TCP (no VLAN, not a
-/// fragment) to the listen IP on a mapped port or in the NAT range.
+/// Whether the program may touch this frame: IPv4/TCP (untagged or on the
+/// served VLAN) to the listen IP on a mapped port or in the NAT range, or an
+/// ICMP error to it.
 fn may_touch(frame: &[u8]) -> bool {
-    let Ok((eth, rest)) = Ethernet2Header::from_slice(frame) else { return false };
-    if eth.ether_type != EtherType::IPV4 {
+    let Ok((eth, mut rest)) = Ethernet2Header::from_slice(frame) else { return false };
+    let mut ether_type = eth.ether_type;
+    if ether_type == EtherType::VLAN_TAGGED_FRAME {
+        // Only the served VLAN (100) is looked into.
+        if rest.len() < 4 || u16::from_be_bytes([rest[0], rest[1]]) & 0x0fff != 100 {
+            return false;
+        }
+        ether_type = EtherType(u16::from_be_bytes([rest[2], rest[3]]));
+        rest = &rest[4..];
+    }
+    if ether_type != EtherType::IPV4 {
         return false;
     }
     let Ok((ip, rest)) = Ipv4Header::from_slice(rest) else { return false };
@@ -829,7 +863,10 @@ fn sums_to_zero(b: &[u8]) -> bool {
 
 /// IPv4 and TCP (or ICMP) checksums all valid (false when it does not parse).
 fn checksums_valid(frame: &[u8]) -> bool {
-    let Ok((_, rest)) = Ethernet2Header::from_slice(frame) else { return false };
+    let Ok((eth, mut rest)) = Ethernet2Header::from_slice(frame) else { return false };
+    if eth.ether_type == EtherType::VLAN_TAGGED_FRAME && rest.len() >= 4 {
+        rest = &rest[4..];
+    }
     let Ok((ip, rest)) = Ipv4Header::from_slice(rest) else { return false };
     if ip.protocol == IpNumber::ICMP {
         let len = (ip.total_len as usize).saturating_sub(ip.header_len()).min(rest.len());
@@ -865,6 +902,7 @@ fn fuzz_random_and_mutated_frames() {
                 ..from_client(80)
             }
             .frame(),
+            Tcp { src: (VLAN_CLIENT, 2000), vlan: Some(100), ..from_client(80) }.frame(),
             // An ICMP error quoting a segment of one of the fuzzer's flows.
             frag_needed(
                 CLIENT_MAC,
@@ -1022,5 +1060,65 @@ fn icmp_about_no_flow_of_ours_passes_untouched() {
         assert_eq!(action, XDP_PASS);
         assert_eq!(out, frame);
         lb.counters_moved(&[(Counter::XLB_CNT_PASS_NOT_TCP, 1)]);
+    });
+}
+
+#[test]
+fn tagged_traffic_on_a_served_vlan_keeps_its_tag() {
+    case(&[VLAN_BACKEND], |lb| {
+        let syn = Tcp { src: (VLAN_CLIENT, 40000), vlan: Some(100), ..from_client(80) };
+        let (action, out) = lb.run(&syn.frame());
+        assert_eq!(action, XDP_TX);
+        let port = lb.nat_port(syn.src);
+        let want = Tcp {
+            smac: LB1_MAC,
+            dmac: FAR_BACKEND_MAC,
+            src: (LISTEN, port),
+            dst: (VLAN_BACKEND, 8080),
+            ttl: 63,
+            ..syn.clone()
+        };
+        assert_eq!(out, want.frame(), "rewritten, tag 100 kept");
+        checked_tcp(&out);
+        let reply = Tcp {
+            smac: FAR_BACKEND_MAC,
+            src: (VLAN_BACKEND, 8080),
+            dst: (LISTEN, port),
+            ack: true,
+            ..syn.clone()
+        };
+        let (action, out) = lb.run(&reply.frame());
+        assert_eq!(action, XDP_TX);
+        let want = Tcp { smac: LB1_MAC, dmac: CLIENT_MAC, src: (LISTEN, 80), dst: syn.src, ttl: 63, ..reply };
+        assert_eq!(out, want.frame());
+        lb.counters_moved(&[
+            (Counter::XLB_CNT_NEW_FLOW, 1),
+            (Counter::XLB_CNT_FWD_TO_BACKEND, 1),
+            (Counter::XLB_CNT_FWD_TO_CLIENT, 1),
+        ]);
+    });
+}
+
+#[test]
+fn tagged_traffic_routed_off_its_vlan_goes_to_the_kernel() {
+    case(ONE, |lb| {
+        let syn = Tcp { src: (VLAN_CLIENT, 40000), vlan: Some(100), ..from_client(80) };
+        let (action, out) = lb.run(&syn.frame());
+        assert_eq!(action, XDP_PASS, "the backend is untagged: only the kernel can untag it");
+        let (ip, _) = checked_tcp(&out);
+        assert_eq!(ip.destination, BACKEND.octets(), "rewritten for the kernel to forward");
+        lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 1), (Counter::XLB_CNT_PASS_FOREIGN_EGRESS, 1)]);
+    });
+}
+
+#[test]
+fn draining_answers_a_tagged_syn_with_a_tagged_rst() {
+    case(&[VLAN_BACKEND], |lb| {
+        lb.dp.set_drain(true);
+        let syn = Tcp { src: (VLAN_CLIENT, 40000), vlan: Some(100), payload: vec![1; 10], ..from_client(80) };
+        let (action, out) = lb.run(&syn.frame());
+        assert_eq!(action, XDP_TX);
+        assert_eq!(out, expected_rst(&syn));
+        lb.counters_moved(&[(Counter::XLB_CNT_DRAIN_RST, 1)]);
     });
 }

@@ -42,7 +42,7 @@ static __always_inline struct outcome forward(struct xdp_md *ctx, struct packet 
 	fib.tot_len = bpf_ntohs(ip->tot_len);
 	fib.ipv4_src = ip->saddr;
 	fib.ipv4_dst = ip->daddr;
-	fib.ifindex = ctx->ingress_ifindex;
+	fib.ifindex = pkt->l3_ifindex;
 
 	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
@@ -53,6 +53,17 @@ static __always_inline struct outcome forward(struct xdp_md *ctx, struct packet 
 		return verdict(XDP_DROP, XLB_CNT_DROP_FIB);
 
 	ifindex = fib.ifindex;
+	if (pkt->vlan) {
+		/* Tagged: XDP can send it on only as a tagged frame on the same
+		 * wire, i.e. when the route leaves through a VLAN interface on top
+		 * of the ingress interface. The kernel handles anything else. */
+		struct vlan_tag_key *v = bpf_map_lookup_elem(&vlan_by_dev, &ifindex);
+
+		if (!v || v->lower_ifindex != ctx->ingress_ifindex)
+			return verdict(XDP_PASS, XLB_CNT_PASS_FOREIGN_EGRESS);
+		pkt->vlan->tci = (pkt->vlan->tci & bpf_htons(0xf000)) | bpf_htons(v->vid & 0x0fff);
+		ifindex = ctx->ingress_ifindex;
+	}
 	if (ifindex != ctx->ingress_ifindex && !bpf_map_lookup_elem(&tx_ports, &ifindex))
 		return verdict(XDP_PASS, XLB_CNT_PASS_FOREIGN_EGRESS);
 	if (ip->ttl <= 1)

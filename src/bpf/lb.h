@@ -6,6 +6,25 @@
 #include "hash.h"
 #include "xlb_maps.h"
 
+/* Sets pkt->l3_ifindex; returns 0 if the packet arrived untagged or on a
+ * VLAN XLB knows (one configured on this interface), -1 otherwise. */
+static __always_inline int known_l2(struct xdp_md *ctx, struct packet *pkt)
+{
+	struct vlan_tag_key k = {};
+	__u32 *dev;
+
+	pkt->l3_ifindex = ctx->ingress_ifindex;
+	if (!pkt->vlan)
+		return 0;
+	k.lower_ifindex = ctx->ingress_ifindex;
+	k.vid = bpf_ntohs(pkt->vlan->tci) & 0x0fff;
+	dev = bpf_map_lookup_elem(&vlan_by_tag, &k);
+	if (!dev)
+		return -1;
+	pkt->l3_ifindex = *dev;
+	return 0;
+}
+
 /* The backend port for a listened-on port, or 0 when the port is not ours. */
 static __always_inline __u16 remote_port_of(__u16 local_port)
 {

@@ -13,8 +13,16 @@
 #include <bpf/bpf_endian.h>
 #include "xlb_structs.h"
 
+/* An 802.1Q tag, after the MAC addresses. */
+struct vlan_tag {
+	__u16 tci; /* priority, DEI, VLAN id (low 12 bits) */
+	__u16 proto;
+};
+
 struct packet {
 	struct ethhdr *eth;
+	struct vlan_tag *vlan; /* NULL when untagged */
+	__u32 l3_ifindex;      /* where the IP packet arrived: the VLAN interface if tagged */
 	struct iphdr *ip;
 	struct tcphdr *tcp;
 	__u32 len; /* whole frame, for byte accounting */
@@ -27,19 +35,32 @@ static __always_inline int parse_tcp4(struct xdp_md *ctx, struct packet *pkt)
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct ethhdr *eth = data;
+	struct vlan_tag *vlan;
 	struct iphdr *ip;
 	struct tcphdr *tcp;
+	__u16 proto;
 	__u32 ihl;
 
 	pkt->len = data_end - data;
 	if ((void *)(eth + 1) > data_end)
 		return XLB_CNT_PASS_MALFORMED;
-	if (eth->h_proto == bpf_htons(ETH_P_8021Q) || eth->h_proto == bpf_htons(ETH_P_8021AD))
+	proto = eth->h_proto;
+	ip = (void *)(eth + 1);
+	pkt->vlan = NULL;
+	/* One 802.1Q tag is looked through; 802.1ad and stacked tags are not. */
+	if (proto == bpf_htons(ETH_P_8021Q)) {
+		vlan = (void *)(eth + 1);
+		if ((void *)(vlan + 1) > data_end)
+			return XLB_CNT_PASS_MALFORMED;
+		proto = vlan->proto;
+		pkt->vlan = vlan;
+		ip = (void *)(vlan + 1);
+	}
+	if (proto == bpf_htons(ETH_P_8021Q) || proto == bpf_htons(ETH_P_8021AD))
 		return XLB_CNT_PASS_VLAN;
-	if (eth->h_proto != bpf_htons(ETH_P_IP))
+	if (proto != bpf_htons(ETH_P_IP))
 		return XLB_CNT_PASS_NOT_IPV4;
 
-	ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > data_end)
 		return XLB_CNT_PASS_MALFORMED;
 	ihl = ip->ihl;

@@ -16,8 +16,8 @@
 #include "csum.h"
 #include "parsing.h"
 
-#define XLB_RST_FRAME_LEN (sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct tcphdr))
-#define XLB_RST_TTL	  64
+#define XLB_RST_L3L4_LEN (sizeof(struct iphdr) + sizeof(struct tcphdr))
+#define XLB_RST_TTL	 64
 
 static __always_inline __u16 csum_fold32(__s64 sum)
 {
@@ -37,20 +37,23 @@ static __always_inline int syn_to_rst(struct xdp_md *ctx, struct packet *pkt)
 	__u32 payload = bpf_ntohs(ip->tot_len) - ip->ihl * 4 - tcp->doff * 4;
 	__u32 ack = bpf_ntohl(tcp->seq) + 1 + payload;
 	void *data, *data_end;
+	__u32 l2;
 	__s64 sum;
 
 	__builtin_memcpy(mac, eth->h_source, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
 	__builtin_memcpy(eth->h_dest, mac, ETH_ALEN);
 
-	/* Drop IP options, TCP options and payload: a bare 54-byte frame. */
-	if (bpf_xdp_adjust_tail(ctx, (int)XLB_RST_FRAME_LEN - (int)pkt->len))
+	/* Drop IP options, TCP options and payload: a bare 54-byte frame (58
+	 * with the VLAN tag, which stays as it came). */
+	l2 = pkt->vlan ? sizeof(struct ethhdr) + sizeof(struct vlan_tag) : sizeof(struct ethhdr);
+	if (bpf_xdp_adjust_tail(ctx, (int)(l2 + XLB_RST_L3L4_LEN) - (int)pkt->len))
 		return -1;
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;
-	if (data + XLB_RST_FRAME_LEN > data_end)
+	if (data + l2 + XLB_RST_L3L4_LEN > data_end)
 		return -1;
-	ip = data + sizeof(struct ethhdr);
+	ip = data + l2;
 	tcp = (void *)(ip + 1);
 
 	ip->version = 4;
@@ -79,7 +82,7 @@ static __always_inline int syn_to_rst(struct xdp_md *ctx, struct packet *pkt)
 	sum = bpf_csum_diff(0, 0, (__be32 *)tcp, sizeof(*tcp), sum);
 	sum += bpf_htons(IPPROTO_TCP) + bpf_htons(sizeof(*tcp));
 	tcp->check = csum_fold32(sum);
-	pkt->len = XLB_RST_FRAME_LEN;
+	pkt->len = l2 + XLB_RST_L3L4_LEN;
 	return 0;
 }
 

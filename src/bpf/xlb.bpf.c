@@ -89,6 +89,8 @@ static __always_inline struct outcome handle(struct xdp_md *ctx, struct packet *
 	int reason;
 
 	reason = parse_tcp4(ctx, pkt);
+	if ((reason < 0 || reason == XLB_CNT_PASS_NOT_TCP) && known_l2(ctx, pkt))
+		return verdict(XDP_PASS, XLB_CNT_PASS_VLAN);
 	if (reason == XLB_CNT_PASS_NOT_TCP)
 		return icmp_error(ctx, pkt);
 	if (reason >= 0)

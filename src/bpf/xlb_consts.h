@@ -22,6 +22,9 @@
 /* Interfaces XDP may redirect to (one devmap slot each). */
 #define XLB_MAX_IFACES 64
 
+/* VLAN interfaces XLB can send tagged frames for. */
+#define XLB_MAX_VLANS 256
+
 /* NAT source-port allocation probes this many ports before giving up, so a
  * SYN costs a bounded number of map operations even in a crowded range. */
 #define XLB_NAT_PORT_TRIES 32

@@ -53,6 +53,23 @@ struct {
 	__type(value, __u32);
 } tx_ports SEC(".maps");
 
+/* VLAN interfaces on attached interfaces (see struct vlan_tag_key): a
+ * tagged frame is ours only on a known VLAN, and leaves through XDP only
+ * tagged for a VLAN on the same wire. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, XLB_MAX_VLANS);
+	__type(key, struct vlan_tag_key);
+	__type(value, __u32); /* the VLAN interface's ifindex */
+} vlan_by_tag SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, XLB_MAX_VLANS);
+	__type(key, __u32); /* the VLAN interface's ifindex */
+	__type(value, struct vlan_tag_key);
+} vlan_by_dev SEC(".maps");
+
 /* One slot per enum xlb_counter; per CPU, summed in user space. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

@@ -55,6 +55,15 @@ struct xlb_config {
 	__u32 hash_seed;
 };
 
+/* A VLAN on an interface XLB is attached to, both ways round: by the VLAN
+ * interface's ifindex (where routes point) and by (lower ifindex, VLAN id)
+ * (what a tagged frame carries). */
+struct vlan_tag_key {
+	__u32 lower_ifindex;
+	__u16 vid;
+	__u16 pad;
+};
+
 /* One maglev slot: the backend that owns it. addr == 0 means empty. */
 struct backend {
 	__u32 addr;

@@ -7,7 +7,7 @@ mod skel {
 }
 
 pub use skel::types::{backend as BackendSlot, flow as Flow, flow_key as FlowKey, xdp_md as XdpMd};
-pub use skel::types::{xlb_config as XlbConfig, xlb_counter as CounterId};
+pub use skel::types::{vlan_tag_key as VlanTagKey, xlb_config as XlbConfig, xlb_counter as CounterId};
 pub use skel::{XlbSkel, XlbSkelBuilder};
 
 // SAFETY: plain C structs of integers with explicit padding (see
@@ -16,6 +16,7 @@ unsafe impl plain::Plain for skel::types::backend {}
 unsafe impl plain::Plain for skel::types::flow {}
 unsafe impl plain::Plain for skel::types::flow_key {}
 unsafe impl plain::Plain for skel::types::xdp_md {}
+unsafe impl plain::Plain for skel::types::vlan_tag_key {}
 
 /// The raw bytes of an ABI value, as the kernel's map syscalls take them.
 pub fn bytes<T: plain::Plain>(v: &T) -> &[u8] {

@@ -47,6 +47,17 @@ pub struct Service {
     pub nat_ports: (u16, u16),
     /// (local_port, remote_port) pairs.
     pub ports: Vec<(u16, u16)>,
+    /// VLAN interfaces on attached interfaces: tagged traffic on them is
+    /// served too.
+    pub vlans: Vec<Vlan>,
+}
+
+/// A VLAN interface over a lower interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vlan {
+    pub ifindex: u32,
+    pub lower_ifindex: u32,
+    pub vid: u16,
 }
 
 /// How the program sits on an interface.
@@ -186,6 +197,11 @@ impl Dataplane {
         cfg.nr_ports = s.ports.len() as u32;
         // A per-instance seed keeps backend choice unpredictable to clients.
         cfg.hash_seed = rand_u32();
+        for v in &s.vlans {
+            let key = abi::VlanTagKey { lower_ifindex: v.lower_ifindex, vid: v.vid, pad: 0 };
+            self.skel.maps.vlan_by_tag.update(bytes(&key), &v.ifindex.to_ne_bytes(), MapFlags::ANY)?;
+            self.skel.maps.vlan_by_dev.update(&v.ifindex.to_ne_bytes(), bytes(&key), MapFlags::ANY)?;
+        }
         Ok(())
     }
 
