@@ -26,6 +26,9 @@ use crate::status::{BackendStatus, InterfaceStatus, Phase, PortStatus, SharedSta
 /// How long a closed connection (FIN both ways, or RST) keeps its entries:
 /// long enough for the last ACK and stray retransmissions.
 const CLOSED_TTL: Duration = Duration::from_secs(10);
+/// How long a connection whose handshake never completed keeps its entries:
+/// a SYN flood must not fill the table for orphan_ttl_secs.
+const HALF_OPEN_TTL: Duration = Duration::from_secs(30);
 /// How often counters are read and expired connections swept.
 const STATS_INTERVAL: Duration = Duration::from_secs(1);
 /// How long startup waits for a provider's first complete backend set.
@@ -113,9 +116,19 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
         info!(vlan = %v.iface.name, vid = v.vid, "serving tagged traffic of VLAN {} ({})", v.vid, v.iface.name);
     }
     let targets = net.targets.clone();
-    let (dp, started) = tokio::task::spawn_blocking(move || DataplaneHandle::start(opts, service, targets))
-        .await
-        .context("data plane start task")??;
+    let mut set = BackendSet::new(cfg.maglev_table_size);
+    let first = set.update(initial);
+    let (table, first_changes) = match first {
+        Some((t, c)) => (Some(t), Some(c)),
+        None => (None, None),
+    };
+    // Exporting reads the status document only; started before anything is
+    // attached so that its failure cannot leave a program behind.
+    let telemetry = crate::telemetry::start(&cfg, status.clone())?;
+    let (dp, started) =
+        tokio::task::spawn_blocking(move || DataplaneHandle::start(opts, service, table, targets))
+            .await
+            .context("data plane start task")??;
     let attached = started.attached;
     if let Some(p) = &pins {
         match started.adopted {
@@ -139,16 +152,15 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
             .collect();
     });
 
-    let (set_tx, set_rx) = watch::channel(Vec::new());
-    let mut set = BackendSet::new(cfg.maglev_table_size);
-    apply(&mut set, initial, &dp, &set_tx).await?;
+    if let Some(c) = first_changes {
+        c.log();
+    }
+    let (set_tx, set_rx) = watch::channel(set.current_with_ids());
     let attached_names: Vec<String> = attached.iter().map(|a| a.ifname.clone()).collect();
     let balancer = tokio::spawn(balancer_loop(set, provider.backends, dp.clone(), set_tx, attached_names));
     let stats =
         tokio::spawn(stats_loop(dp.clone(), status.clone(), set_rx, provider.health, cfg.orphan_ttl_secs));
     status.update(|s| s.phase = Phase::Running);
-    // Metrics export (issue #6): reads the status document only.
-    let telemetry = crate::telemetry::start(&cfg, status.clone())?;
     info!(
         listen = %net.listen,
         ports = ?cfg.ports.iter().map(|p| format!("{}->{}", p.local_port, p.remote_port)).collect::<Vec<_>>(),
@@ -405,6 +417,7 @@ async fn stats_loop(
             now_ns: crate::dataplane::now_ns(),
             idle_ns: orphan_ttl_secs.saturating_mul(1_000_000_000),
             closed_ns: CLOSED_TTL.as_nanos() as u64,
+            half_open_ns: HALF_OPEN_TTL.as_nanos() as u64,
         };
         let gc = match dp.expire_flows(policy).await {
             Ok(gc) => gc,

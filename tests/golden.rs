@@ -587,8 +587,12 @@ fn closed_and_idle_flows_are_expired_in_pairs() {
         assert_eq!(lb.dp.flows().unwrap().len(), 4);
 
         let now = xlb::dataplane::now_ns();
-        let soon =
-            GcPolicy { now_ns: now + 2_000_000_000, idle_ns: 300_000_000_000, closed_ns: 1_000_000_000 };
+        let soon = GcPolicy {
+            now_ns: now + 2_000_000_000,
+            idle_ns: 300_000_000_000,
+            closed_ns: 1_000_000_000,
+            half_open_ns: 30_000_000_000,
+        };
         let stats = lb.dp.expire_flows(&soon).unwrap();
         assert_eq!((stats.closed, stats.orphaned, stats.active), (1, 0, 1));
         let left = lb.dp.flows().unwrap();
@@ -613,7 +617,12 @@ fn rst_closes_a_flow() {
         lb.run(&a.frame());
         lb.run(&Tcp { syn: false, rst: true, ..a.clone() }.frame());
         let now = xlb::dataplane::now_ns();
-        let p = GcPolicy { now_ns: now + 2_000_000_000, idle_ns: 300_000_000_000, closed_ns: 1_000_000_000 };
+        let p = GcPolicy {
+            now_ns: now + 2_000_000_000,
+            idle_ns: 300_000_000_000,
+            closed_ns: 1_000_000_000,
+            half_open_ns: 30_000_000_000,
+        };
         assert_eq!(lb.dp.expire_flows(&p).unwrap().closed, 1);
         assert!(lb.dp.flows().unwrap().is_empty());
     });
@@ -750,8 +759,21 @@ fn a_syn_after_the_connection_closed_starts_a_fresh_one() {
         lb.run(&syn.frame());
         lb.run(&Tcp { fin: true, ..syn.clone().ack() }.frame());
         let before = lb.dp.flows().unwrap();
-        let old = before.iter().find(|f| f.is_forward()).unwrap().flow;
-        assert_eq!(old.tcp_flags & 0x01, 0x01, "FIN recorded");
+        let fwd = before.iter().find(|f| f.is_forward()).unwrap();
+        assert_eq!(fwd.flow.tcp_flags & 0x01, 0x01, "FIN recorded");
+        // The backend closes too: now the connection is over.
+        let (be, port) = (fwd.nat().1 .0, fwd.nat().0 .1);
+        let be_mac = if be == BACKEND { BACKEND_MAC } else { FAR_BACKEND_MAC };
+        let back_fin = Tcp {
+            smac: be_mac,
+            src: (be, 8080),
+            dst: (LISTEN, port),
+            syn: false,
+            ack: true,
+            fin: true,
+            ..syn.clone()
+        };
+        lb.run(&back_fin.frame());
 
         let again = Tcp { seq: 999_999, ..syn.clone() };
         let (action, _) = lb.run(&again.frame());
@@ -761,7 +783,11 @@ fn a_syn_after_the_connection_closed_starts_a_fresh_one() {
         let fresh = after.iter().find(|f| f.is_forward()).unwrap().flow;
         assert_eq!(fresh.tcp_flags & 0x01, 0, "a new connection, without the old FIN");
         assert_eq!(fresh.packets, 1);
-        lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 2), (Counter::XLB_CNT_FWD_TO_BACKEND, 3)]);
+        lb.counters_moved(&[
+            (Counter::XLB_CNT_NEW_FLOW, 2),
+            (Counter::XLB_CNT_FWD_TO_BACKEND, 3),
+            (Counter::XLB_CNT_FWD_TO_CLIENT, 1),
+        ]);
     });
 }
 
@@ -1120,5 +1146,50 @@ fn draining_answers_a_tagged_syn_with_a_tagged_rst() {
         assert_eq!(action, XDP_TX);
         assert_eq!(out, expected_rst(&syn));
         lb.counters_moved(&[(Counter::XLB_CNT_DRAIN_RST, 1)]);
+    });
+}
+
+#[test]
+fn half_open_connections_expire_early_established_ones_do_not() {
+    case(ONE, |lb| {
+        // A: handshake never completes (a spoofed SYN). B: completes.
+        let a = Tcp { src: (CLIENT, 40100), ..from_client(80) };
+        let b = Tcp { src: (CLIENT, 40101), ..from_client(80) };
+        lb.run(&a.frame());
+        lb.run(&b.frame());
+        let port_b = lb.nat_port(b.src);
+        let synack =
+            Tcp { smac: BACKEND_MAC, src: (BACKEND, 8080), dst: (LISTEN, port_b), ack: true, ..b.clone() };
+        lb.run(&synack.frame());
+        lb.run(&b.clone().ack().frame());
+        let now = xlb::dataplane::now_ns();
+        let p = GcPolicy {
+            now_ns: now + 31_000_000_000,
+            idle_ns: 300_000_000_000,
+            closed_ns: 10_000_000_000,
+            half_open_ns: 30_000_000_000,
+        };
+        let stats = lb.dp.expire_flows(&p).unwrap();
+        assert_eq!((stats.orphaned, stats.active), (1, 1));
+        let left = lb.dp.flows().unwrap();
+        assert!(
+            left.iter().filter(|f| f.is_forward()).all(|f| f.src() == b.src),
+            "only the established one stays"
+        );
+    });
+}
+
+#[test]
+fn a_syn_on_a_half_closed_connection_does_not_replace_it() {
+    case(ONE, |lb| {
+        let syn = from_client(80);
+        lb.run(&syn.frame());
+        lb.run(&Tcp { fin: true, ..syn.clone().ack() }.frame());
+        // Only the client has closed: the backend may still be sending.
+        let (_, out) = lb.run(&syn.frame());
+        let (_, tcp) = checked_tcp(&out);
+        assert_eq!(tcp.source_port, lb.nat_port(syn.src), "same connection, same NAT port");
+        let fwd = lb.dp.flows().unwrap().into_iter().find(|f| f.is_forward()).unwrap();
+        assert_eq!(fwd.flow.packets, 3, "the live entry was kept");
     });
 }

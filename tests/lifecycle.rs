@@ -242,3 +242,17 @@ fn incompatible_pins_are_refused_with_a_way_out() {
     assert!(try_connect(&t.client).is_ok(), "the earlier program still serves");
     drop(first);
 }
+
+#[test]
+fn a_second_instance_of_the_same_name_is_refused() {
+    let t = Topology::new(1);
+    let _b1 = start_backend(&t.backends[0], "be1");
+    let cfg = lb_config(1, "");
+    let _first = XlbProcess::start(&t.lb, &cfg);
+    let mut second = XlbProcess::spawn(&t.lb, &format!("{cfg}admin: {{address: 127.0.0.1, port: 9091}}\n"));
+    second.instance = None; // the pins are the first one's
+    let st = second.wait(Duration::from_secs(20)).expect("refuses and exits");
+    assert_eq!(st.code(), Some(1));
+    assert!(second.log().contains("is already running"), "{}", second.log());
+    assert!(try_connect(&t.client).is_ok(), "the first instance is untouched");
+}

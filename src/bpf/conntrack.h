@@ -43,19 +43,22 @@ static __always_inline void flow_peer_key(struct flow_key *peer, const struct fl
 	peer->proto = IPPROTO_TCP;
 }
 
-/* Whether a connection has seen a FIN or RST either way: a new SYN on its
- * tuple then starts a new connection rather than resuming this one. */
+/* Whether a connection is over (FIN both ways, or a RST either way): a new
+ * SYN on its tuple then starts a new connection rather than resuming this
+ * one. A half-closed connection may still be streaming: it is not over. */
 static __always_inline int ct_closed(const struct flow *f)
 {
 	struct flow_key peer = {};
 	struct flow *r;
-	__u32 seen = f->tcp_flags;
+	__u32 back = 0;
 
 	flow_peer_key(&peer, f);
 	r = bpf_map_lookup_elem(&conntrack, &peer);
 	if (r)
-		seen |= r->tcp_flags;
-	return seen & (XLB_TCP_FIN | XLB_TCP_RST);
+		back = r->tcp_flags;
+	if ((f->tcp_flags | back) & XLB_TCP_RST)
+		return 1;
+	return (f->tcp_flags & XLB_TCP_FIN) && (back & XLB_TCP_FIN);
 }
 
 /* Removes both entries, forward first so the NAT port is never in use by

@@ -135,6 +135,9 @@ pub struct GcPolicy {
     pub idle_ns: u64,
     /// Closed connections (FIN both ways, or RST) after this long idle.
     pub closed_ns: u64,
+    /// Connections whose handshake never completed (a SYN flood, a dead
+    /// backend) after this long idle.
+    pub half_open_ns: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -236,13 +239,19 @@ pub(super) fn expire(map: &MapMut<'_>, p: &GcPolicy) -> Result<GcStats> {
             } else {
                 b.closed_fin += 1;
             }
-        } else if idle > p.idle_ns {
+        } else if idle > p.idle_ns || (state == "syn_sent" && idle > p.half_open_ns) {
             stats.orphaned += 1;
             b.orphaned += 1;
         } else {
             stats.active += 1;
             b.active += 1;
             b.live.add(&traffic);
+            continue;
+        }
+        // The sweep judged a snapshot: if the connection moved since (a
+        // packet, or its tuple reused for a new one), leave it for next time.
+        if !unchanged(map, &e.key, &e.flow) {
+            stats.active += 1;
             continue;
         }
         b.removed.add(&traffic);
@@ -260,6 +269,18 @@ pub(super) fn expire(map: &MapMut<'_>, p: &GcPolicy) -> Result<GcStats> {
         }
     }
     Ok(stats)
+}
+
+fn unchanged(map: &MapMut<'_>, key: &FlowKey, seen: &Flow) -> bool {
+    match map.lookup(bytes(key), MapFlags::ANY) {
+        Ok(Some(v)) => {
+            let now: Flow = from_bytes(&v);
+            now.created_ns == seen.created_ns
+                && now.nat_sport == seen.nat_sport
+                && now.last_seen_ns == seen.last_seen_ns
+        }
+        _ => false,
+    }
 }
 
 fn delete(map: &MapMut<'_>, key: &FlowKey) -> Result<()> {

@@ -94,6 +94,9 @@ pub struct Dataplane {
     pins: Option<pins::PinDir>,
     /// Connections taken over from an earlier instance's pinned map.
     adopted: bool,
+    /// Held while this process owns the pins: a second `xlb run` of the same
+    /// instance must not adopt (and later delete) what a live one uses.
+    _lock: Option<nix::fcntl::Flock<std::fs::File>>,
 }
 
 impl Dataplane {
@@ -116,8 +119,10 @@ impl Dataplane {
         let abi =
             open.maps.rodata_data.as_deref().expect("the program has a .rodata section").xlb_abi_version;
         let mut adopted = false;
+        let mut lock = None;
         if let Some(p) = &opts.pins {
             std::fs::create_dir_all(&p.path).with_context(|| format!("creating {}", p.path.display()))?;
+            lock = Some(pins::lock(p)?);
             let ct = p.map("conntrack");
             if ct.exists() {
                 check_pinned_abi(p, abi)?;
@@ -154,6 +159,7 @@ impl Dataplane {
             attachments: Vec::new(),
             pins: opts.pins,
             adopted,
+            _lock: lock,
         };
         dp.config_mut().maglev_size = opts.maglev_size;
         if let Some(p) = dp.pins.clone() {
@@ -285,11 +291,15 @@ impl Dataplane {
                 (link, mode)
             }
         };
-        self.skel
-            .maps
-            .tx_ports
-            .update(&ifindex.to_ne_bytes(), &ifindex.to_ne_bytes(), MapFlags::ANY)
-            .with_context(|| format!("adding {ifname} to the redirect map"))?;
+        // Only a driver-mode interface can take redirected frames; traffic
+        // routed to a generic-mode one goes through the kernel instead.
+        if mode == XdpMode::Native {
+            self.skel
+                .maps
+                .tx_ports
+                .update(&ifindex.to_ne_bytes(), &ifindex.to_ne_bytes(), MapFlags::ANY)
+                .with_context(|| format!("adding {ifname} to the redirect map"))?;
+        }
         self.attachments.push(Attachment { ifname: ifname.to_string(), ifindex, mode, link });
         Ok(mode)
     }
@@ -319,6 +329,12 @@ impl Dataplane {
             p.remove().with_context(|| format!("removing {}", p.path.display()))?;
         }
         Ok(())
+    }
+
+    /// Lets go without touching what runs: the pinned links keep the
+    /// program attached, with its redirect map intact, for the next instance.
+    pub fn release_for_handover(mut self) {
+        self.attachments.clear();
     }
 
     /// Detaches from every interface (also done on drop).

@@ -55,6 +55,20 @@ impl PinDir {
     }
 }
 
+/// Takes the instance's lock (an flock on its pin directory), or says which
+/// instance is running.
+pub fn lock(p: &PinDir) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    let dir = std::fs::File::open(&p.path)?;
+    nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        let instance = p.path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        anyhow::anyhow!(
+            "instance {instance} is already running on this host ({} is locked: {e}); \
+             stop it first, or give this one another `name`",
+            p.path.display()
+        )
+    })
+}
+
 /// True when `path`'s file system is bpffs (pins need it).
 pub fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)

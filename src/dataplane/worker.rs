@@ -58,6 +58,7 @@ impl DataplaneHandle {
     pub fn start(
         opts: LoadOptions,
         service: Service,
+        table: Option<Vec<Option<(Ipv4Addr, u32)>>>,
         targets: Vec<AttachTarget>,
     ) -> Result<(DataplaneHandle, Started)> {
         let (tx, rx) = mpsc::channel();
@@ -65,14 +66,25 @@ impl DataplaneHandle {
         std::thread::Builder::new()
             .name("xlb-dataplane".into())
             .spawn(move || {
-                let setup = || -> Result<(Dataplane, Started)> {
-                    let mut dp = Dataplane::load(opts)?;
+                let mut dp = match Dataplane::load(opts) {
+                    Ok(dp) => dp,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let mut setup = || -> Result<Started> {
                     let adopted = if dp.adopted() {
                         Some(dp.flows()?.iter().filter(|f| f.is_forward()).count())
                     } else {
                         None
                     };
                     dp.set_service(&service)?;
+                    // Backends before the first attach: no packet ever meets
+                    // an attached program with an empty table.
+                    if let Some(table) = &table {
+                        dp.set_backends(table)?;
+                    }
                     let mut attached = Vec::new();
                     for t in &targets {
                         let mode = dp.attach(&t.ifname, t.ifindex)?;
@@ -83,14 +95,20 @@ impl DataplaneHandle {
                             "detached the earlier instance's program from {name}: no longer listed"
                         );
                     }
-                    Ok((dp, Started { attached, adopted }))
+                    Ok(Started { attached, adopted })
                 };
                 match setup() {
-                    Ok((dp, attached)) => {
-                        let _ = ready_tx.send(Ok(attached));
+                    Ok(started) => {
+                        let _ = ready_tx.send(Ok(started));
                         serve(dp, rx);
                     }
                     Err(e) => {
+                        // A fresh instance leaves nothing behind; an adopted one
+                        // keeps the pins, whose connections are still live.
+                        if !dp.adopted() {
+                            let _ = dp.remove_pins();
+                        }
+                        drop(dp);
                         let _ = ready_tx.send(Err(e));
                     }
                 }
@@ -157,8 +175,14 @@ fn serve(mut dp: Dataplane, rx: mpsc::Receiver<Cmd>) {
                 let _ = r.send(dp.flows().map(|f| f.iter().filter(|f| f.is_forward()).count() as u64));
             }
             Cmd::Stop(handover, r) => {
-                let res = if handover { Ok(()) } else { dp.remove_pins() };
-                drop(dp);
+                let res = if handover {
+                    dp.release_for_handover();
+                    Ok(())
+                } else {
+                    let res = dp.remove_pins();
+                    drop(dp);
+                    res
+                };
                 let _ = r.send(res);
                 return;
             }
