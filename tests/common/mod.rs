@@ -28,58 +28,26 @@ pub fn sh(cmd: &str) -> Output {
     out
 }
 
+/// A namespace this test owns: removed on drop. Everything else it does
+/// is NsRef's.
 pub struct Netns {
-    pub name: String,
+    ns: NsRef,
 }
 
 impl Netns {
     pub fn new(prefix: &str) -> Netns {
         let name = unique(prefix);
         sh(&format!("ip netns add {name}"));
-        let ns = Netns { name };
+        let ns = Netns { ns: NsRef { name } };
         ns.exec("ip link set lo up");
         ns
     }
+}
 
-    pub fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/run/netns/{}", self.name))
-    }
-
-    /// Runs a shell command inside the namespace.
-    pub fn exec(&self, cmd: &str) -> Output {
-        sh(&format!("ip netns exec {} sh -c '{}'", self.name, cmd.replace('\'', r"'\''")))
-    }
-
-    /// Runs `f` on a thread that has entered this namespace (network only:
-    /// the host's /sys/fs/bpf stays visible, unlike with `ip netns exec`).
-    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = self.path();
-        std::thread::spawn(move || {
-            enter(&path);
-            f()
-        })
-        .join()
-        .expect("namespaced thread panicked")
-    }
-
-    /// Like `run` but does not wait.
-    pub fn spawn<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> std::thread::JoinHandle<T> {
-        let path = self.path();
-        std::thread::spawn(move || {
-            enter(&path);
-            f()
-        })
-    }
-
-    /// Moves one end of a new veth pair into `peer` and keeps the other here.
-    pub fn veth_to(&self, here: &str, peer: &Netns, there: &str) {
-        sh(&format!(
-            "ip link add {here} netns {} type veth peer name {there} netns {}",
-            self.name, peer.name
-        ));
+impl std::ops::Deref for Netns {
+    type Target = NsRef;
+    fn deref(&self) -> &NsRef {
+        &self.ns
     }
 }
 
@@ -133,6 +101,8 @@ impl NsRef {
         sh(&format!("ip netns exec {} sh -c '{}'", self.name, cmd.replace('\'', r"'\''")))
     }
 
+    /// Runs `f` on a thread that has entered this namespace (network only:
+    /// the host's /sys/fs/bpf stays visible, unlike with `ip netns exec`).
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         self.spawn(f).join().expect("namespaced thread panicked")
     }
