@@ -113,3 +113,27 @@ fn run_refuses_a_listen_ip_that_is_not_local_and_attaches_nothing() {
     let links = ns.exec("ip -d link show");
     assert!(!String::from_utf8_lossy(&links.stdout).contains("prog/xdp"));
 }
+
+#[test]
+fn run_refuses_a_nat_range_the_kernel_could_hand_out() {
+    let ns = common::Netns::new("xc");
+    ns.exec("ip link add v0 type veth peer name v1 && ip addr add 10.9.0.1/24 dev v0 && ip link set v0 up && ip link set v1 up && sysctl -qw net.ipv4.ip_local_port_range=\"32768 60999\"");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("xlb.yaml");
+    std::fs::write(
+        &cfg,
+        format!("listen: {{ip: 10.9.0.1}}\nnat_port_range: {{min: 30000, max: 40000}}\n{GOOD}"),
+    )
+    .unwrap();
+    let o = Command::new("nsenter")
+        .arg(format!("--net={}", ns.path().display()))
+        .arg(env!("CARGO_BIN_EXE_xlb"))
+        .args(["run", "-c"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(e.contains("overlaps the kernel's ephemeral port range 32768-60999"), "{e}");
+    assert!(!String::from_utf8_lossy(&ns.exec("ip -d link show").stdout).contains("prog/xdp"));
+}

@@ -145,10 +145,14 @@ struct Lb {
 
 impl Lb {
     fn new(backends: &[Ipv4Addr]) -> Lb {
+        Lb::with_capacity(backends, 1024)
+    }
+
+    fn with_capacity(backends: &[Ipv4Addr], conntrack_capacity: u32) -> Lb {
         let ifindex = nix::net::if_::if_nametoindex("g0").unwrap();
         let far = nix::net::if_::if_nametoindex("g1").unwrap();
         let mut dp =
-            Dataplane::load(LoadOptions { conntrack_capacity: 1024, maglev_size: 251, pins: None }).unwrap();
+            Dataplane::load(LoadOptions { conntrack_capacity, maglev_size: 251, pins: None }).unwrap();
         dp.set_service(&Service {
             listen: LISTEN,
             snat: LISTEN,
@@ -1191,5 +1195,27 @@ fn a_syn_on_a_half_closed_connection_does_not_replace_it() {
         assert_eq!(tcp.source_port, lb.nat_port(syn.src), "same connection, same NAT port");
         let fwd = lb.dp.flows().unwrap().into_iter().find(|f| f.is_forward()).unwrap();
         assert_eq!(fwd.flow.packets, 3, "the live entry was kept");
+    });
+}
+
+#[test]
+fn a_full_conntrack_refuses_new_connections_and_keeps_the_old() {
+    let ns = golden_ns();
+    ns.run(|| {
+        let mut lb = Lb::with_capacity(ONE, 4);
+        for sport in 0..4u16 {
+            let (action, _) = lb.run(&Tcp { src: (CLIENT, 30000 + sport), ..from_client(80) }.frame());
+            assert_eq!(action, XDP_TX, "connection {sport} fits");
+        }
+        lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 4), (Counter::XLB_CNT_FWD_TO_BACKEND, 4)]);
+        let (action, out) = lb.run(&Tcp { src: (CLIENT, 31000), ..from_client(80) }.frame());
+        assert_eq!(action, XDP_DROP, "a full table refuses");
+        assert_eq!(out, Tcp { src: (CLIENT, 31000), ..from_client(80) }.frame(), "nothing rewritten");
+        lb.counters_moved(&[(Counter::XLB_CNT_DROP_CT_FULL, 1)]);
+        for sport in 0..4u16 {
+            let (action, _) = lb.run(&Tcp { src: (CLIENT, 30000 + sport), ..from_client(80) }.ack().frame());
+            assert_eq!(action, XDP_TX, "established connection {sport} is never evicted");
+        }
+        assert_eq!(lb.dp.flows().unwrap().len(), 8);
     });
 }
