@@ -477,12 +477,62 @@ fn ip_options_are_carried_and_checksums_stay_valid() {
     });
 }
 
+/// ICMP time exceeded for `t`, from the address it was sent to, quoting
+/// its IP header and first 8 bytes of TCP.
+fn time_exceeded(t: &Tcp) -> Vec<u8> {
+    use etherparse::{icmpv4::TimeExceededCode, Icmpv4Header, Icmpv4Type};
+    let f = t.frame();
+    let quote = &f[14..14 + 28];
+    let icmp =
+        Icmpv4Header::with_checksum(Icmpv4Type::TimeExceeded(TimeExceededCode::TtlExceededInTransit), quote);
+    let mut ip = Ipv4Header::new(
+        (icmp.header_len() + 28) as u16,
+        64,
+        IpNumber::ICMP,
+        t.dst.0.octets(),
+        t.src.0.octets(),
+    )
+    .unwrap();
+    ip.dont_fragment = false;
+    ip.header_checksum = ip.calc_header_checksum();
+    let eth = Ethernet2Header { source: t.dmac, destination: t.smac, ether_type: EtherType::IPV4 };
+    let mut out = eth.to_bytes().to_vec();
+    out.extend_from_slice(&ip.to_bytes());
+    out.extend_from_slice(&icmp.to_bytes());
+    out.extend_from_slice(quote);
+    out
+}
+
 #[test]
-fn ttl_one_is_dropped_not_forwarded() {
+fn ttl_one_is_answered_with_time_exceeded_not_forwarded() {
     case(ONE, |lb| {
-        let (action, _) = lb.run(&Tcp { ttl: 1, ..from_client(80) }.frame());
+        let syn = Tcp { ttl: 1, payload: vec![9; 20], ..from_client(80) };
+        let (action, out) = lb.run(&syn.frame());
+        assert_eq!(action, XDP_TX);
+        assert_eq!(out, time_exceeded(&syn));
+        assert!(checksums_valid(&out));
+        lb.counters_moved(&[(Counter::XLB_CNT_TTL_EXCEEDED, 1)]);
+        assert!(lb.dp.flows().unwrap().is_empty(), "no connection for an expired SYN");
+
+        // With IP options the quote would need more room: dropped, counted.
+        let (action, _) = lb.run(&Tcp { ttl: 1, ip_options: vec![1, 1, 1, 0], ..from_client(80) }.frame());
         assert_eq!(action, XDP_DROP);
-        lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 1), (Counter::XLB_CNT_DROP_TTL, 1)]);
+        lb.counters_moved(&[(Counter::XLB_CNT_DROP_TTL, 1)]);
+
+        // A backend's reply with TTL 1 is answered to the backend.
+        lb.run(&from_client(80).frame());
+        let port = lb.nat_port(syn.src);
+        let reply = Tcp {
+            smac: BACKEND_MAC,
+            src: (BACKEND, 8080),
+            dst: (LISTEN, port),
+            ack: true,
+            ttl: 1,
+            ..syn.clone()
+        };
+        let (action, out) = lb.run(&reply.frame());
+        assert_eq!(action, XDP_TX);
+        assert_eq!(out, time_exceeded(&reply));
     });
 }
 

@@ -24,17 +24,31 @@
 #include "forward.h"
 #include "rst.h"
 #include "icmp.h"
+#include "ttl.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/* A packet of ours that forwarding would expire: answered like a router. */
+static __always_inline struct outcome expired(struct xdp_md *ctx, struct packet *pkt)
+{
+	if (ttl_exceeded(ctx, pkt))
+		return verdict(XDP_DROP, XLB_CNT_DROP_TTL);
+	return verdict(XDP_TX, XLB_CNT_TTL_EXCEEDED);
+}
 
 /* A client packet to listen_ip:local_port. */
 static __always_inline struct outcome to_backend(struct xdp_md *ctx, struct packet *pkt,
 						 const struct flow_key *key, __u16 remote_port)
 {
 	__u64 now = bpf_ktime_get_coarse_ns();
-	struct flow *f = bpf_map_lookup_elem(&conntrack, key);
-	int bare_syn = (tcp_flags(pkt->tcp) &
-			(XLB_TCP_SYN | XLB_TCP_ACK | XLB_TCP_RST | XLB_TCP_FIN)) == XLB_TCP_SYN;
+	struct flow *f;
+	int bare_syn;
+
+	if (pkt->ip->ttl <= 1)
+		return expired(ctx, pkt);
+	f = bpf_map_lookup_elem(&conntrack, key);
+	bare_syn = (tcp_flags(pkt->tcp) &
+		    (XLB_TCP_SYN | XLB_TCP_ACK | XLB_TCP_RST | XLB_TCP_FIN)) == XLB_TCP_SYN;
 
 	/* A SYN on the tuple of a finished connection opens a new one (the
 	 * client reused its port); a retransmitted SYN of a live one does not. */
@@ -77,6 +91,8 @@ static __always_inline struct outcome to_client(struct xdp_md *ctx, struct packe
 
 	if (!f)
 		return verdict(XDP_PASS, XLB_CNT_PASS_NOT_OURS);
+	if (pkt->ip->ttl <= 1)
+		return expired(ctx, pkt);
 	flow_touch(f, pkt, bpf_ktime_get_coarse_ns());
 	nat_rewrite(pkt, f);
 	return forward(ctx, pkt, XLB_CNT_FWD_TO_CLIENT);

@@ -32,6 +32,7 @@ enum xlb_counter {
 	XLB_CNT_DROP_TTL,	     /* TTL would reach zero */
 	XLB_CNT_DRAIN_RST,	     /* new connection refused with RST (drain) */
 	XLB_CNT_FWD_ICMP,	     /* ICMP error about a flow, translated and sent on */
+	XLB_CNT_TTL_EXCEEDED,	     /* answered with ICMP time exceeded */
 	XLB_CNT_MAX,
 };
 

@@ -28,6 +28,7 @@ pub const ALL: &[(Counter, &str)] = &[
     (Counter::XLB_CNT_DROP_TTL, "drop_ttl"),
     (Counter::XLB_CNT_DRAIN_RST, "drain_rst"),
     (Counter::XLB_CNT_FWD_ICMP, "fwd_icmp"),
+    (Counter::XLB_CNT_TTL_EXCEEDED, "icmp_ttl_exceeded"),
 ];
 
 /// The stable name of a counter.
