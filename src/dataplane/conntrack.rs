@@ -142,7 +142,7 @@ pub struct GcPolicy {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GcStats {
-    /// Connections (entry pairs) still tracked.
+    /// Open connections (tracked, and not closed both ways or reset).
     pub active: u64,
     /// Pairs removed because both sides closed or one reset.
     pub closed: u64,
@@ -157,7 +157,7 @@ pub struct GcStats {
 /// Traffic of one backend's connections as one sweep saw them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BackendFlows {
-    /// Connections still tracked.
+    /// Open connections.
     pub active: u64,
     /// Bytes/packets of the live connections, client -> backend and back.
     pub live: Traffic,
@@ -243,8 +243,11 @@ pub(super) fn expire(map: &MapMut<'_>, p: &GcPolicy) -> Result<GcStats> {
             stats.orphaned += 1;
             b.orphaned += 1;
         } else {
-            stats.active += 1;
-            b.active += 1;
+            // Closed ones only wait out their grace period: not active.
+            if !closed {
+                stats.active += 1;
+                b.active += 1;
+            }
             b.live.add(&traffic);
             continue;
         }

@@ -141,7 +141,8 @@ impl DataplaneHandle {
         self.call(|r| Cmd::Drain(on, r)).await
     }
 
-    /// Live connections (forward entries) right now.
+    /// Open connections right now (closed ones waiting out their grace
+    /// period are not counted).
     pub async fn flows_active(&self) -> Result<u64> {
         self.call(Cmd::FlowsActive).await
     }
@@ -172,7 +173,14 @@ fn serve(mut dp: Dataplane, rx: mpsc::Receiver<Cmd>) {
                 let _ = r.send(Ok(()));
             }
             Cmd::FlowsActive(r) => {
-                let _ = r.send(dp.flows().map(|f| f.iter().filter(|f| f.is_forward()).count() as u64));
+                let open = dp.flows().map(|all| {
+                    let now = super::now_ns();
+                    super::conntrack::connections(&all, now)
+                        .iter()
+                        .filter(|c| c.state != "closed" && c.state != "reset")
+                        .count() as u64
+                });
+                let _ = r.send(open);
             }
             Cmd::Stop(handover, r) => {
                 let res = if handover {
