@@ -19,9 +19,22 @@ build: setup
 test: setup
 	@[ "$$(id -u)" = 0 ] || { echo "make test needs root (XDP, BPF maps, network namespaces)"; exit 1; }
 	$(CARGO) test --locked
+	@# The benchmark harness's smoke run (under a minute, asserts no speed):
+	@# keeps bench/ from rotting. Uses the binaries cargo test just built.
+	@scripts/setup-bench.sh
+	BENCH_QUICK=1 XLB=target/debug/xlb XLB_BENCH=target/debug/xlb-bench bench/run.sh
 
 demo: build
 	scripts/demo.sh
+
+# Benchmarks (bench/README.md): XLB against the node's own routing, nftables
+# NAT, HAProxy and nginx in network namespaces, plus the data path's own
+# cost, 1M connections and the control plane. About 6 minutes; results in
+# bench/results/. BENCH_QUICK=1 is a one-minute smoke run of the harness.
+bench: build
+	@[ "$$(id -u)" = 0 ] || { echo "make bench needs root (XDP, BPF maps, network namespaces)"; exit 1; }
+	@scripts/setup-bench.sh
+	bench/run.sh
 
 # A long run of the packet fuzzer (make test runs 100k frames); replay a
 # failure with XLB_FUZZ_SEED=<seed>.
