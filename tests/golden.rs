@@ -1269,3 +1269,33 @@ fn a_full_conntrack_refuses_new_connections_and_keeps_the_old() {
         assert_eq!(lb.dp.flows().unwrap().len(), 8);
     });
 }
+
+#[test]
+fn a_sweep_reads_the_whole_table_and_deletes_no_open_connection() {
+    let ns = golden_ns();
+    ns.run(|| {
+        // More entries than one batch read returns (8192): 3 backends x 2
+        // ports of 1000 NAT ports each leave room for ~5000 connections.
+        let mut lb = Lb::with_capacity(&[BACKEND, FAR_BACKEND, UNRESOLVED_BACKEND], 20_000);
+        let mut opened = 0u64;
+        for i in 0..5000u16 {
+            let t = Tcp { src: (CLIENT, 1024 + i), ..from_client(if i % 2 == 0 { 80 } else { 443 }) };
+            let (action, _) = lb.run(&t.frame());
+            if action != XDP_DROP {
+                opened += 1;
+            }
+        }
+        assert!(opened > 4500, "{opened} connections opened");
+        assert_eq!(lb.dp.flows().unwrap().len() as u64, 2 * opened, "every entry is read");
+        let now = xlb::dataplane::now_ns();
+        let p = GcPolicy {
+            now_ns: now + 11_000_000_000,
+            idle_ns: 300_000_000_000,
+            closed_ns: 10_000_000_000,
+            half_open_ns: 30_000_000_000,
+        };
+        let stats = lb.dp.expire_flows(&p).unwrap();
+        assert_eq!((stats.active, stats.closed, stats.orphaned, stats.unpaired), (opened, 0, 0, 0));
+        assert_eq!(lb.dp.flows().unwrap().len() as u64, 2 * opened, "nothing open was deleted");
+    });
+}

@@ -119,11 +119,7 @@ pub fn pinned_connections(pins: &super::pins::PinDir) -> Result<Vec<Connection>>
     let map = libbpf_rs::MapHandle::from_pinned_path(&path).with_context(|| {
         format!("opening {} (is the instance running, and are you root?)", path.display())
     })?;
-    let mut all = Vec::new();
-    for (k, v) in map.lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY).context("reading conntrack")? {
-        all.push(FlowEntry { key: from_bytes(&k), flow: from_bytes(&v) });
-    }
-    Ok(connections(&all, super::now_ns()))
+    Ok(connections(&read_all(&map)?, super::now_ns()))
 }
 
 /// When connections are removed.
@@ -195,16 +191,65 @@ impl Traffic {
     }
 }
 
-const BATCH: u32 = 4096;
+const BATCH: u32 = 8192;
 
 pub(super) fn entries(map: &MapMut<'_>) -> Result<Vec<FlowEntry>> {
+    read_all(map)
+}
+
+/// Every entry, read in batches until the kernel says the table ended.
+/// (A hash map returns whole buckets per batch, so a short batch is normal:
+/// only ENOENT means the end. libbpf-rs's batch iterator stops at the first
+/// short batch, which would make a sweep see part of a large table.)
+fn read_all(map: &dyn MapCore) -> Result<Vec<FlowEntry>> {
+    use std::os::fd::AsRawFd;
+    let (ks, vs) = (std::mem::size_of::<FlowKey>(), std::mem::size_of::<Flow>());
+    anyhow::ensure!(
+        ks == map.key_size() as usize && vs == map.value_size() as usize,
+        "the conntrack map's layout differs from this binary's"
+    );
+    let mut keys = vec![0u8; BATCH as usize * ks];
+    let mut vals = vec![0u8; BATCH as usize * vs];
+    // The batch token is a u32 bucket index for hash maps; room to spare.
+    let (mut token_in, mut token_out) = ([0u8; 16], [0u8; 16]);
+    let opts = libbpf_rs::libbpf_sys::bpf_map_batch_opts {
+        sz: std::mem::size_of::<libbpf_rs::libbpf_sys::bpf_map_batch_opts>() as _,
+        ..Default::default()
+    };
     let mut out = Vec::new();
-    // Batched reads are far cheaper than a syscall per key; an empty map
-    // answers ENOENT, which the iterator treats as the end.
-    for (k, v) in map.lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY).context("reading conntrack")? {
-        out.push(FlowEntry { key: from_bytes(&k), flow: from_bytes(&v) });
+    let mut first = true;
+    // Bounded: every call returns at least one bucket or ends the table.
+    for _ in 0..=map.max_entries() as usize + 1 {
+        let mut count = BATCH;
+        // SAFETY: buffers sized for BATCH keys and values; tokens larger than
+        // the kernel's; the fd is the map's.
+        let ret = unsafe {
+            libbpf_rs::libbpf_sys::bpf_map_lookup_batch(
+                map.as_fd().as_raw_fd(),
+                if first { std::ptr::null_mut() } else { token_in.as_mut_ptr().cast() },
+                token_out.as_mut_ptr().cast(),
+                keys.as_mut_ptr().cast(),
+                vals.as_mut_ptr().cast(),
+                &mut count,
+                &opts,
+            )
+        };
+        for i in 0..count as usize {
+            out.push(FlowEntry {
+                key: from_bytes(&keys[i * ks..(i + 1) * ks]),
+                flow: from_bytes(&vals[i * vs..(i + 1) * vs]),
+            });
+        }
+        if ret == -nix::libc::ENOENT {
+            return Ok(out);
+        }
+        if ret < 0 {
+            return Err(std::io::Error::from_raw_os_error(-ret)).context("reading conntrack");
+        }
+        token_in = token_out;
+        first = false;
     }
-    Ok(out)
+    anyhow::bail!("reading conntrack did not end")
 }
 
 pub(super) fn expire(map: &MapMut<'_>, p: &GcPolicy) -> Result<GcStats> {
@@ -220,7 +265,8 @@ pub(super) fn expire(map: &MapMut<'_>, p: &GcPolicy) -> Result<GcStats> {
         let Some(rev) = by_key.get(bytes(&rk)) else {
             // A pair is created reverse-first, so a lone forward entry is a
             // bug or a half-finished insert; give it the closed grace period.
-            if idle_for(&e.flow) > p.closed_ns {
+            // Its peer's absence is confirmed by key, never from the sweep.
+            if idle_for(&e.flow) > p.closed_ns && !exists(map, &rk) {
                 delete(map, &e.key)?;
                 stats.unpaired += 1;
             }
@@ -266,12 +312,17 @@ pub(super) fn expire(map: &MapMut<'_>, p: &GcPolicy) -> Result<GcStats> {
     // Reverse entries whose forward entry is gone (insert raced, or a crash).
     for e in all.iter().filter(|e| e.flow.dir == DIR_TO_CLIENT) {
         let fk = peer_key(&e.flow);
-        if !by_key.contains_key(bytes(&fk)) && idle_for(&e.flow) > p.closed_ns {
+        if !by_key.contains_key(bytes(&fk)) && idle_for(&e.flow) > p.closed_ns && !exists(map, &fk) {
             delete(map, &e.key)?;
             stats.unpaired += 1;
         }
     }
     Ok(stats)
+}
+
+fn exists(map: &MapMut<'_>, key: &FlowKey) -> bool {
+    // On a failed lookup, assume it exists: never delete on doubt.
+    !matches!(map.lookup(bytes(key), MapFlags::ANY), Ok(None))
 }
 
 fn unchanged(map: &MapMut<'_>, key: &FlowKey, seen: &Flow) -> bool {
