@@ -1276,7 +1276,7 @@ fn a_sweep_reads_the_whole_table_and_deletes_no_open_connection() {
     ns.run(|| {
         // More entries than one batch read returns (8192): 3 backends x 2
         // ports of 1000 NAT ports each leave room for ~5000 connections.
-        let mut lb = Lb::with_capacity(&[BACKEND, FAR_BACKEND, UNRESOLVED_BACKEND], 20_000);
+        let lb = Lb::with_capacity(&[BACKEND, FAR_BACKEND, UNRESOLVED_BACKEND], 20_000);
         let mut opened = 0u64;
         for i in 0..5000u16 {
             let t = Tcp { src: (CLIENT, 1024 + i), ..from_client(if i % 2 == 0 { 80 } else { 443 }) };
