@@ -24,6 +24,17 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// `xlb run -c cfg` inside `ns`'s network namespace.
+fn run_in(ns: &common::Netns, cfg: &std::path::Path) -> Output {
+    Command::new("nsenter")
+        .arg(format!("--net={}", ns.path().display()))
+        .arg(env!("CARGO_BIN_EXE_xlb"))
+        .args(["run", "-c"])
+        .arg(cfg)
+        .output()
+        .unwrap()
+}
+
 const GOOD: &str = "ports: [{local_port: 80, remote_port: 8080}]\nprovider: {static: {backends: [{name: a, ip: 10.9.0.2}]}}\n";
 
 #[test]
@@ -101,13 +112,7 @@ fn run_refuses_a_listen_ip_that_is_not_local_and_attaches_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("xlb.yaml");
     std::fs::write(&cfg, format!("listen: {{ip: 10.9.0.77}}\n{GOOD}")).unwrap();
-    let o = Command::new("nsenter")
-        .arg(format!("--net={}", ns.path().display()))
-        .arg(env!("CARGO_BIN_EXE_xlb"))
-        .args(["run", "-c"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let o = run_in(&ns, &cfg);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("10.9.0.77 is not an address on any local interface"), "{}", stderr(&o));
     let links = ns.exec("ip -d link show");
@@ -125,13 +130,7 @@ fn run_refuses_a_nat_range_the_kernel_could_hand_out() {
         format!("listen: {{ip: 10.9.0.1}}\nnat_port_range: {{min: 30000, max: 40000}}\n{GOOD}"),
     )
     .unwrap();
-    let o = Command::new("nsenter")
-        .arg(format!("--net={}", ns.path().display()))
-        .arg(env!("CARGO_BIN_EXE_xlb"))
-        .args(["run", "-c"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let o = run_in(&ns, &cfg);
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
     assert!(e.contains("overlaps the kernel's ephemeral port range 32768-60999"), "{e}");

@@ -746,56 +746,10 @@ fn tuple(addr: u32, port_be: u16) -> (Ipv4Addr, u16) {
 
 /// Every conntrack entry. A hash map's batch read returns whole buckets, so
 /// a batch shorter than asked for is not the end: only ENOENT is.
+/// Every conntrack entry (the data plane's own reader, which reads until the
+/// kernel says the table ended).
 fn dump(ct: &MapHandle) -> Result<Vec<(FlowKey, Flow)>> {
-    use std::os::fd::{AsFd, AsRawFd};
-    const BATCH: u32 = 8192;
-    let (ks, vs) = (std::mem::size_of::<FlowKey>(), std::mem::size_of::<Flow>());
-    ensure!(ks == ct.key_size() as usize && vs == ct.value_size() as usize, "conntrack layout");
-    let mut keys = vec![0u8; BATCH as usize * ks];
-    let mut vals = vec![0u8; BATCH as usize * vs];
-    let (mut token_in, mut token_out) = ([0u8; 16], [0u8; 16]);
-    let opts = libbpf_rs::libbpf_sys::bpf_map_batch_opts {
-        sz: std::mem::size_of::<libbpf_rs::libbpf_sys::bpf_map_batch_opts>() as _,
-        ..Default::default()
-    };
-    let mut out = Vec::with_capacity(ct.max_entries() as usize / 2);
-    let mut first = true;
-    for _ in 0..10_000_000 {
-        let mut count = BATCH;
-        // SAFETY: buffers sized for BATCH keys and values, and the tokens
-        // larger than the kernel's (a u32 bucket index for hash maps).
-        let ret = unsafe {
-            libbpf_rs::libbpf_sys::bpf_map_lookup_batch(
-                ct.as_fd().as_raw_fd(),
-                if first { std::ptr::null_mut() } else { token_in.as_mut_ptr().cast() },
-                token_out.as_mut_ptr().cast(),
-                keys.as_mut_ptr().cast(),
-                vals.as_mut_ptr().cast(),
-                &mut count,
-                &opts,
-            )
-        };
-        for i in 0..count as usize {
-            let mut k = FlowKey::default();
-            let mut f = Flow::default();
-            plain::copy_from_bytes(&mut k, &keys[i * ks..(i + 1) * ks])
-                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-            plain::copy_from_bytes(&mut f, &vals[i * vs..(i + 1) * vs])
-                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-            out.push((k, f));
-        }
-        if ret == -libc_enoent() {
-            return Ok(out);
-        }
-        ensure!(ret == 0, "batch lookup failed: {}", std::io::Error::from_raw_os_error(-ret));
-        token_in = token_out;
-        first = false;
-    }
-    bail!("the batch read did not end")
-}
-
-fn libc_enoent() -> i32 {
-    nix::errno::Errno::ENOENT as i32
+    Ok(xlb::dataplane::read_conntrack(ct)?.into_iter().map(|e| (e.key, e.flow)).collect())
 }
 
 fn peer_of(ct: &MapHandle, k: &FlowKey) -> Result<FlowKey> {

@@ -201,7 +201,7 @@ pub(super) fn entries(map: &MapMut<'_>) -> Result<Vec<FlowEntry>> {
 /// (A hash map returns whole buckets per batch, so a short batch is normal:
 /// only ENOENT means the end. libbpf-rs's batch iterator stops at the first
 /// short batch, which would make a sweep see part of a large table.)
-fn read_all(map: &dyn MapCore) -> Result<Vec<FlowEntry>> {
+pub fn read_all(map: &dyn MapCore) -> Result<Vec<FlowEntry>> {
     use std::os::fd::AsRawFd;
     let (ks, vs) = (std::mem::size_of::<FlowKey>(), std::mem::size_of::<Flow>());
     anyhow::ensure!(

@@ -18,7 +18,10 @@ use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, ProgramInput};
 
 pub use abi::{BackendSlot, Flow, FlowKey};
-pub use conntrack::{pinned_connections, BackendFlows, Connection, FlowEntry, GcPolicy, GcStats, Traffic};
+pub use conntrack::{
+    pinned_connections, read_all as read_conntrack, BackendFlows, Connection, FlowEntry, GcPolicy, GcStats,
+    Traffic,
+};
 pub use counters::{counter_name, Counter, Counters};
 pub use worker::{AttachTarget, Attached, DataplaneHandle, Started};
 
