@@ -6,6 +6,7 @@ pub mod balancer;
 pub mod cli;
 pub mod config;
 pub mod dataplane;
+pub mod ifaces;
 pub mod inspect;
 pub mod lifecycle;
 pub mod netinfo;

@@ -16,12 +16,11 @@ use tracing::{info, warn};
 
 use crate::balancer::BackendSet;
 use crate::config::{Config, Listen};
-use crate::dataplane::{
-    pins, AttachTarget, Counter, DataplaneHandle, GcPolicy, LoadOptions, Service, Traffic, Vlan,
-};
+use crate::dataplane::{pins, Counter, DataplaneHandle, GcPolicy, LoadOptions, Service, Traffic};
+use crate::ifaces::Interfaces;
 use crate::netinfo;
 use crate::provider::{self, Backend, ProviderHealth};
-use crate::status::{BackendStatus, InterfaceStatus, Phase, PortStatus, SharedStatus};
+use crate::status::{BackendStatus, Phase, PortStatus, SharedStatus};
 
 /// How long a closed connection (FIN both ways, or RST) keeps its entries:
 /// long enough for the last ACK and stray retransmissions.
@@ -41,29 +40,26 @@ const SHUTDOWN_FILE_POLL: Duration = Duration::from_millis(200);
 struct Network {
     listen: Ipv4Addr,
     snat: Ipv4Addr,
-    targets: Vec<AttachTarget>,
-    /// VLAN interfaces on the targets: tagged traffic is served on them.
-    vlans: Vec<netinfo::VlanIface>,
 }
 
 pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
     cfg.startup_checks()?;
     let mut provider = provider::start(&cfg, &sources).await?;
-    // The interfaces to attach follow the backends' routes, so give a
-    // discovering provider a moment to deliver its first set. An API server
-    // that does not answer is not fatal: XLB starts with what it has.
+    // Give a discovering provider a moment to deliver its first set, so the
+    // first table is complete. An API server that does not answer is not
+    // fatal: XLB starts with what it has and follows later sets (and the
+    // interfaces they need) as they come.
     let synced = tokio::time::timeout(FIRST_SYNC_WAIT, provider.health.wait_for(|h| h.synced))
         .await
         .is_ok_and(|r| r.is_ok());
     if !synced {
         warn!(
-            "the backend provider has not synced after {}s; starting without its backends \
-             (interfaces routing to backends found later are not attached: list them under interfaces)",
+            "the backend provider has not synced after {}s; starting without its backends",
             FIRST_SYNC_WAIT.as_secs()
         );
     }
     let initial = provider.backends.borrow().clone();
-    let net = resolve_network(&cfg, &initial).await?;
+    let net = resolve_network(&cfg).await?;
     check_nat_range(&cfg)?;
     let status = SharedStatus::default();
     status.update(|s| {
@@ -80,13 +76,6 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
     let admin = crate::admin::serve(&cfg, status.clone()).await?;
     clear_stale_shutdown_file(&cfg.shutdown_file);
 
-    let l3_ifaces =
-        net.targets.iter().map(|t| t.ifname.as_str()).chain(net.vlans.iter().map(|v| v.iface.name.as_str()));
-    for ifname in l3_ifaces {
-        for change in netinfo::prepare_sysctls(ifname)? {
-            info!("sysctl {change}");
-        }
-    }
     let instance = instance_name(&cfg, net.listen);
     let pins = if pins::is_bpffs(Path::new("/sys/fs/bpf")) {
         Some(pins::PinDir::for_instance(&instance))
@@ -106,16 +95,9 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
         snat: net.snat,
         nat_ports: (cfg.nat_port_range.min, cfg.nat_port_range.max),
         ports: cfg.ports.iter().map(|p| (p.local_port, p.remote_port)).collect(),
-        vlans: net
-            .vlans
-            .iter()
-            .map(|v| Vlan { ifindex: v.iface.index, lower_ifindex: v.lower_index, vid: v.vid })
-            .collect(),
+        vlans: Vec::new(),
     };
-    for v in &net.vlans {
-        info!(vlan = %v.iface.name, vid = v.vid, "serving tagged traffic of VLAN {} ({})", v.vid, v.iface.name);
-    }
-    let targets = net.targets.clone();
+    let initial_addrs: Vec<Ipv4Addr> = initial.iter().map(|b| b.addr).collect();
     let mut set = BackendSet::new(cfg.maglev_table_size);
     let first = set.update(initial);
     let (table, first_changes) = match first {
@@ -125,11 +107,27 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
     // Exporting reads the status document only; started before anything is
     // attached so that its failure cannot leave a program behind.
     let telemetry = crate::telemetry::start(&cfg, status.clone())?;
-    let (dp, started) =
-        tokio::task::spawn_blocking(move || DataplaneHandle::start(opts, service, table, targets))
-            .await
-            .context("data plane start task")??;
-    let attached = started.attached;
+    let (dp, started) = tokio::task::spawn_blocking(move || DataplaneHandle::start(opts, service, table))
+        .await
+        .context("data plane start task")??;
+    let ifaces = match Interfaces::start(
+        dp.clone(),
+        cfg.interfaces.clone(),
+        net.listen,
+        status.clone(),
+        started.pinned_links.clone(),
+        &initial_addrs,
+    )
+    .await
+    {
+        Ok(i) => i,
+        Err(e) => {
+            // A fresh instance leaves nothing behind; an adopted one keeps
+            // the pins, whose connections are still live.
+            let _ = dp.stop(started.adopted.is_some()).await;
+            return Err(e);
+        }
+    };
     if let Some(p) = &pins {
         match started.adopted {
             Some(n) => {
@@ -138,28 +136,21 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
             None => info!(instance = %instance, "pinned in {}", p.path.display()),
         }
     }
-    for a in &attached {
-        info!(interface = %a.ifname, mode = %a.mode, "XDP attached to {} in {} mode", a.ifname, a.mode);
-    }
-    status.update(|s| {
-        s.interfaces = attached
-            .iter()
-            .map(|a| InterfaceStatus {
-                name: a.ifname.clone(),
-                ifindex: a.ifindex,
-                xdp_mode: a.mode.to_string(),
-            })
-            .collect();
-    });
-
     if let Some(c) = first_changes {
         c.log();
     }
     let (set_tx, set_rx) = watch::channel(set.current_with_ids());
-    let attached_names: Vec<String> = attached.iter().map(|a| a.ifname.clone()).collect();
-    let balancer = tokio::spawn(balancer_loop(set, provider.backends, dp.clone(), set_tx, attached_names));
-    let stats =
-        tokio::spawn(stats_loop(dp.clone(), status.clone(), set_rx, provider.health, cfg.orphan_ttl_secs));
+    let (in_use_tx, in_use_rx) = watch::channel(None);
+    let balancer = tokio::spawn(balancer_loop(set, provider.backends, dp.clone(), set_tx));
+    let interfaces = tokio::spawn(ifaces.run(set_rx.clone(), in_use_rx));
+    let stats = tokio::spawn(stats_loop(
+        dp.clone(),
+        status.clone(),
+        set_rx,
+        in_use_tx,
+        provider.health,
+        cfg.orphan_ttl_secs,
+    ));
     status.update(|s| s.phase = Phase::Running);
     info!(
         listen = %net.listen,
@@ -174,6 +165,7 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
         info!("SIGUSR2: exiting for a handover; XDP stays attached and pinned");
         balancer.abort();
         stats.abort();
+        interfaces.abort();
         dp.stop(true).await?;
         admin.abort();
         return Ok(());
@@ -199,6 +191,7 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
         }
     }
     stats.abort();
+    interfaces.abort();
     let rst = dp.counters().await.map(|c| c.get(Counter::XLB_CNT_DRAIN_RST)).unwrap_or(rst_at_start);
     let open_at_end = dp.flows_active().await.unwrap_or(0);
     dp.stop(false).await?;
@@ -244,87 +237,47 @@ async fn apply(
     Ok(())
 }
 
-/// Provider updates -> maglev table -> data plane, in order.
+/// Provider updates -> maglev table -> data plane, in order. The published
+/// set also tells the interface manager where backends are.
 async fn balancer_loop(
     mut set: BackendSet,
     mut updates: watch::Receiver<Vec<Backend>>,
     dp: DataplaneHandle,
     published: watch::Sender<Vec<(u32, Backend)>>,
-    attached: Vec<String>,
 ) {
     while updates.changed().await.is_ok() {
         let next = updates.borrow_and_update().clone();
-        // Only newcomers: a route lookup per backend per update would not
-        // scale to large Kubernetes services.
-        for b in next.iter().filter(|b| !set.current().iter().any(|c| c.addr == b.addr)) {
-            if let Ok(iface) = netinfo::route_iface(b.addr).await {
-                if !attached.contains(&iface.name) {
-                    warn!(
-                        "backend {} {} is reached through {}, which carries no XLB program: \
-                         the kernel forwards its packets (slower); list it under interfaces",
-                        b.name, b.addr, iface.name
-                    );
-                }
-            }
-        }
         if let Err(e) = apply(&mut set, next, &dp, &published).await {
             warn!("applying the backend set failed: {e:#}");
         }
     }
 }
 
-async fn resolve_network(cfg: &Config, backends: &[Backend]) -> Result<Network> {
-    let (listen_iface, listen) = match cfg.listen {
-        Listen::Auto => netinfo::default_route_addr()
-            .await
-            .context("listen: auto needs an IPv4 default route; or set listen: {ip: ...}")?,
+async fn resolve_network(cfg: &Config) -> Result<Network> {
+    let listen = match cfg.listen {
+        Listen::Auto => {
+            netinfo::default_route_addr()
+                .await
+                .context("listen: auto needs an IPv4 default route; or set listen: {ip: ...}")?
+                .1
+        }
         Listen::Ip(ip) => {
-            let iface = netinfo::iface_with_addr(ip)
+            netinfo::iface_with_addr(ip)
                 .await?
                 .with_context(|| format!("listen ip {ip} is not an address on any local interface"))?;
-            (iface, ip)
+            ip
         }
     };
     let snat = cfg.snat_ip.unwrap_or(listen);
     if snat != listen && netinfo::iface_with_addr(snat).await?.is_none() {
         bail!("snat_ip {snat} is not an address on any local interface");
     }
-    let mut ifaces = Vec::new();
-    match &cfg.interfaces {
-        Some(names) => {
-            for name in names {
-                ifaces.push(netinfo::iface_by_name(name).await?);
-            }
-        }
-        None => {
-            ifaces.push(listen_iface);
-            for b in backends {
-                let iface = netinfo::route_iface(b.addr).await.with_context(|| {
-                    format!("finding the interface that reaches backend {} {}", b.name, b.addr)
-                })?;
-                if !ifaces.contains(&iface) {
-                    ifaces.push(iface);
-                }
-            }
-        }
+    // A listed interface must exist at start (a typo is a config error);
+    // one that disappears later is re-attached when it comes back.
+    for name in cfg.interfaces.iter().flatten() {
+        netinfo::iface_by_name(name).await?;
     }
-    // An address on a VLAN interface means the traffic arrives tagged on
-    // its lower interface: that is where XDP sees it.
-    let all_vlans = netinfo::vlan_ifaces().await?;
-    let mut lowered = Vec::new();
-    for i in ifaces {
-        let lower = match all_vlans.iter().find(|v| v.iface.index == i.index) {
-            Some(v) => netinfo::iface_by_index(v.lower_index).await?,
-            None => i,
-        };
-        if !lowered.contains(&lower) {
-            lowered.push(lower);
-        }
-    }
-    let vlans: Vec<_> =
-        all_vlans.into_iter().filter(|v| lowered.iter().any(|l| l.index == v.lower_index)).collect();
-    let targets = lowered.into_iter().map(|i| AttachTarget { ifname: i.name, ifindex: i.index }).collect();
-    Ok(Network { listen, snat, targets, vlans })
+    Ok(Network { listen, snat })
 }
 
 /// Replies arrive at snat:nat_port; if the kernel could hand the same port
@@ -404,6 +357,7 @@ async fn stats_loop(
     dp: DataplaneHandle,
     status: SharedStatus,
     set: watch::Receiver<Vec<(u32, Backend)>>,
+    in_use: watch::Sender<Option<Vec<Ipv4Addr>>>,
     health: watch::Receiver<ProviderHealth>,
     orphan_ttl_secs: u64,
 ) {
@@ -454,6 +408,13 @@ async fn stats_loop(
             t.orphaned += f.orphaned;
             t.ended.add(&f.removed);
         }
+        let busy: Vec<Ipv4Addr> =
+            totals.values().filter(|t| t.active > 0).filter_map(|t| Some(t.backend.as_ref()?.addr)).collect();
+        in_use.send_if_modified(|v| {
+            let changed = v.as_ref() != Some(&busy);
+            *v = Some(busy);
+            changed
+        });
         let backends = backend_status(&current, &totals);
         let counters = dp.counters().await;
         let provider = health.borrow().clone();

@@ -165,6 +165,121 @@ pub async fn vlan_ifaces() -> Result<Vec<VlanIface>> {
     Ok(out)
 }
 
+/// What XLB needs to know about an interface to serve it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinkFacts {
+    pub iface: Iface,
+    /// The rtnetlink kind (`veth`, `vxlan`, `bridge`, ...); None for physical NICs.
+    pub kind: Option<String>,
+    /// An Ethernet device: XDP sees Ethernet frames on it. Layer-3 devices
+    /// (ipip, wireguard, gre) are not.
+    pub ethernet: bool,
+    pub mtu: u32,
+    /// For an 802.1Q VLAN device: (lower ifindex, VLAN id).
+    pub vlan: Option<(u32, u16)>,
+}
+
+impl LinkFacts {
+    pub fn is_veth(&self) -> bool {
+        self.kind.as_deref() == Some("veth")
+    }
+
+    fn from_message(link: &LinkMessage) -> Option<LinkFacts> {
+        use rtnetlink::packet_route::link::{InfoData, InfoVlan, LinkInfo, LinkLayerType};
+        let (mut name, mut kind, mut mtu, mut lower, mut vid) = (None, None, 0, None, None);
+        for a in &link.attributes {
+            match a {
+                LinkAttribute::IfName(n) => name = Some(n.clone()),
+                LinkAttribute::Mtu(m) => mtu = *m,
+                LinkAttribute::Link(l) => lower = Some(*l),
+                LinkAttribute::LinkInfo(infos) => {
+                    for i in infos {
+                        match i {
+                            LinkInfo::Kind(k) => kind = Some(k.to_string()),
+                            LinkInfo::Data(InfoData::Vlan(v)) => {
+                                vid =
+                                    v.iter()
+                                        .find_map(|x| if let InfoVlan::Id(id) = x { Some(*id) } else { None })
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Some(LinkFacts {
+            iface: Iface { name: name?, index: link.header.index },
+            kind,
+            ethernet: link.header.link_layer_type == LinkLayerType::Ether,
+            mtu,
+            vlan: lower.zip(vid),
+        })
+    }
+}
+
+/// Every interface of the namespace, by index.
+pub async fn links() -> Result<Vec<LinkFacts>> {
+    let nl = Netlink::connect()?;
+    let links: Vec<LinkMessage> =
+        nl.handle.link().get().execute().try_collect().await.context("dumping interfaces")?;
+    Ok(links.iter().filter_map(LinkFacts::from_message).collect())
+}
+
+/// The interface of the best IPv4 default route in the main table, if any:
+/// where replies to clients off the local subnets leave.
+pub async fn default_route_iface() -> Result<Option<u32>> {
+    let nl = Netlink::connect()?;
+    let dump = RouteMessageBuilder::<Ipv4Addr>::new().build();
+    let routes: Vec<RouteMessage> =
+        nl.handle.route().get(dump).execute().try_collect().await.context("dumping IPv4 routes")?;
+    Ok(routes
+        .iter()
+        .filter(|r| is_main_default(r))
+        .filter_map(|r| Some((route_oif(r)?, route_priority(r))))
+        .min_by_key(|(_, prio)| *prio)
+        .map(|(oif, _)| oif))
+}
+
+/// The output interface index the kernel's routing picks for each address
+/// (like `ip route get`), over one socket; None where there is no route.
+/// A local address gives the loopback interface.
+pub async fn route_oifs(dsts: &[Ipv4Addr]) -> Result<Vec<Option<u32>>> {
+    let nl = Netlink::connect()?;
+    let mut out = Vec::with_capacity(dsts.len());
+    for &dst in dsts {
+        let query = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(dst, 32).build();
+        let mut replies = nl.handle.route().get(query).execute();
+        out.push(match replies.try_next().await {
+            Ok(Some(route)) => route_oif(&route),
+            Ok(None) => None,
+            Err(e) if matches!(errno(&e), Some(nix::libc::ENETUNREACH | nix::libc::EHOSTUNREACH)) => None,
+            Err(e) => return Err(e).with_context(|| format!("route lookup for {dst}")),
+        });
+    }
+    Ok(out)
+}
+
+/// A stream that yields whenever an interface, an IPv4 address or an IPv4
+/// route of the namespace changes (rtnetlink multicast). The messages
+/// themselves are not parsed: a change means "look again".
+pub fn changes() -> Result<impl Stream<Item = ()> + Unpin> {
+    use futures::StreamExt;
+    use rtnetlink::MulticastGroup;
+    let (conn, handle, messages) = rtnetlink::new_multicast_connection(&[
+        MulticastGroup::Link,
+        MulticastGroup::Ipv4Ifaddr,
+        MulticastGroup::Ipv4Route,
+    ])
+    .context("subscribing to rtnetlink events")?;
+    let task = tokio::spawn(conn);
+    // The connection task lives as long as the stream: it ends with it.
+    let guard = Netlink { handle, task };
+    Ok(messages.map(move |_| {
+        let _ = &guard;
+    }))
+}
+
 /// Makes the kernel able to finish what XDP hands it, on `ifname`:
 /// - `net.ipv4.conf.<if>.forwarding=1`: `bpf_fib_lookup` refuses to answer without it;
 /// - `net.ipv4.conf.<if>.accept_local=1`: rewritten packets carry a local source address when

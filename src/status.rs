@@ -23,7 +23,13 @@ pub enum Phase {
 pub struct InterfaceStatus {
     pub name: String,
     pub ifindex: u32,
+    /// `native` or `generic`.
     pub xdp_mode: String,
+    /// How frames leave back out of this interface: `xdp_tx` or `redirect`.
+    pub transmit: String,
+    /// Other interfaces hand frames to it from XDP; when false the kernel
+    /// forwards what is routed to it.
+    pub redirect_target: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]

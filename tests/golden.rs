@@ -9,7 +9,9 @@ mod common;
 use std::net::Ipv4Addr;
 
 use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, Ipv4Options, TcpHeader};
-use xlb::dataplane::{Counter, Counters, Dataplane, GcPolicy, LoadOptions, Service};
+use xlb::dataplane::{
+    Bounce, Counter, Counters, Dataplane, GcPolicy, LoadOptions, Service, Transmit, XdpMode,
+};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -49,6 +51,8 @@ struct Tcp {
     rst: bool,
     seq: u32,
     ttl: u8,
+    /// Don't fragment.
+    df: bool,
     ip_options: Vec<u8>,
     payload: Vec<u8>,
     /// An 802.1Q tag with this VLAN id.
@@ -67,6 +71,7 @@ fn from_client(dport: u16) -> Tcp {
         rst: false,
         seq: 1000,
         ttl: 64,
+        df: true,
         ip_options: vec![],
         payload: vec![],
         vlan: None,
@@ -99,7 +104,7 @@ impl Tcp {
         ip.options = Ipv4Options::try_from(&self.ip_options[..]).unwrap();
         ip.total_len = (ip.header_len() + tcp.header_len() + self.payload.len()) as u16;
         ip.identification = 0x4242;
-        ip.dont_fragment = true;
+        ip.dont_fragment = self.df;
         ip.header_checksum = ip.calc_header_checksum();
         tcp.checksum = tcp.calc_checksum_ipv4(&ip, &self.payload).unwrap();
         let eth = Ethernet2Header { source: self.smac, destination: self.dmac, ether_type: EtherType::IPV4 };
@@ -228,7 +233,13 @@ fn mac(m: [u8; 6]) -> String {
 
 /// Runs a case on a fresh program inside a fresh namespace.
 fn case(backends: &'static [Ipv4Addr], f: impl FnOnce(&mut Lb) + Send + 'static) {
+    case_in("true", backends, f);
+}
+
+/// `case`, after shell commands `setup` ran in the namespace.
+fn case_in(setup: &str, backends: &'static [Ipv4Addr], f: impl FnOnce(&mut Lb) + Send + 'static) {
     let ns = golden_ns();
+    ns.exec(setup);
     ns.run(move || f(&mut Lb::new(backends)));
 }
 
@@ -480,11 +491,29 @@ fn ip_options_are_carried_and_checksums_stay_valid() {
 /// ICMP time exceeded for `t`, from the address it was sent to, quoting
 /// its IP header and first 8 bytes of TCP.
 fn time_exceeded(t: &Tcp) -> Vec<u8> {
-    use etherparse::{icmpv4::TimeExceededCode, Icmpv4Header, Icmpv4Type};
+    use etherparse::{icmpv4::TimeExceededCode, Icmpv4Type};
+    icmp_answer(t, Icmpv4Type::TimeExceeded(TimeExceededCode::TtlExceededInTransit))
+}
+
+/// ICMP "fragmentation needed" (type 3 code 4) for `t` with the next-hop
+/// MTU in bytes 6-7, from the address it was sent to, quoting its IP header
+/// and first 8 bytes of TCP as it arrived (before any NAT).
+fn frag_needed_answer(t: &Tcp, mtu: u16) -> Vec<u8> {
+    use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type};
+    icmp_answer(
+        t,
+        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu }),
+    )
+}
+
+/// The ICMP error a router sends back for `t`: to its sender, from the
+/// address it was sent to, MACs swapped, quoting its IP header and first 8
+/// bytes of TCP.
+fn icmp_answer(t: &Tcp, kind: etherparse::Icmpv4Type) -> Vec<u8> {
+    use etherparse::Icmpv4Header;
     let f = t.frame();
     let quote = &f[14..14 + 28];
-    let icmp =
-        Icmpv4Header::with_checksum(Icmpv4Type::TimeExceeded(TimeExceededCode::TtlExceededInTransit), quote);
+    let icmp = Icmpv4Header::with_checksum(kind, quote);
     let mut ip = Ipv4Header::new(
         (icmp.header_len() + 28) as u16,
         64,
@@ -1065,11 +1094,23 @@ fn fuzz_random_and_mutated_frames() {
 /// An ICMP "fragmentation needed" from `router` to `to`, quoting the first
 /// 28 bytes of `quoted` (an IPv4/TCP frame), with valid checksums.
 fn frag_needed(smac: [u8; 6], router: Ipv4Addr, to: Ipv4Addr, quoted: &Tcp, ttl: u8) -> Vec<u8> {
+    frag_needed_mtu(smac, router, to, quoted, ttl, 1400)
+}
+
+/// `frag_needed` advertising a next-hop MTU of `mtu`.
+fn frag_needed_mtu(
+    smac: [u8; 6],
+    router: Ipv4Addr,
+    to: Ipv4Addr,
+    quoted: &Tcp,
+    ttl: u8,
+    mtu: u16,
+) -> Vec<u8> {
     use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Header, Icmpv4Type};
     let q = quoted.frame();
     let quote = &q[14..14 + 28];
     let icmp = Icmpv4Header::with_checksum(
-        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 }),
+        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu }),
         quote,
     );
     let mut ip = Ipv4Header::new(
@@ -1297,5 +1338,415 @@ fn a_sweep_reads_the_whole_table_and_deletes_no_open_connection() {
         let stats = lb.dp.expire_flows(&p).unwrap();
         assert_eq!((stats.active, stats.closed, stats.orphaned, stats.unpaired), (opened, 0, 0, 0));
         assert_eq!(lb.dp.flows().unwrap().len() as u64, 2 * opened, "nothing open was deleted");
+    });
+}
+
+/// Path MTUs in the namespace of a `case_in(&narrow_paths(), ..)`, as locked
+/// route metrics (bpf_fib_lookup checks a route's MTU only when it is
+/// locked, or with ip_forward_use_pmtu): the way to the backend takes
+/// 1000-byte packets, the way back to the client 1200.
+const BACKEND_PATH_MTU: u16 = 1000;
+const CLIENT_PATH_MTU: u16 = 1200;
+
+fn narrow_paths() -> String {
+    format!(
+        "ip route add {BACKEND}/32 dev g0 mtu lock {BACKEND_PATH_MTU} && \
+         ip route add {CLIENT}/32 dev g0 mtu lock {CLIENT_PATH_MTU} && \
+         ip route add {FAR_BACKEND}/32 dev g1 mtu lock {BACKEND_PATH_MTU}"
+    )
+}
+
+/// `t` with a payload that makes its IP packet `tot_len` bytes long.
+fn sized(t: Tcp, tot_len: u16) -> Tcp {
+    let headers = 20 + t.ip_options.len() + 20;
+    Tcp { payload: (0..tot_len as usize - headers).map(|i| i as u8).collect(), ..t }
+}
+
+/// The one forward conntrack entry.
+fn forward_entry(lb: &Lb) -> xlb::dataplane::FlowEntry {
+    lb.dp.flows().unwrap().into_iter().find(|f| f.is_forward()).expect("forward entry")
+}
+
+/// Spot checks of an answer's ICMP fields by offset, independent of the
+/// etherparse builder: type, code, next-hop MTU and the addresses.
+fn assert_icmp_fields(out: &[u8], from: Ipv4Addr, to: Ipv4Addr, type_code: [u8; 2], mtu: u16) {
+    assert_eq!(out.len(), 14 + 20 + 8 + 28, "an Ethernet frame of 70 bytes");
+    assert_eq!(out[14 + 9], 1, "protocol ICMP");
+    assert_eq!(out[14 + 6] & 0x40, 0, "the answer itself may be fragmented");
+    assert_eq!(&out[14 + 12..14 + 16], &from.octets(), "from");
+    assert_eq!(&out[14 + 16..14 + 20], &to.octets(), "to");
+    assert_eq!(&out[34..36], &type_code, "type and code");
+    assert_eq!(&out[34 + 4..34 + 6], &[0, 0], "unused");
+    assert_eq!(&out[34 + 6..34 + 8], &mtu.to_be_bytes(), "next-hop MTU");
+    assert!(checksums_valid(out), "IP and ICMP checksums");
+}
+
+#[test]
+fn a_too_big_df_packet_is_answered_with_frag_needed_about_what_the_client_sent() {
+    case_in(&narrow_paths(), ONE, |lb| {
+        let syn = from_client(80);
+        lb.run(&syn.frame());
+        let port = lb.nat_port(syn.src);
+        lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 1), (Counter::XLB_CNT_FWD_TO_BACKEND, 1)]);
+
+        // Exactly the path MTU still goes through.
+        let fits = sized(syn.clone().ack(), BACKEND_PATH_MTU);
+        let (action, out) = lb.run(&fits.frame());
+        assert_eq!(action, XDP_TX, "a packet of exactly the path MTU is forwarded");
+        let want = Tcp {
+            smac: LB_MAC,
+            dmac: BACKEND_MAC,
+            src: (LISTEN, port),
+            dst: (BACKEND, 8080),
+            ttl: 63,
+            ..fits
+        };
+        assert_eq!(out, want.frame());
+        lb.counters_moved(&[(Counter::XLB_CNT_FWD_TO_BACKEND, 1)]);
+
+        // One byte more, DF set: answered to the client, from the listen
+        // address, quoting the header the client sent (not the NATed one).
+        let big = sized(syn.clone().ack(), BACKEND_PATH_MTU + 1);
+        let (action, out) = lb.run(&big.frame());
+        assert_eq!(action, XDP_TX);
+        assert_eq!(out, frag_needed_answer(&big, BACKEND_PATH_MTU));
+        assert_icmp_fields(&out, LISTEN, CLIENT, [3, 4], BACKEND_PATH_MTU);
+        assert_eq!(&out[0..12], &[CLIENT_MAC, LB_MAC].concat()[..], "MACs swapped");
+        assert_eq!(&out[42..42 + 28], &big.frame()[14..14 + 28], "quote: original header + 8 bytes");
+        lb.counters_moved(&[(Counter::XLB_CNT_FRAG_NEEDED, 1)]);
+        let fwd = forward_entry(lb);
+        assert_eq!(fwd.flow.packets, 2, "the answered packet was not forwarded, nor accounted");
+
+        // Without DF: XDP cannot fragment, so it is dropped, unrewritten.
+        let no_df = Tcp { df: false, ..big.clone() };
+        let (action, out) = lb.run(&no_df.frame());
+        assert_eq!(action, XDP_DROP);
+        assert_eq!(out, no_df.frame(), "nothing rewritten");
+        lb.counters_moved(&[(Counter::XLB_CNT_DROP_FIB, 1)]);
+        assert_eq!(forward_entry(lb).flow.packets, 2);
+    });
+}
+
+#[test]
+fn a_backend_reply_too_big_for_the_client_path_is_answered_to_the_backend() {
+    case_in(&narrow_paths(), ONE, |lb| {
+        let syn = from_client(80);
+        lb.run(&syn.frame());
+        let port = lb.nat_port(syn.src);
+        lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 1), (Counter::XLB_CNT_FWD_TO_BACKEND, 1)]);
+        let reply = Tcp {
+            smac: BACKEND_MAC,
+            src: (BACKEND, 8080),
+            dst: (LISTEN, port),
+            ack: true,
+            syn: false,
+            seq: 5000,
+            ..syn.clone()
+        };
+
+        // Bigger than the backend's path but within the client's: the MTU
+        // checked is the one towards the rewritten destination.
+        let fits = sized(reply.clone(), CLIENT_PATH_MTU);
+        let (action, out) = lb.run(&fits.frame());
+        assert_eq!(action, XDP_TX);
+        let want = Tcp { smac: LB_MAC, dmac: CLIENT_MAC, src: (LISTEN, 80), dst: syn.src, ttl: 63, ..fits };
+        assert_eq!(out, want.frame());
+        lb.counters_moved(&[(Counter::XLB_CNT_FWD_TO_CLIENT, 1)]);
+
+        let big = sized(reply.clone(), CLIENT_PATH_MTU + 1);
+        let (action, out) = lb.run(&big.frame());
+        assert_eq!(action, XDP_TX);
+        // From the SNAT address the backend talks to (the listen address in
+        // this service), to the backend, quoting the backend's own header.
+        assert_eq!(out, frag_needed_answer(&big, CLIENT_PATH_MTU));
+        assert_icmp_fields(&out, LISTEN, BACKEND, [3, 4], CLIENT_PATH_MTU);
+        assert_eq!(&out[0..6], &BACKEND_MAC);
+        lb.counters_moved(&[(Counter::XLB_CNT_FRAG_NEEDED, 1)]);
+
+        let (action, out) = lb.run(&Tcp { df: false, ..big.clone() }.frame());
+        assert_eq!(action, XDP_DROP);
+        assert_eq!(out, Tcp { df: false, ..big }.frame());
+        lb.counters_moved(&[(Counter::XLB_CNT_DROP_FIB, 1)]);
+    });
+}
+
+#[test]
+fn a_too_big_syn_opens_the_connection_but_is_answered_not_forwarded() {
+    case_in(&narrow_paths(), ONE, |lb| {
+        // A SYN carrying data (TCP Fast Open style) beyond the backend's MTU.
+        let syn = sized(from_client(80), BACKEND_PATH_MTU + 1);
+        let (action, out) = lb.run(&syn.frame());
+        assert_eq!(action, XDP_TX);
+        assert_eq!(out, frag_needed_answer(&syn, BACKEND_PATH_MTU));
+        assert_icmp_fields(&out, LISTEN, CLIENT, [3, 4], BACKEND_PATH_MTU);
+        // The conntrack pair is created before the route is known: it stays,
+        // with nothing accounted and no flag seen (a half-open connection for
+        // the GC), and holds its NAT port.
+        lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 1), (Counter::XLB_CNT_FRAG_NEEDED, 1)]);
+        assert_eq!(lb.dp.flows().unwrap().len(), 2, "forward and reverse entries");
+        let fwd = forward_entry(lb);
+        assert_eq!((fwd.flow.packets, fwd.flow.bytes, fwd.flow.tcp_flags), (0, 0, 0));
+        let port = lb.nat_port(syn.src);
+
+        // The client's smaller retransmission uses that entry.
+        let again = sized(from_client(80), BACKEND_PATH_MTU);
+        let (action, out) = lb.run(&again.frame());
+        assert_eq!(action, XDP_TX);
+        let want = Tcp {
+            smac: LB_MAC,
+            dmac: BACKEND_MAC,
+            src: (LISTEN, port),
+            dst: (BACKEND, 8080),
+            ttl: 63,
+            ..again
+        };
+        assert_eq!(out, want.frame());
+        lb.counters_moved(&[(Counter::XLB_CNT_FWD_TO_BACKEND, 1)]);
+        assert_eq!(forward_entry(lb).flow.packets, 1);
+        assert_eq!(lb.dp.flows().unwrap().len(), 2);
+    });
+}
+
+#[test]
+fn too_big_frames_that_cannot_be_answered_are_dropped() {
+    case_in(&narrow_paths(), &[VLAN_BACKEND], |lb| {
+        // A tagged client (VLAN 100): the answer would need the tag; XLB
+        // does not build tagged ICMP, so the frame is dropped unanswered.
+        let syn = Tcp { src: (VLAN_CLIENT, 40000), vlan: Some(100), ..from_client(80) };
+        let (action, _) = lb.run(&syn.frame());
+        assert_eq!(action, XDP_TX);
+        lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 1), (Counter::XLB_CNT_FWD_TO_BACKEND, 1)]);
+        let big = sized(syn.clone().ack(), BACKEND_PATH_MTU + 1);
+        let (action, out) = lb.run(&big.frame());
+        assert_eq!(action, XDP_DROP);
+        assert_eq!(out, big.frame(), "nothing rewritten");
+        lb.counters_moved(&[(Counter::XLB_CNT_DROP_FIB, 1)]);
+
+        // IP options: the quote would need more room, as with TTL expiry.
+        let opts = Tcp { src: (CLIENT, 40001), ip_options: vec![1, 1, 1, 0], ..from_client(80) };
+        let (action, _) = lb.run(&opts.frame());
+        assert_eq!(action, XDP_REDIRECT, "to the far backend on g1");
+        lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 1), (Counter::XLB_CNT_FWD_TO_BACKEND, 1)]);
+        let big = sized(opts.clone().ack(), BACKEND_PATH_MTU + 1);
+        let (action, out) = lb.run(&big.frame());
+        assert_eq!(action, XDP_DROP);
+        assert_eq!(out, big.frame());
+        lb.counters_moved(&[(Counter::XLB_CNT_DROP_FIB, 1)]);
+    });
+}
+
+/// Pins the calling thread to one CPU: the ICMP answer budget is per CPU.
+fn pin_to_one_cpu() {
+    use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+    use nix::unistd::Pid;
+    let allowed = sched_getaffinity(Pid::from_raw(0)).unwrap();
+    let cpu = (0..CpuSet::count()).find(|&c| allowed.is_set(c).unwrap_or(false)).expect("a CPU");
+    let mut one = CpuSet::new();
+    one.set(cpu).unwrap();
+    sched_setaffinity(Pid::from_raw(0), &one).unwrap();
+}
+
+#[test]
+fn icmp_answers_are_rate_limited_by_one_budget_per_cpu() {
+    case_in(&narrow_paths(), ONE, |lb| {
+        pin_to_one_cpu();
+        let syn = from_client(80);
+        lb.run(&syn.frame());
+        lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 1), (Counter::XLB_CNT_FWD_TO_BACKEND, 1)]);
+        let big = sized(syn.clone().ack(), BACKEND_PATH_MTU + 1);
+        let answer = frag_needed_answer(&big, BACKEND_PATH_MTU);
+        let expiring = Tcp { ttl: 1, ..syn.clone().ack() };
+
+        let start = std::time::Instant::now();
+        let mut answered = vec![];
+        let mut limited = 0u64;
+        for i in 0..300 {
+            let (action, out) = lb.run(&big.frame());
+            match action {
+                XDP_TX => {
+                    assert_eq!(out, answer, "packet {i}");
+                    answered.push(i);
+                }
+                XDP_DROP => {
+                    assert_eq!(out, big.frame(), "packet {i}: dropped as it came");
+                    limited += 1;
+                }
+                a => panic!("packet {i}: action {a}"),
+            }
+        }
+        let frag_answered = answered.len() as u64;
+        assert_eq!(frag_answered + limited, 300);
+        // A fresh bucket holds the whole burst: the first 50 are answered.
+        assert_eq!(answered[..50], (0..50).collect::<Vec<_>>()[..], "the burst");
+        lb.counters_moved(&[
+            (Counter::XLB_CNT_FRAG_NEEDED, frag_answered),
+            (Counter::XLB_CNT_DROP_ICMP_LIMIT, limited),
+        ]);
+
+        // Time exceeded draws on the same budget.
+        let mut ttl_answered = 0u64;
+        for i in 0..300 {
+            let (action, out) = lb.run(&expiring.frame());
+            match action {
+                XDP_TX => {
+                    assert_eq!(out, time_exceeded(&expiring), "TTL packet {i}");
+                    ttl_answered += 1;
+                }
+                XDP_DROP => assert_eq!(out, expiring.frame(), "TTL packet {i}"),
+                a => panic!("TTL packet {i}: action {a}"),
+            }
+        }
+        let ms = start.elapsed().as_millis() as u64;
+        lb.counters_moved(&[
+            (Counter::XLB_CNT_TTL_EXCEEDED, ttl_answered),
+            (Counter::XLB_CNT_DROP_ICMP_LIMIT, 300 - ttl_answered),
+        ]);
+        // After the burst, 1000 answers a second refill it: one per
+        // millisecond elapsed, plus slack for the coarse clock's ticks.
+        let allowance = 50 + ms + 10;
+        assert!(
+            frag_answered + ttl_answered <= allowance,
+            "{frag_answered} + {ttl_answered} answers in {ms} ms (at most {allowance})"
+        );
+        assert!(frag_answered >= 50);
+        // Nothing was forwarded, nothing accounted to the connection.
+        assert_eq!(forward_entry(lb).flow.packets, 1);
+    });
+}
+
+#[test]
+fn a_translated_frag_needed_never_advertises_less_than_552() {
+    case(ONE, |lb| {
+        let syn = from_client(80);
+        lb.run(&syn.frame());
+        let port = lb.nat_port(syn.src);
+        lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 1), (Counter::XLB_CNT_FWD_TO_BACKEND, 1)]);
+        let sent_to_client =
+            Tcp { smac: LB_MAC, dmac: CLIENT_MAC, src: (LISTEN, 80), dst: syn.src, ack: true, ..syn.clone() };
+        let backend_sent = Tcp { src: (BACKEND, 8080), dst: (LISTEN, port), ..sent_to_client.clone() };
+        let router = Ipv4Addr::new(10, 0, 0, 254);
+        for (mtu, out_mtu) in [(300, 552), (0, 552), (551, 552), (552, 552), (1400, 1400)] {
+            let (action, out) =
+                lb.run(&frag_needed_mtu(CLIENT_MAC, router, LISTEN, &sent_to_client, 64, mtu));
+            assert_eq!(action, XDP_TX, "MTU {mtu}");
+            let mut want = frag_needed_mtu(LB_MAC, LISTEN, BACKEND, &backend_sent, 63, out_mtu);
+            want[0..6].copy_from_slice(&BACKEND_MAC);
+            assert_eq!(out, want, "MTU {mtu} comes out as {out_mtu}");
+            assert!(checksums_valid(&out), "MTU {mtu}: checksums");
+            assert_eq!(&out[34 + 6..34 + 8], &out_mtu.to_be_bytes());
+            let floored = u64::from(mtu < 552);
+            lb.counters_moved(&[(Counter::XLB_CNT_FWD_ICMP, 1), (Counter::XLB_CNT_ICMP_MTU_FLOOR, floored)]);
+        }
+
+        // The other way round too: a router near the backend.
+        let sent_to_backend = Tcp { src: (LISTEN, port), dst: (BACKEND, 8080), ack: true, ..syn.clone() };
+        let router = Ipv4Addr::new(10, 0, 0, 253);
+        let (action, out) = lb.run(&frag_needed_mtu(BACKEND_MAC, router, LISTEN, &sent_to_backend, 64, 300));
+        assert_eq!(action, XDP_TX);
+        let client_sent = Tcp { src: syn.src, dst: (LISTEN, 80), ..sent_to_backend.clone() };
+        let mut want = frag_needed_mtu(LB_MAC, LISTEN, CLIENT, &client_sent, 63, 552);
+        want[0..6].copy_from_slice(&CLIENT_MAC);
+        assert_eq!(out, want);
+        lb.counters_moved(&[(Counter::XLB_CNT_FWD_ICMP, 1), (Counter::XLB_CNT_ICMP_MTU_FLOOR, 1)]);
+    });
+}
+
+#[test]
+fn an_interface_that_bounces_by_redirect_sends_the_same_frames() {
+    case_in(&narrow_paths(), ONE, |lb| {
+        // g0 carries no traffic of its own (IPv6 off, static neighbours):
+        // attaching to it moves no counter.
+        let g0 = lb.ifindex;
+        assert_eq!(lb.dp.attach_as("g0", g0, XdpMode::Native).unwrap(), XdpMode::Native);
+        assert!(
+            lb.dp.set_transmit(g0, Transmit { bounce: Bounce::Redirect, redirect_target: false }).is_err(),
+            "a redirect bounce needs the interface in the redirect map"
+        );
+        lb.dp.set_transmit(g0, Transmit { bounce: Bounce::Redirect, redirect_target: true }).unwrap();
+
+        // Same-interface forwarding.
+        let syn = from_client(80);
+        let (action, out) = lb.run(&syn.frame());
+        assert_eq!(action, XDP_REDIRECT, "forward to a backend on the ingress interface");
+        let port = lb.nat_port(syn.src);
+        let want = Tcp {
+            smac: LB_MAC,
+            dmac: BACKEND_MAC,
+            src: (LISTEN, port),
+            dst: (BACKEND, 8080),
+            ttl: 63,
+            ..syn.clone()
+        };
+        assert_eq!(out, want.frame());
+        lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 1), (Counter::XLB_CNT_FWD_TO_BACKEND, 1)]);
+
+        // Time exceeded.
+        let expiring = Tcp { ttl: 1, ..syn.clone().ack() };
+        let (action, out) = lb.run(&expiring.frame());
+        assert_eq!(action, XDP_REDIRECT, "time exceeded");
+        assert_eq!(out, time_exceeded(&expiring));
+        lb.counters_moved(&[(Counter::XLB_CNT_TTL_EXCEEDED, 1)]);
+
+        // Fragmentation needed.
+        let big = sized(syn.clone().ack(), BACKEND_PATH_MTU + 1);
+        let (action, out) = lb.run(&big.frame());
+        assert_eq!(action, XDP_REDIRECT, "fragmentation needed");
+        assert_eq!(out, frag_needed_answer(&big, BACKEND_PATH_MTU));
+        lb.counters_moved(&[(Counter::XLB_CNT_FRAG_NEEDED, 1)]);
+
+        // A drain RST.
+        lb.dp.set_drain(true);
+        let fresh = Tcp { src: (CLIENT, 40001), ..from_client(80) };
+        let (action, out) = lb.run(&fresh.frame());
+        assert_eq!(action, XDP_REDIRECT, "drain RST");
+        assert_eq!(out, expected_rst(&fresh));
+        lb.counters_moved(&[(Counter::XLB_CNT_DRAIN_RST, 1)]);
+
+        // Back to XDP_TX, and with no entry at all (detached) XDP_TX too.
+        lb.dp.set_transmit(g0, Transmit { bounce: Bounce::XdpTx, redirect_target: true }).unwrap();
+        let (action, out) = lb.run(&fresh.frame());
+        assert_eq!((action, out), (XDP_TX, expected_rst(&fresh)));
+        lb.dp.set_transmit(g0, Transmit { bounce: Bounce::Redirect, redirect_target: true }).unwrap();
+        lb.dp.detach(g0).unwrap();
+        let (action, out) = lb.run(&fresh.frame());
+        assert_eq!((action, out), (XDP_TX, expected_rst(&fresh)), "detached: no ifaces entry");
+        lb.counters_moved(&[(Counter::XLB_CNT_DRAIN_RST, 2)]);
+    });
+}
+
+#[test]
+fn on_a_generic_mode_interface_oversized_packets_are_forwarded_not_answered() {
+    case_in(&narrow_paths(), ONE, |lb| {
+        let g0 = lb.ifindex;
+        assert_eq!(lb.dp.attach_as("g0", g0, XdpMode::Generic).unwrap(), XdpMode::Generic);
+        let syn = from_client(80);
+        lb.run(&syn.frame());
+        let port = lb.nat_port(syn.src);
+        lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 1), (Counter::XLB_CNT_FWD_TO_BACKEND, 1)]);
+
+        // Generic mode may see GRO aggregates that the stack splits again
+        // on the way out: no MTU check, the packet is forwarded.
+        let big = sized(syn.clone().ack(), BACKEND_PATH_MTU + 400);
+        let (action, out) = lb.run(&big.frame());
+        assert_eq!(action, XDP_TX);
+        let want = Tcp {
+            smac: LB_MAC,
+            dmac: BACKEND_MAC,
+            src: (LISTEN, port),
+            dst: (BACKEND, 8080),
+            ttl: 63,
+            ..big.clone()
+        };
+        assert_eq!(out, want.frame());
+        checked_tcp(&out);
+        lb.counters_moved(&[(Counter::XLB_CNT_FWD_TO_BACKEND, 1)]);
+
+        // The flag is the ingress interface's: the same frame arriving on g1
+        // (native) is answered.
+        let g1 = nix::net::if_::if_nametoindex("g1").unwrap();
+        let (action, out) = lb.dp.test_run(&big.frame(), g1).unwrap();
+        assert_eq!(action, XDP_TX);
+        assert_eq!(out, frag_needed_answer(&big, BACKEND_PATH_MTU));
+        lb.counters_moved(&[(Counter::XLB_CNT_FRAG_NEEDED, 1)]);
     });
 }

@@ -668,6 +668,19 @@ struct KubeXlb {
 
 impl KubeXlb {
     fn start(ns: &common::NsRef, server: &str) -> KubeXlb {
+        let x = KubeXlb::spawn(ns, server, "interfaces: [lb-client, lb-be1, lb-be2]\n");
+        let lb = ns.clone();
+        let ready = common::wait_for(Duration::from_secs(30), || {
+            let lb = lb.clone();
+            let code = lb.run(|| common::http_get("127.0.0.1:9090", "/readyz").map(|r| r.status));
+            (code.ok() == Some(200)).then_some(())
+        });
+        assert!(ready.is_some(), "xlb did not become ready:\n{}", x.log());
+        x
+    }
+
+    /// Starts xlb with `extra` config lines and returns at once.
+    fn spawn(ns: &common::NsRef, server: &str, extra: &str) -> KubeXlb {
         let dir = tempfile::tempdir().unwrap();
         let instance = common::unique("xk");
         let cfg = dir.path().join("xlb.yaml");
@@ -676,7 +689,7 @@ impl KubeXlb {
             format!(
                 "name: {instance}\nlisten: {{ip: {}}}\nports:\n  - {{local_port: 80, remote_port: 8080}}\n\
                  provider:\n  kubernetes: {{namespace: {NS}, service: {SVC}}}\n\
-                 interfaces: [lb-client, lb-be1, lb-be2]\nshutdown_timeout: 1\n",
+                 shutdown_timeout: 1\n{extra}",
                 common::LISTEN
             ),
         )
@@ -695,15 +708,7 @@ impl KubeXlb {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("spawn xlb");
-        let x = KubeXlb { child, log, instance, _dir: dir };
-        let lb = ns.clone();
-        let ready = common::wait_for(Duration::from_secs(30), || {
-            let lb = lb.clone();
-            let code = lb.run(|| common::http_get("127.0.0.1:9090", "/readyz").map(|r| r.status));
-            (code.ok() == Some(200)).then_some(())
-        });
-        assert!(ready.is_some(), "xlb did not become ready:\n{}", x.log());
-        x
+        KubeXlb { child, log, instance, _dir: dir }
     }
 
     fn log(&self) -> String {
@@ -816,5 +821,114 @@ fn e2e_xlb_routes_to_the_listed_endpoints_and_drains_a_terminating_one() {
     let log = xlb.log();
     assert!(log.contains("kubernetes provider: synced 2 endpoints (2 ready)"), "{log}");
     assert!(log.contains(&format!("backend added: be1 {}", common::backend_ip(1))), "{log}");
+    assert!(xlb.terminate().success(), "{}", xlb.log());
+}
+
+fn readyz(lb: &common::NsRef) -> Option<u16> {
+    lb.run(|| common::http_get("127.0.0.1:9090", "/readyz").map(|r| r.status)).ok()
+}
+
+fn attached(lb: &common::NsRef) -> Vec<String> {
+    let Ok(r) = lb.run(|| common::http_get("127.0.0.1:9090", "/api/v1/status")) else { return Vec::new() };
+    let s: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+    s["interfaces"]
+        .as_array()
+        .map(|a| a.iter().map(|i| i["name"].as_str().unwrap_or_default().to_string()).collect())
+        .unwrap_or_default()
+}
+
+/// 60 requests through XLB; the set of backends that answered, or the
+/// first failure.
+fn answering(client: &common::NsRef) -> Result<std::collections::BTreeSet<String>, String> {
+    let url = format!("{}:80", common::LISTEN);
+    client.run(move || {
+        (0..60)
+            .map(|i| match common::http_get(&url, "/") {
+                Ok(r) => Ok(String::from_utf8(r.body).unwrap().trim().to_string()),
+                Err(e) => Err(format!("request {i}: {e}")),
+            })
+            .collect()
+    })
+}
+
+/// Interfaces follow the backends (auto, no `interfaces:` list): the
+/// service's endpoints appear only 2 s after XLB started, behind three
+/// interfaces it was not attached to; then one backend moves to an
+/// interface created after start; then that interface is deleted.
+#[test]
+fn e2e_interfaces_follow_backends_that_appear_move_and_vanish() {
+    let t = common::Topology::new(3);
+    let _b: Vec<_> = (1..=3).map(|k| common::start_backend(&t.backends[k - 1], &format!("be{k}"))).collect();
+    let api = ApiInNetns::start(&t.lb);
+    let mut xlb = KubeXlb::spawn(&t.lb, &api.api().url(), "");
+    // Running (attached) once the first sync waited out its 5 s.
+    common::wait_for(Duration::from_secs(20), || (!attached(&t.lb).is_empty()).then_some(()))
+        .unwrap_or_else(|| panic!("attached:\n{}", xlb.log()));
+    assert_eq!(readyz(&t.lb), Some(503), "no endpoints yet");
+    assert_eq!(attached(&t.lb), ["lb-client"], "only the listen interface at first");
+
+    std::thread::sleep(Duration::from_secs(2));
+    let eps: Vec<Ep> = (1..=3).map(|k| Ep::ready(&common::backend_ip(k), &format!("be{k}"))).collect();
+    api.api().put(Kind::EndpointSlice, NS, slice("web-late", SVC, &eps));
+    common::wait_for(Duration::from_secs(10), || (readyz(&t.lb) == Some(200)).then_some(()))
+        .unwrap_or_else(|| panic!("ready once endpoints appear:\n{}", xlb.log()));
+    common::wait_for(Duration::from_secs(10), || (attached(&t.lb).len() == 4).then_some(())).unwrap_or_else(
+        || panic!("attached to the backends' interfaces: {:?}\n{}", attached(&t.lb), xlb.log()),
+    );
+    let all: std::collections::BTreeSet<String> = (1..=3).map(|k| format!("backend be{k}")).collect();
+    assert_eq!(answering(&t.client), Ok(all.clone()), "{}\n{}", xlb.log(), common::status(&t.lb));
+    const SIZE: usize = 10 * 1024 * 1024;
+    let url = format!("{}:80", common::LISTEN);
+    let u = url.clone();
+    let body = t.client.run(move || common::http_get(&u, &format!("/blob/{SIZE}")).expect("download").body);
+    assert!(body == common::blob(SIZE), "byte-identical");
+    for k in 1..=3 {
+        assert!(xlb.log().contains(&format!("XDP attached to lb-be{k} in native mode")), "{}", xlb.log());
+    }
+
+    // be3 moves behind an interface that did not exist when XLB started.
+    let be3 = &t.backends[2];
+    common::sh(&format!(
+        "ip link add eth1 netns {} type veth peer name lb-new netns {}",
+        be3.name, t.lb.name
+    ));
+    t.lb.exec("ip addr add 10.150.0.1/24 dev lb-new && ip link set lb-new up");
+    be3.exec("ip addr add 10.150.0.2/24 dev eth1 && ip link set eth1 up");
+    be3.exec("ethtool -K eth1 tx off >/dev/null && ethtool -K eth1 gro on >/dev/null");
+    be3.exec("ip route replace default via 10.150.0.1 dev eth1");
+    let moved = [
+        Ep::ready(&common::backend_ip(1), "be1"),
+        Ep::ready(&common::backend_ip(2), "be2"),
+        Ep::ready("10.150.0.2", "be3"),
+    ];
+    api.api().put(Kind::EndpointSlice, NS, slice("web-late", SVC, &moved));
+    common::wait_for(Duration::from_secs(10), || {
+        let a = attached(&t.lb);
+        (a.contains(&"lb-new".to_string()) && !a.contains(&"lb-be3".to_string())).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!("attached to lb-new, detached from lb-be3: {:?}\n{}", attached(&t.lb), xlb.log())
+    });
+    assert_eq!(answering(&t.client), Ok(all), "be3 answers through its new interface: {}", xlb.log());
+    let log = xlb.log();
+    assert!(log.contains("XDP attached to lb-new"), "{log}");
+    assert!(log.contains("XDP detached from lb-be3"), "{log}");
+
+    // Its interface is deleted: XLB lets go of it and keeps serving.
+    t.lb.exec("ip link del lb-new");
+    common::wait_for(Duration::from_secs(10), || {
+        (!attached(&t.lb).contains(&"lb-new".to_string())).then_some(())
+    })
+    .unwrap_or_else(|| panic!("lb-new forgotten: {:?}\n{}", attached(&t.lb), xlb.log()));
+    let two = [Ep::ready(&common::backend_ip(1), "be1"), Ep::ready(&common::backend_ip(2), "be2")];
+    api.api().put(Kind::EndpointSlice, NS, slice("web-late", SVC, &two));
+    common::wait_for(Duration::from_secs(10), || {
+        xlb.log().contains("backend removed: be3 10.150.0.2").then_some(())
+    })
+    .unwrap_or_else(|| panic!("be3 removed:\n{}", xlb.log()));
+    let left: std::collections::BTreeSet<String> = (1..=2).map(|k| format!("backend be{k}")).collect();
+    assert_eq!(answering(&t.client), Ok(left), "{}", xlb.log());
+    assert!(xlb.log().contains("lb-new is gone"), "{}", xlb.log());
+    assert!(xlb.child.try_wait().unwrap().is_none(), "still running");
     assert!(xlb.terminate().success(), "{}", xlb.log());
 }

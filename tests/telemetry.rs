@@ -96,8 +96,20 @@ fn running_status() -> SharedStatus {
         s.snat = Some(Ipv4Addr::new(10, 1, 0, 1));
         s.ports = vec![PortStatus { local_port: 80, remote_port: 8080 }];
         s.interfaces = vec![
-            InterfaceStatus { name: "eth0".into(), ifindex: 2, xdp_mode: "native".into() },
-            InterfaceStatus { name: "eth1".into(), ifindex: 3, xdp_mode: "generic".into() },
+            InterfaceStatus {
+                name: "eth0".into(),
+                ifindex: 2,
+                xdp_mode: "native".into(),
+                transmit: "redirect".into(),
+                redirect_target: true,
+            },
+            InterfaceStatus {
+                name: "eth1".into(),
+                ifindex: 3,
+                xdp_mode: "generic".into(),
+                transmit: "xdp_tx".into(),
+                redirect_target: false,
+            },
         ];
         s.backends = vec![backend("web-1", 2, "active", 1234), backend("web-old", 9, "draining", 99)];
         let mut p = ProviderHealth::new("static", "static");
@@ -551,7 +563,7 @@ fn status_command_prints_a_summary_and_the_json_document() {
     assert!(stdout.starts_with(&head), "{stdout}");
     for needle in [
         "listen       10.1.0.1  ports 80->8080  snat 10.1.0.1",
-        "eth0 (native, ifindex 2), eth1 (generic, ifindex 3)",
+        "eth0 (native, redirect, ifindex 2), eth1 (generic, xdp_tx, ifindex 3)",
         "static (static): connected, synced",
         "connections  14 active of 1000 (1.4% of conntrack)",
         "backends: 1 active, 1 draining",

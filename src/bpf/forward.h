@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
-/* Sending a rewritten packet on: FIB lookup for the next hop, then XDP_TX or
- * a devmap redirect; the kernel gets what XDP cannot finish itself. */
+/* Sending a packet on: FIB lookup for the next hop, then out of the ingress
+ * interface (bounce) or a devmap redirect; the kernel gets what XDP cannot
+ * finish itself. */
 #ifndef XLB_FORWARD_H
 #define XLB_FORWARD_H
 
@@ -27,24 +28,48 @@ static __always_inline struct outcome verdict(__u32 action, __u32 counter)
 	return o;
 }
 
-/* `sent` is the counter for a packet that leaves through XDP. */
-static __always_inline struct outcome forward(struct xdp_md *ctx, struct packet *pkt, __u32 sent)
+/* The action that sends the frame back out of the interface it arrived on,
+ * the way that interface delivers (struct iface). */
+static __always_inline __u32 bounce(struct xdp_md *ctx)
+{
+	__u32 ifindex = ctx->ingress_ifindex;
+	struct iface *i = bpf_map_lookup_elem(&ifaces, &ifindex);
+
+	if (i && i->tx == XLB_TX_REDIRECT)
+		return bpf_redirect_map(&tx_ports, ifindex, XDP_DROP);
+	return XDP_TX;
+}
+
+/* The next hop of a packet from saddr to daddr as it arrived: returns the
+ * bpf_fib_lookup() code with fib filled in. The MTU is checked unless the
+ * ingress runs in generic mode, where GRO may have merged many segments
+ * into one packet that the stack splits again on the way out. */
+static __always_inline long route(struct xdp_md *ctx, struct packet *pkt, __u32 saddr, __u32 daddr,
+				  struct bpf_fib_lookup *fib)
+{
+	__u32 ifindex = ctx->ingress_ifindex;
+	struct iface *i = bpf_map_lookup_elem(&ifaces, &ifindex);
+	struct iphdr *ip = pkt->ip;
+
+	fib->family = AF_INET;
+	fib->tos = ip->tos;
+	fib->l4_protocol = ip->protocol;
+	fib->tot_len = (i && (i->flags & XLB_IFACE_GENERIC)) ? 0 : bpf_ntohs(ip->tot_len);
+	fib->ipv4_src = saddr;
+	fib->ipv4_dst = daddr;
+	fib->ifindex = pkt->l3_ifindex;
+	return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
+}
+
+/* Sends a packet whose next hop route() found (rc, fib); `sent` is the
+ * counter for a packet that leaves through XDP. */
+static __always_inline struct outcome transmit(struct xdp_md *ctx, struct packet *pkt, long rc,
+					       struct bpf_fib_lookup *fib, __u32 sent)
 {
 	struct iphdr *ip = pkt->ip;
-	struct bpf_fib_lookup fib = {};
 	__u16 old_ttl_word;
 	__u32 ifindex;
-	long rc;
 
-	fib.family = AF_INET;
-	fib.tos = ip->tos;
-	fib.l4_protocol = ip->protocol;
-	fib.tot_len = bpf_ntohs(ip->tot_len);
-	fib.ipv4_src = ip->saddr;
-	fib.ipv4_dst = ip->daddr;
-	fib.ifindex = pkt->l3_ifindex;
-
-	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
 		/* The kernel resolves the neighbour and forwards this one packet
 		 * (TTL untouched: it decrements it itself); later ones find it. */
@@ -52,7 +77,7 @@ static __always_inline struct outcome forward(struct xdp_md *ctx, struct packet 
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
 		return verdict(XDP_DROP, XLB_CNT_DROP_FIB);
 
-	ifindex = fib.ifindex;
+	ifindex = fib->ifindex;
 	if (pkt->vlan) {
 		/* Tagged: XDP can send it on only as a tagged frame on the same
 		 * wire, i.e. when the route leaves through a VLAN interface on top
@@ -64,6 +89,8 @@ static __always_inline struct outcome forward(struct xdp_md *ctx, struct packet 
 		pkt->vlan->tci = (pkt->vlan->tci & bpf_htons(0xf000)) | bpf_htons(v->vid & 0x0fff);
 		ifindex = ctx->ingress_ifindex;
 	}
+	/* Only interfaces that take redirected frames are in tx_ports (the
+	 * control plane checks); the kernel forwards to any other. */
 	if (ifindex != ctx->ingress_ifindex && !bpf_map_lookup_elem(&tx_ports, &ifindex))
 		return verdict(XDP_PASS, XLB_CNT_PASS_FOREIGN_EGRESS);
 	if (ip->ttl <= 1)
@@ -72,12 +99,21 @@ static __always_inline struct outcome forward(struct xdp_md *ctx, struct packet 
 	old_ttl_word = *(__u16 *)&ip->ttl;
 	ip->ttl--;
 	csum_replace2(&ip->check, old_ttl_word, *(__u16 *)&ip->ttl);
-	__builtin_memcpy(pkt->eth->h_dest, fib.dmac, ETH_ALEN);
-	__builtin_memcpy(pkt->eth->h_source, fib.smac, ETH_ALEN);
+	__builtin_memcpy(pkt->eth->h_dest, fib->dmac, ETH_ALEN);
+	__builtin_memcpy(pkt->eth->h_source, fib->smac, ETH_ALEN);
 
 	if (ifindex == ctx->ingress_ifindex)
-		return verdict(XDP_TX, sent);
+		return verdict(bounce(ctx), sent);
 	return verdict(bpf_redirect_map(&tx_ports, ifindex, XDP_DROP), sent);
+}
+
+/* Routes and sends a packet as it is (a translated ICMP error). */
+static __always_inline struct outcome forward(struct xdp_md *ctx, struct packet *pkt, __u32 sent)
+{
+	struct bpf_fib_lookup fib = {};
+	long rc = route(ctx, pkt, pkt->ip->saddr, pkt->ip->daddr, &fib);
+
+	return transmit(ctx, pkt, rc, &fib, sent);
 }
 
 #endif

@@ -19,7 +19,8 @@ struct icmp_err {
 	__u8 type;
 	__u8 code;
 	__u16 checksum;
-	__u32 rest; /* unused, or the next-hop MTU for "fragmentation needed" */
+	__u16 unused;
+	__u16 mtu; /* the next-hop MTU for "fragmentation needed" (RFC 1191), else 0 */
 };
 
 /* What of the quoted packet is rewritten: its addresses and ports. */
@@ -100,6 +101,17 @@ static __always_inline struct outcome icmp_error(struct xdp_md *ctx, struct pack
 	q.ip->daddr = dst;
 	q.ports[0] = sport;
 	q.ports[1] = dport;
+
+	/* A path MTU below the floor is a forgery or a broken link: raise it,
+	 * so one error cannot shrink the path of everyone behind the NAT. */
+	if (q.icmp->type == XLB_ICMP_DEST_UNREACH && q.icmp->code == XLB_ICMP_FRAG_NEEDED &&
+	    bpf_ntohs(q.icmp->mtu) < XLB_MIN_PMTU) {
+		__u16 floor = bpf_htons(XLB_MIN_PMTU);
+
+		csum_replace2(&q.icmp->checksum, q.icmp->mtu, floor);
+		q.icmp->mtu = floor;
+		count(XLB_CNT_ICMP_MTU_FLOOR);
+	}
 
 	/* ... and goes to O's sender, from the address O was sent to. */
 	csum_replace4(&ip->check, ip->saddr, dst);

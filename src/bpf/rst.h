@@ -24,7 +24,7 @@ static __always_inline __u16 csum_fold32(__s64 sum)
 	return ~csum_fold((__u64)sum);
 }
 
-/* Returns 0 with the frame rewritten into the RST (send it with XDP_TX), or
+/* Returns 0 with the frame rewritten into the RST (send it back out with bounce()), or
  * -1 if the frame could not be reshaped (leave it alone). */
 static __always_inline int syn_to_rst(struct xdp_md *ctx, struct packet *pkt)
 {

@@ -7,11 +7,15 @@
  *   conntrack -> find the connection; a client SYN creates one (maglev
  *                picks the backend, the reverse entry claims a NAT port),
  *                or, while draining, is answered with a RST
+ *   route -> FIB lookup for the rewritten addresses; a packet too big for
+ *            the egress link is answered with ICMP fragmentation needed
  *   NAT -> rewrite addresses and ports, fix checksums incrementally
- *   forward -> FIB lookup, then XDP_TX / redirect, or the kernel for ARP
+ *   transmit -> back out of the ingress interface or a devmap redirect,
+ *               or the kernel for ARP and interfaces XDP cannot send on
  * ICMP errors about a tracked connection are translated for the other side
  * (icmp.h), so path MTU discovery works through the NAT.
- * Every outcome is counted once, in xlb_xdp(), which alone returns verdicts.
+ * Every outcome is counted once, in xlb_xdp(), which alone returns verdicts
+ * (icmp_mtu_floor, a note on a translated error, is counted beside it).
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -24,16 +28,50 @@
 #include "forward.h"
 #include "rst.h"
 #include "icmp.h"
-#include "ttl.h"
+#include "icmp_reply.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 /* A packet of ours that forwarding would expire: answered like a router. */
 static __always_inline struct outcome expired(struct xdp_md *ctx, struct packet *pkt)
 {
-	if (ttl_exceeded(ctx, pkt))
+	if (!icmp_answerable(pkt))
 		return verdict(XDP_DROP, XLB_CNT_DROP_TTL);
-	return verdict(XDP_TX, XLB_CNT_TTL_EXCEEDED);
+	if (!icmp_budget_take())
+		return verdict(XDP_DROP, XLB_CNT_DROP_ICMP_LIMIT);
+	if (icmp_reply(ctx, pkt, XLB_ICMP_TIME_EXCEEDED, 0, 0))
+		return verdict(XDP_DROP, XLB_CNT_DROP_TTL);
+	return verdict(bounce(ctx), XLB_CNT_TTL_EXCEEDED);
+}
+
+/* A packet of ours too big for the egress link: a DF packet is answered like
+ * a router answers it, so the sender lowers its path MTU; one that may be
+ * fragmented is dropped all the same (XDP cannot fragment). */
+static __always_inline struct outcome too_big(struct xdp_md *ctx, struct packet *pkt, __u16 mtu)
+{
+	if (!(pkt->ip->frag_off & bpf_htons(XLB_IP_DF)) || !icmp_answerable(pkt))
+		return verdict(XDP_DROP, XLB_CNT_DROP_FIB);
+	if (!icmp_budget_take())
+		return verdict(XDP_DROP, XLB_CNT_DROP_ICMP_LIMIT);
+	if (icmp_reply(ctx, pkt, XLB_ICMP_DEST_UNREACH, XLB_ICMP_FRAG_NEEDED, mtu))
+		return verdict(XDP_DROP, XLB_CNT_DROP_FIB);
+	return verdict(bounce(ctx), XLB_CNT_FRAG_NEEDED);
+}
+
+/* Sends a packet of a tracked connection on, rewritten to f's NAT tuple. The
+ * route is found before the rewrite: a packet that cannot go on is answered
+ * about what its sender sent. */
+static __always_inline struct outcome nat_forward(struct xdp_md *ctx, struct packet *pkt,
+						  struct flow *f, __u64 now, __u32 sent)
+{
+	struct bpf_fib_lookup fib = {};
+	long rc = route(ctx, pkt, f->nat_saddr, f->nat_daddr, &fib);
+
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return too_big(ctx, pkt, fib.mtu_result);
+	flow_touch(f, pkt, now);
+	nat_rewrite(pkt, f);
+	return transmit(ctx, pkt, rc, &fib, sent);
 }
 
 /* A client packet to listen_ip:local_port. */
@@ -69,7 +107,7 @@ static __always_inline struct outcome to_backend(struct xdp_md *ctx, struct pack
 		if (config.flags & XLB_F_DRAIN) {
 			if (syn_to_rst(ctx, pkt))
 				return verdict(XDP_DROP, XLB_CNT_DRAIN_RST);
-			return verdict(XDP_TX, XLB_CNT_DRAIN_RST);
+			return verdict(bounce(ctx), XLB_CNT_DRAIN_RST);
 		}
 		be = pick_backend(key);
 		if (!be)
@@ -78,9 +116,7 @@ static __always_inline struct outcome to_backend(struct xdp_md *ctx, struct pack
 		if (!f)
 			return verdict(XDP_DROP, why);
 	}
-	flow_touch(f, pkt, now);
-	nat_rewrite(pkt, f);
-	return forward(ctx, pkt, XLB_CNT_FWD_TO_BACKEND);
+	return nat_forward(ctx, pkt, f, now, XLB_CNT_FWD_TO_BACKEND);
 }
 
 /* A packet to snat_ip:nat_port: a backend's reply if we have its entry. */
@@ -93,9 +129,7 @@ static __always_inline struct outcome to_client(struct xdp_md *ctx, struct packe
 		return verdict(XDP_PASS, XLB_CNT_PASS_NOT_OURS);
 	if (pkt->ip->ttl <= 1)
 		return expired(ctx, pkt);
-	flow_touch(f, pkt, bpf_ktime_get_coarse_ns());
-	nat_rewrite(pkt, f);
-	return forward(ctx, pkt, XLB_CNT_FWD_TO_CLIENT);
+	return nat_forward(ctx, pkt, f, bpf_ktime_get_coarse_ns(), XLB_CNT_FWD_TO_CLIENT);
 }
 
 static __always_inline struct outcome handle(struct xdp_md *ctx, struct packet *pkt)

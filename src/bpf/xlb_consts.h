@@ -19,8 +19,22 @@
  * a half-written table. Resized at load time. */
 #define XLB_MAGLEV_DEFAULT_SLOTS (2 * 65537)
 
-/* Interfaces XDP may redirect to (one devmap slot each). */
-#define XLB_MAX_IFACES 64
+/* Interfaces XLB attaches to and may redirect to (one devmap slot each):
+ * every pod veth of a busy node may carry backends. */
+#define XLB_MAX_IFACES 1024
+
+/* struct iface.flags */
+#define XLB_IFACE_GENERIC (1U << 0) /* generic mode: frames may be GRO aggregates */
+
+/* ICMP errors XLB originates (time exceeded, fragmentation needed) are
+ * answered at most this often per CPU, with this burst: their destination is
+ * a source address anyone can forge (the kernel's icmp_msgs_per_sec). */
+#define XLB_ICMP_RATE_PER_SEC 1000
+#define XLB_ICMP_BURST	      50
+
+/* A translated "fragmentation needed" never advertises less than this (the
+ * kernel's min_pmtu): one forged error must not shrink a path for everyone. */
+#define XLB_MIN_PMTU 552
 
 /* VLAN interfaces XLB can send tagged frames for. */
 #define XLB_MAX_VLANS 256
@@ -45,7 +59,9 @@
 
 #define XLB_ICMP_DEST_UNREACH  3
 #define XLB_ICMP_TIME_EXCEEDED 11
+#define XLB_ICMP_FRAG_NEEDED   4 /* code of XLB_ICMP_DEST_UNREACH */
 
+#define XLB_IP_DF     0x4000
 #define XLB_IP_MF     0x2000
 #define XLB_IP_OFFSET 0x1fff
 

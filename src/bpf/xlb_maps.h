@@ -53,6 +53,28 @@ struct {
 	__type(value, __u32);
 } tx_ports SEC(".maps");
 
+/* Attached interfaces by ifindex: how each sends a frame back out (struct
+ * iface). Missing (a test run) means XDP_TX. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, XLB_MAX_IFACES);
+	__type(key, __u32);
+	__type(value, struct iface);
+} ifaces SEC(".maps");
+
+/* The ICMP answer budget of each CPU (icmp_reply.h). */
+struct icmp_bucket {
+	__u64 tokens;
+	__u64 last_ns;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct icmp_bucket);
+} icmp_budget SEC(".maps");
+
 /* VLAN interfaces on attached interfaces (see struct vlan_tag_key): a
  * tagged frame is ours only on a known VLAN, and leaves through XDP only
  * tagged for a VLAN on the same wire. */

@@ -33,6 +33,9 @@ enum xlb_counter {
 	XLB_CNT_DRAIN_RST,	     /* new connection refused with RST (drain) */
 	XLB_CNT_FWD_ICMP,	     /* ICMP error about a flow, translated and sent on */
 	XLB_CNT_TTL_EXCEEDED,	     /* answered with ICMP time exceeded */
+	XLB_CNT_FRAG_NEEDED,	     /* answered with ICMP fragmentation needed */
+	XLB_CNT_DROP_ICMP_LIMIT,     /* an ICMP answer over the rate limit: dropped */
+	XLB_CNT_ICMP_MTU_FLOOR,	     /* a translated MTU raised to the floor */
 	XLB_CNT_MAX,
 };
 
@@ -54,6 +57,20 @@ struct xlb_config {
 	__u32 maglev_active; /* 0 or 1: which half is live */
 	__u32 flags;	     /* XLB_F_* */
 	__u32 hash_seed;
+};
+
+/* How a frame leaves by the interface it arrived on. XDP_TX is the fast
+ * path on NICs; a veth whose peer runs no XDP program queues XDP_TX frames
+ * without waking the peer, while a devmap redirect flushes it. */
+enum xlb_tx {
+	XLB_TX_XDP_TX = 0,
+	XLB_TX_REDIRECT = 1,
+};
+
+/* An interface XLB is attached to, by ifindex (the `ifaces` map). */
+struct iface {
+	enum xlb_tx tx;
+	__u32 flags; /* XLB_IFACE_* */
 };
 
 /* A VLAN on an interface XLB is attached to, both ways round: by the VLAN

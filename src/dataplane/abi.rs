@@ -7,6 +7,7 @@ mod skel {
 }
 
 pub use skel::types::{backend as BackendSlot, flow as Flow, flow_key as FlowKey, xdp_md as XdpMd};
+pub use skel::types::{iface as IfaceSlot, xlb_tx as TxId};
 pub use skel::types::{vlan_tag_key as VlanTagKey, xlb_config as XlbConfig, xlb_counter as CounterId};
 pub use skel::{XlbSkel, XlbSkelBuilder};
 
@@ -17,6 +18,7 @@ unsafe impl plain::Plain for skel::types::flow {}
 unsafe impl plain::Plain for skel::types::flow_key {}
 unsafe impl plain::Plain for skel::types::xdp_md {}
 unsafe impl plain::Plain for skel::types::vlan_tag_key {}
+unsafe impl plain::Plain for skel::types::iface {}
 
 /// The raw bytes of an ABI value, as the kernel's map syscalls take them.
 pub fn bytes<T: plain::Plain>(v: &T) -> &[u8] {
@@ -34,3 +36,6 @@ pub fn from_bytes<T: plain::Plain + Default>(b: &[u8]) -> T {
 /// Flow directions (struct flow.dir), from xlb_consts.h.
 pub const DIR_TO_BACKEND: u8 = 1;
 pub const DIR_TO_CLIENT: u8 = 2;
+
+/// struct iface.flags, from xlb_consts.h.
+pub const IFACE_GENERIC: u32 = 1;

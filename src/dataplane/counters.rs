@@ -29,6 +29,9 @@ pub const ALL: &[(Counter, &str)] = &[
     (Counter::XLB_CNT_DRAIN_RST, "drain_rst"),
     (Counter::XLB_CNT_FWD_ICMP, "fwd_icmp"),
     (Counter::XLB_CNT_TTL_EXCEEDED, "icmp_ttl_exceeded"),
+    (Counter::XLB_CNT_FRAG_NEEDED, "icmp_frag_needed"),
+    (Counter::XLB_CNT_DROP_ICMP_LIMIT, "drop_icmp_ratelimit"),
+    (Counter::XLB_CNT_ICMP_MTU_FLOOR, "icmp_mtu_floor"),
 ];
 
 /// The stable name of a counter.

@@ -23,7 +23,7 @@ pub use conntrack::{
     Traffic,
 };
 pub use counters::{counter_name, Counter, Counters};
-pub use worker::{AttachTarget, Attached, DataplaneHandle, Started};
+pub use worker::{DataplaneHandle, Started};
 
 use abi::{bytes, XlbSkel, XlbSkelBuilder};
 
@@ -81,13 +81,67 @@ impl std::fmt::Display for XdpMode {
     }
 }
 
+/// How frames leave an attached interface (see `struct iface` in
+/// xlb_structs.h and the README's "Node shapes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transmit {
+    /// Frames going back out of the interface they arrived on.
+    pub bounce: Bounce,
+    /// Other interfaces may redirect frames into this one: its driver takes
+    /// XDP frames (the kernel's NDO_XMIT feature).
+    pub redirect_target: bool,
+}
+
+/// How a frame leaves by the interface it arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bounce {
+    XdpTx,
+    /// A devmap redirect to the interface itself: unlike XDP_TX it wakes a
+    /// veth peer that runs no XDP program.
+    Redirect,
+}
+
+impl std::fmt::Display for Transmit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.bounce {
+            Bounce::XdpTx => "xdp_tx",
+            Bounce::Redirect => "redirect",
+        })
+    }
+}
+
+impl Transmit {
+    /// What an interface in `mode` does when nothing more is known: XDP_TX,
+    /// and native interfaces take redirects.
+    pub fn default_for(mode: XdpMode) -> Transmit {
+        Transmit { bounce: Bounce::XdpTx, redirect_target: mode == XdpMode::Native }
+    }
+}
+
+/// The kernel's NETDEV_XDP_ACT_NDO_XMIT: the driver takes redirected frames.
+pub const XDP_FEATURE_NDO_XMIT: u64 = 1 << 2;
+
+/// The XDP features the kernel reports for an interface (0 when it reports
+/// none: kernels before 6.3).
+pub fn xdp_features(ifindex: u32) -> Result<u64> {
+    // SAFETY: a zeroed options struct of the size libbpf expects.
+    let mut opts: libbpf_sys::bpf_xdp_query_opts = unsafe { std::mem::zeroed() };
+    opts.sz = std::mem::size_of::<libbpf_sys::bpf_xdp_query_opts>() as _;
+    // SAFETY: opts outlives the call.
+    let rc = unsafe { libbpf_sys::bpf_xdp_query(ifindex as i32, 0, &mut opts) };
+    ensure!(rc == 0, "querying XDP on ifindex {ifindex}: {}", std::io::Error::from_raw_os_error(-rc));
+    Ok(opts.feature_flags)
+}
+
 /// One attached interface. Dropping the link fd detaches the program.
 #[derive(Debug)]
 pub struct Attachment {
     pub ifname: String,
     pub ifindex: u32,
     pub mode: XdpMode,
-    link: OwnedFd,
+    pub transmit: Transmit,
+    /// Held, never read: closing it detaches the program.
+    _link: OwnedFd,
 }
 
 pub struct Dataplane {
@@ -206,10 +260,24 @@ impl Dataplane {
         cfg.nr_ports = s.ports.len() as u32;
         // A per-instance seed keeps backend choice unpredictable to clients.
         cfg.hash_seed = rand_u32();
-        for v in &s.vlans {
+        self.set_vlans(&s.vlans)
+    }
+
+    /// Replaces the VLAN interfaces served (those over attached interfaces).
+    pub fn set_vlans(&mut self, vlans: &[Vlan]) -> Result<()> {
+        for v in vlans {
             let key = abi::VlanTagKey { lower_ifindex: v.lower_ifindex, vid: v.vid, pad: 0 };
             self.skel.maps.vlan_by_tag.update(bytes(&key), &v.ifindex.to_ne_bytes(), MapFlags::ANY)?;
             self.skel.maps.vlan_by_dev.update(&v.ifindex.to_ne_bytes(), bytes(&key), MapFlags::ANY)?;
+        }
+        for k in self.skel.maps.vlan_by_dev.keys().collect::<Vec<_>>() {
+            let ifindex = u32::from_ne_bytes(k[..4].try_into().expect("u32 key"));
+            if !vlans.iter().any(|v| v.ifindex == ifindex) {
+                if let Ok(Some(tag)) = self.skel.maps.vlan_by_dev.lookup(&k, MapFlags::ANY) {
+                    let _ = self.skel.maps.vlan_by_tag.delete(&tag);
+                }
+                let _ = self.skel.maps.vlan_by_dev.delete(&k);
+            }
         }
         Ok(())
     }
@@ -252,10 +320,21 @@ impl Dataplane {
         unsafe { std::ptr::write_volatile(flags, v) };
     }
 
-    /// Attaches the program to an interface with a bpf_link: native XDP
-    /// when the driver has it, generic otherwise. Also registers the
-    /// interface as a redirect target.
+    /// Attaches the program to an interface with a bpf_link, native XDP
+    /// when the driver has it, generic otherwise, and sends by the defaults
+    /// of that mode (`Transmit::default_for`).
     pub fn attach(&mut self, ifname: &str, ifindex: u32) -> Result<XdpMode> {
+        let mode = self.attach_as(ifname, ifindex, XdpMode::Native)?;
+        self.set_transmit(ifindex, Transmit::default_for(mode))?;
+        Ok(mode)
+    }
+
+    /// Attaches the program to an interface with a bpf_link: in `want` mode,
+    /// or generic when native fails. An earlier instance's pinned link is
+    /// taken over in place (its mode kept), so no packet goes without XDP.
+    /// Call `set_transmit` next: until then the interface bounces with
+    /// XDP_TX and takes no redirects.
+    pub fn attach_as(&mut self, ifname: &str, ifindex: u32, want: XdpMode) -> Result<XdpMode> {
         if self.attachments.iter().any(|a| a.ifindex == ifindex) {
             bail!("{ifname} is already attached");
         }
@@ -265,11 +344,19 @@ impl Dataplane {
         if let Some(path) = &pinned {
             if let Some(link) = pins::open(path).with_context(|| format!("opening {}", path.display()))? {
                 // The earlier instance's link: swap the program in place, so
-                // no packet on this interface goes without XDP.
-                match pins::link_update(link.as_fd(), prog) {
-                    Ok(()) => adopted = Some(link),
-                    Err(e) => {
+                // no packet on this interface goes without XDP. A link of an
+                // interface that was deleted (and maybe recreated) is stale.
+                let same_iface = link_ifindex(link.as_fd()) == Some(ifindex);
+                match same_iface.then(|| pins::link_update(link.as_fd(), prog)) {
+                    Some(Ok(())) => adopted = Some(link),
+                    Some(Err(e)) => {
                         tracing::warn!("pinned link for {ifname} is stale ({e}); attaching afresh");
+                        std::fs::remove_file(path)?;
+                    }
+                    None => {
+                        tracing::info!(
+                            "pinned link for {ifname} belongs to a deleted interface; attaching afresh"
+                        );
                         std::fs::remove_file(path)?;
                     }
                 }
@@ -278,51 +365,125 @@ impl Dataplane {
         let (link, mode) = match adopted {
             Some(link) => (link, query_mode(prog, ifindex)),
             None => {
-                let (link, mode) = match link_xdp(prog.as_raw_fd(), ifindex, libbpf_sys::XDP_FLAGS_DRV_MODE) {
+                let native = match want {
+                    XdpMode::Native => link_xdp(prog.as_raw_fd(), ifindex, libbpf_sys::XDP_FLAGS_DRV_MODE),
+                    XdpMode::Generic => Err(std::io::Error::other("generic mode chosen")),
+                };
+                let (link, mode) = match native {
                     Ok(fd) => (fd, XdpMode::Native),
                     Err(native) => {
                         let fd = link_xdp(prog.as_raw_fd(), ifindex, libbpf_sys::XDP_FLAGS_SKB_MODE)
-                            .with_context(|| {
-                                format!("attaching XDP to {ifname} (native mode failed too: {native})")
-                            })?;
+                            .with_context(|| format!("attaching XDP to {ifname} (native mode: {native})"))?;
                         (fd, XdpMode::Generic)
                     }
                 };
                 if let Some(path) = &pinned {
+                    let _ = std::fs::remove_file(path);
                     pins::pin(link.as_fd(), path).with_context(|| format!("pinning {}", path.display()))?;
                 }
                 (link, mode)
             }
         };
-        // Only a driver-mode interface can take redirected frames; traffic
-        // routed to a generic-mode one goes through the kernel instead.
-        if mode == XdpMode::Native {
+        let transmit = Transmit { bounce: Bounce::XdpTx, redirect_target: false };
+        self.attachments.push(Attachment {
+            ifname: ifname.to_string(),
+            ifindex,
+            mode,
+            transmit,
+            _link: link,
+        });
+        self.write_transmit(ifindex, mode, transmit)?;
+        Ok(mode)
+    }
+
+    /// Sets how frames leave an attached interface.
+    pub fn set_transmit(&mut self, ifindex: u32, t: Transmit) -> Result<()> {
+        ensure!(
+            t.bounce != Bounce::Redirect || t.redirect_target,
+            "bouncing by redirect needs the interface in the redirect map"
+        );
+        let a = self
+            .attachments
+            .iter_mut()
+            .find(|a| a.ifindex == ifindex)
+            .with_context(|| format!("ifindex {ifindex} is not attached"))?;
+        a.transmit = t;
+        let mode = a.mode;
+        self.write_transmit(ifindex, mode, t)
+    }
+
+    fn write_transmit(&mut self, ifindex: u32, mode: XdpMode, t: Transmit) -> Result<()> {
+        let key = ifindex.to_ne_bytes();
+        let slot = abi::IfaceSlot {
+            tx: match t.bounce {
+                Bounce::XdpTx => abi::TxId::XLB_TX_XDP_TX,
+                Bounce::Redirect => abi::TxId::XLB_TX_REDIRECT,
+            },
+            flags: if mode == XdpMode::Generic { abi::IFACE_GENERIC } else { 0 },
+        };
+        // The redirect map first: a bounce by redirect must find its entry.
+        if t.redirect_target {
             self.skel
                 .maps
                 .tx_ports
-                .update(&ifindex.to_ne_bytes(), &ifindex.to_ne_bytes(), MapFlags::ANY)
-                .with_context(|| format!("adding {ifname} to the redirect map"))?;
+                .update(&key, &key, MapFlags::ANY)
+                .with_context(|| format!("adding ifindex {ifindex} to the redirect map"))?;
         }
-        self.attachments.push(Attachment { ifname: ifname.to_string(), ifindex, mode, link });
-        Ok(mode)
+        self.skel.maps.ifaces.update(&key, bytes(&slot), MapFlags::ANY).context("writing the ifaces map")?;
+        if !t.redirect_target {
+            let _ = self.skel.maps.tx_ports.delete(&key);
+        }
+        Ok(())
+    }
+
+    /// Detaches from one interface and removes its pinned link: the program
+    /// stops running there at once.
+    pub fn detach(&mut self, ifindex: u32) -> Result<()> {
+        let i = self
+            .attachments
+            .iter()
+            .position(|a| a.ifindex == ifindex)
+            .with_context(|| format!("ifindex {ifindex} is not attached"))?;
+        let a = self.attachments.remove(i);
+        self.forget(&a);
+        if let Some(p) = &self.pins {
+            match std::fs::remove_file(p.link(&a.ifname)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("removing the pinned link of {}", a.ifname))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn forget(&self, a: &Attachment) {
+        let key = a.ifindex.to_ne_bytes();
+        let _ = self.skel.maps.tx_ports.delete(&key);
+        let _ = self.skel.maps.ifaces.delete(&key);
     }
 
     pub fn attachments(&self) -> &[Attachment] {
         &self.attachments
     }
 
-    /// Removes pinned links of interfaces this instance no longer uses, so
-    /// the old program stops running there.
-    pub fn prune_pinned_links(&self) -> Result<Vec<String>> {
-        let Some(p) = &self.pins else { return Ok(Vec::new()) };
-        let mut pruned = Vec::new();
+    /// The interfaces an earlier instance left pinned links on, with the
+    /// interface each link is still attached to. Links whose interface is
+    /// gone are removed.
+    pub fn pinned_links(&self) -> Vec<(String, u32)> {
+        let Some(p) = &self.pins else { return Vec::new() };
+        let mut out = Vec::new();
         for name in p.linked_ifaces() {
-            if !self.attachments.iter().any(|a| a.ifname == name) {
-                std::fs::remove_file(p.link(&name))?;
-                pruned.push(name);
+            let path = p.link(&name);
+            match pins::open(&path).ok().flatten().and_then(|l| link_ifindex(l.as_fd())) {
+                Some(ifindex) => out.push((name, ifindex)),
+                None => {
+                    tracing::info!("removing the pinned link of {name}: its interface is gone");
+                    let _ = std::fs::remove_file(&path);
+                }
             }
         }
-        Ok(pruned)
+        out
     }
 
     /// Removes this instance's pins: on exit the program then detaches and
@@ -342,9 +503,8 @@ impl Dataplane {
 
     /// Detaches from every interface (also done on drop).
     pub fn detach_all(&mut self) {
-        for a in self.attachments.drain(..) {
-            let _ = self.skel.maps.tx_ports.delete(&a.ifindex.to_ne_bytes());
-            drop(a.link);
+        for a in std::mem::take(&mut self.attachments) {
+            self.forget(&a);
         }
     }
 
@@ -426,6 +586,21 @@ fn incompatible(p: &pins::PinDir, why: &str) -> anyhow::Error {
          break), or run the XLB version that made them",
         p.path.display()
     )
+}
+
+/// The interface a pinned XDP link is attached to, if it still is.
+fn link_ifindex(link: std::os::fd::BorrowedFd<'_>) -> Option<u32> {
+    // SAFETY: zeroed info of the size the syscall is told.
+    let mut info: libbpf_sys::bpf_link_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libbpf_sys::bpf_link_info>() as u32;
+    // SAFETY: info and len outlive the call.
+    let rc = unsafe { libbpf_sys::bpf_link_get_info_by_fd(link.as_raw_fd(), &mut info, &mut len) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: the xdp member is the one an XDP link fills.
+    let ifindex = unsafe { info.__bindgen_anon_1.xdp.ifindex };
+    (ifindex != 0).then_some(ifindex)
 }
 
 fn query_mode(prog: std::os::fd::BorrowedFd<'_>, ifindex: u32) -> XdpMode {

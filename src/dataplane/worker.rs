@@ -8,29 +8,16 @@ use std::sync::mpsc;
 use anyhow::{anyhow, Context, Result};
 use tokio::sync::oneshot;
 
-use super::{Counters, Dataplane, GcPolicy, GcStats, LoadOptions, Service, XdpMode};
-
-/// One interface to attach to.
-#[derive(Debug, Clone)]
-pub struct AttachTarget {
-    pub ifname: String,
-    pub ifindex: u32,
-}
-
-/// Where the program ended up.
-#[derive(Debug, Clone)]
-pub struct Attached {
-    pub ifname: String,
-    pub ifindex: u32,
-    pub mode: XdpMode,
-}
+use super::{Counters, Dataplane, GcPolicy, GcStats, LoadOptions, Service, Transmit, Vlan, XdpMode};
 
 /// What starting produced.
 #[derive(Debug, Clone)]
 pub struct Started {
-    pub attached: Vec<Attached>,
     /// Live connections adopted from an earlier instance's pins, if any.
     pub adopted: Option<usize>,
+    /// (interface name, ifindex) of each link an earlier instance pinned:
+    /// attach to them at once so their connections keep flowing.
+    pub pinned_links: Vec<(String, u32)>,
 }
 
 type Reply<T> = oneshot::Sender<Result<T>>;
@@ -42,6 +29,10 @@ enum Cmd {
     Drain(bool, Reply<()>),
     FlowsActive(Reply<u64>),
     Stop(bool, Reply<()>),
+    Attach(String, u32, XdpMode, Reply<XdpMode>),
+    SetTransmit(u32, Transmit, Reply<()>),
+    Detach(u32, Reply<()>),
+    SetVlans(Vec<Vlan>, Reply<()>),
 }
 
 /// A cheap, cloneable handle; the thread detaches and exits when the last
@@ -52,14 +43,13 @@ pub struct DataplaneHandle {
 }
 
 impl DataplaneHandle {
-    /// Loads the program, configures it and attaches it to every target on a
-    /// new thread. Returns once attached, or with the first error (and
-    /// nothing left attached).
+    /// Loads and configures the program on a new thread; nothing is
+    /// attached yet (see `attach`). Returns once loaded, or with the error
+    /// (a fresh instance then leaves no pins).
     pub fn start(
         opts: LoadOptions,
         service: Service,
         table: Option<Vec<Option<(Ipv4Addr, u32)>>>,
-        targets: Vec<AttachTarget>,
     ) -> Result<(DataplaneHandle, Started)> {
         let (tx, rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -85,17 +75,7 @@ impl DataplaneHandle {
                     if let Some(table) = &table {
                         dp.set_backends(table)?;
                     }
-                    let mut attached = Vec::new();
-                    for t in &targets {
-                        let mode = dp.attach(&t.ifname, t.ifindex)?;
-                        attached.push(Attached { ifname: t.ifname.clone(), ifindex: t.ifindex, mode });
-                    }
-                    for name in dp.prune_pinned_links()? {
-                        tracing::info!(
-                            "detached the earlier instance's program from {name}: no longer listed"
-                        );
-                    }
-                    Ok(Started { attached, adopted })
+                    Ok(Started { adopted, pinned_links: dp.pinned_links() })
                 };
                 match setup() {
                     Ok(started) => {
@@ -147,6 +127,25 @@ impl DataplaneHandle {
         self.call(Cmd::FlowsActive).await
     }
 
+    /// Attaches to an interface in `mode` (generic when native fails), or
+    /// takes over the earlier instance's pinned link there.
+    pub async fn attach(&self, ifname: &str, ifindex: u32, mode: XdpMode) -> Result<XdpMode> {
+        self.call(|r| Cmd::Attach(ifname.to_string(), ifindex, mode, r)).await
+    }
+
+    pub async fn set_transmit(&self, ifindex: u32, t: Transmit) -> Result<()> {
+        self.call(|r| Cmd::SetTransmit(ifindex, t, r)).await
+    }
+
+    /// Detaches from an interface and removes its pinned link.
+    pub async fn detach(&self, ifindex: u32) -> Result<()> {
+        self.call(|r| Cmd::Detach(ifindex, r)).await
+    }
+
+    pub async fn set_vlans(&self, vlans: Vec<Vlan>) -> Result<()> {
+        self.call(|r| Cmd::SetVlans(vlans, r)).await
+    }
+
     /// Ends the thread; later calls fail. With `handover` the pins stay, so
     /// the program keeps running for the next instance to adopt; otherwise
     /// the pins are removed and the program detaches.
@@ -181,6 +180,18 @@ fn serve(mut dp: Dataplane, rx: mpsc::Receiver<Cmd>) {
                         .count() as u64
                 });
                 let _ = r.send(open);
+            }
+            Cmd::Attach(name, ifindex, mode, r) => {
+                let _ = r.send(dp.attach_as(&name, ifindex, mode));
+            }
+            Cmd::SetTransmit(ifindex, t, r) => {
+                let _ = r.send(dp.set_transmit(ifindex, t));
+            }
+            Cmd::Detach(ifindex, r) => {
+                let _ = r.send(dp.detach(ifindex));
+            }
+            Cmd::SetVlans(vlans, r) => {
+                let _ = r.send(dp.set_vlans(&vlans));
             }
             Cmd::Stop(handover, r) => {
                 let res = if handover {

@@ -167,7 +167,10 @@ pub fn summary(base: &str, doc: &Value, ready: &str, now_unix_ms: u64) -> String
         .as_array()
         .into_iter()
         .flatten()
-        .map(|i| format!("{} ({}, ifindex {})", s(i, "name"), s(i, "xdp_mode"), n(i, "ifindex")))
+        .map(|i| {
+            let transmit = i.get("transmit").and_then(|t| t.as_str()).unwrap_or("-");
+            format!("{} ({}, {transmit}, ifindex {})", s(i, "name"), s(i, "xdp_mode"), n(i, "ifindex"))
+        })
         .collect();
     let _ = writeln!(
         out,
@@ -306,7 +309,7 @@ mod tests {
         let text = summary("http://127.0.0.1:9090", &doc, "ready", 4_000);
         let head = format!("xlb {} at http://127.0.0.1:9090: running, ready\n", env!("CARGO_PKG_VERSION"));
         assert!(text.starts_with(&head), "{text}");
-        assert!(text.contains("interfaces   eth0 (native, ifindex 2)"), "{text}");
+        assert!(text.contains("interfaces   eth0 (native, xdp_tx, ifindex 2)"), "{text}");
         assert!(text.contains("static (static): connected, synced, last sync 3s ago, 0 errors"), "{text}");
         assert!(text.contains("connections  4 active of 100 (4.0% of conntrack)"), "{text}");
         assert!(text.contains("backends: 1 active, 1 draining"), "{text}");

@@ -130,8 +130,9 @@ pub static CATALOG: &[Desc] = &[
         "Connections the conntrack map can hold (conntrack_capacity)"),
     desc("xlb.conntrack.utilization", Gauge, F64, "1", &[],
         "Tracked connections as a fraction of capacity, 0 to 1"),
-    desc("xlb.interface.xdp_mode", Gauge, U64, "1", &["interface", "mode"],
-        "1 for each interface XLB is attached to, labelled with its XDP mode (native or generic)"),
+    desc("xlb.interface.xdp_mode", Gauge, U64, "1", &["interface", "mode", "transmit"],
+        "1 for each interface XLB is attached to, labelled with its XDP mode (native or generic) \
+         and how frames leave back out of it (xdp_tx or redirect)"),
     // Provider.
     desc("xlb.provider.connected", Gauge, U64, "1", PROVIDER,
         "1 while the backend provider is connected to its source"),
@@ -417,7 +418,12 @@ pub fn snapshot(s: &Status, tracker: &mut Tracker, now: Instant, now_unix_ms: u6
         b.f64("xlb.conntrack.utilization", none(), s.connections_active as f64 / s.conntrack_capacity as f64);
     }
     for i in &s.interfaces {
-        b.u64("xlb.interface.xdp_mode", vec![("interface", i.name.clone()), ("mode", i.xdp_mode.clone())], 1);
+        let labels = vec![
+            ("interface", i.name.clone()),
+            ("mode", i.xdp_mode.clone()),
+            ("transmit", i.transmit.clone()),
+        ];
+        b.u64("xlb.interface.xdp_mode", labels, 1);
     }
 
     if let Some(p) = &s.provider {
@@ -472,7 +478,13 @@ pub(crate) mod tests {
         Status {
             phase: Phase::Running,
             listen: Some(Ipv4Addr::new(10, 0, 0, 1)),
-            interfaces: vec![InterfaceStatus { name: "eth0".into(), ifindex: 2, xdp_mode: "native".into() }],
+            interfaces: vec![InterfaceStatus {
+                name: "eth0".into(),
+                ifindex: 2,
+                xdp_mode: "native".into(),
+                transmit: "xdp_tx".into(),
+                redirect_target: true,
+            }],
             backends: vec![backend("be1", 2, 1000), backend("be2", 3, 2000)],
             provider: Some(provider),
             connections_active: 4,

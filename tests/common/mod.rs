@@ -159,6 +159,69 @@ impl Drop for Topology {
     }
 }
 
+/// A one-armed node: client, LB and backends each have one interface, all
+/// ports of one bridge in a switch namespace. The bridge-side veth peers
+/// run no XDP program (as on kind or Docker nodes); the LB's peer has GRO on
+/// or off as asked:
+///
+///   <p>-client 10.200.0.2, <p>-lb 10.200.0.1 (listen), <p>-be<k> 10.200.0.(10+k)
+///   all: eth0 --- port in <p>-sw (bridge br0)
+pub struct OneArmed {
+    pub client: Netns,
+    pub lb: Netns,
+    pub backends: Vec<Netns>,
+    pub switch: Netns,
+}
+
+pub const ONE_ARMED_LISTEN: &str = "10.200.0.1";
+
+impl OneArmed {
+    pub fn new(n: usize, lb_peer_gro: bool) -> OneArmed {
+        let switch = Netns::new("xsw");
+        switch.exec("ip link add br0 type bridge && ip link set br0 up");
+        let client = Netns::new("xoc");
+        let lb = Netns::new("xol");
+        let backends: Vec<Netns> = (0..n).map(|_| Netns::new("xob")).collect();
+        let plug = |ns: &Netns, port: &str, addr: &str| {
+            sh(&format!(
+                "ip link add eth0 netns {} type veth peer name {port} netns {}",
+                ns.name, switch.name
+            ));
+            switch.exec(&format!("ip link set {port} master br0 && ip link set {port} up"));
+            ns.exec(&format!("ip addr add {addr}/24 dev eth0 && ip link set eth0 up"));
+        };
+        plug(&client, "pc", "10.200.0.2");
+        plug(&lb, "pl", ONE_ARMED_LISTEN);
+        for (k, b) in backends.iter().enumerate() {
+            plug(b, &format!("pb{k}"), &one_armed_backend_ip(k + 1));
+        }
+        // veth quirks (design.md §4): endpoints send full checksums.
+        for ns in std::iter::once(&client).chain(backends.iter()) {
+            ns.exec("ethtool -K eth0 tx off >/dev/null");
+        }
+        let gro = if lb_peer_gro { "on" } else { "off" };
+        switch.exec(&format!("ethtool -K pl gro {gro} >/dev/null"));
+        OneArmed { client, lb, backends, switch }
+    }
+
+    /// A static config for the first `n` backends, plus `extra` lines.
+    pub fn config(&self, n: usize, extra: &str) -> String {
+        let mut c = format!("name: {}\n", unique("xi"));
+        c += &format!(
+            "listen: {{ip: {ONE_ARMED_LISTEN}}}\nports:\n  - {{local_port: 80, remote_port: 8080}}\n"
+        );
+        c += "provider:\n  static:\n    backends:\n";
+        for k in 1..=n {
+            c += &format!("      - {{name: be{k}, ip: {}}}\n", one_armed_backend_ip(k));
+        }
+        c + extra
+    }
+}
+
+pub fn one_armed_backend_ip(k: usize) -> String {
+    format!("10.200.0.{}", 10 + k)
+}
+
 /// A running `xlb run` inside a namespace; SIGKILLed on drop if still alive.
 pub struct XlbProcess {
     pub child: std::process::Child,
@@ -268,6 +331,20 @@ pub fn http_get(addr: &str, path: &str) -> std::io::Result<HttpResponse> {
     parse_response(&raw)
 }
 
+/// Sends blob(n) to the backends' /upload/<n> and returns the answer.
+pub fn http_upload(addr: &str, n: usize) -> std::io::Result<HttpResponse> {
+    use std::io::{Read, Write};
+    let sa: std::net::SocketAddr = addr.parse().expect("socket address");
+    let mut s = std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.set_write_timeout(Some(Duration::from_secs(30)))?;
+    write!(s, "POST /upload/{n} HTTP/1.0\r\nHost: xlb\r\nContent-Length: {n}\r\n\r\n")?;
+    s.write_all(&blob(n))?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    parse_response(&raw)
+}
+
 pub fn parse_response(raw: &[u8]) -> std::io::Result<HttpResponse> {
     let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed HTTP response");
     let end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(bad)?;
@@ -346,6 +423,16 @@ fn serve_one(c: &mut std::net::TcpStream, name: &str) {
         }
     }
     let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    if let Some(n) = path.strip_prefix("/upload/") {
+        // Reads n bytes and answers whether they are blob(n).
+        use std::io::Read;
+        let n: usize = n.parse().unwrap_or(0);
+        let mut got = vec![0u8; n];
+        let ok = r.read_exact(&mut got).is_ok() && got == blob(n);
+        let body = if ok { "upload ok\n" } else { "upload differs\n" };
+        let _ = write!(c, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        return;
+    }
     if path == "/echo" {
         // A long-lived connection: echo lines back until the client closes.
         let _ = write!(c, "HTTP/1.0 200 OK\r\n\r\n");
