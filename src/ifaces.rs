@@ -222,11 +222,14 @@ impl Interfaces {
         if in_use.is_some() {
             let stale: Vec<u32> = self.held.keys().copied().filter(|i| !wanted.contains_key(i)).collect();
             for ifindex in stale {
-                let name = self.held[&ifindex].name.clone();
+                let (name, mode) = (self.held[&ifindex].name.clone(), self.held[&ifindex].mode);
                 match self.dp.detach(ifindex).await {
                     Ok(()) => {
                         self.held.remove(&ifindex);
-                        info!(interface = %name, "XDP detached from {name}: no backend or client route uses it");
+                        info!(
+                            interface = %name, mode = %mode,
+                            "XDP detached from {name} ({mode} mode): no backend or client route uses it"
+                        );
                     }
                     Err(e) => warn!("detaching from {name}: {e:#}"),
                 }
@@ -366,7 +369,7 @@ impl Interfaces {
             // The kernel already took the program off; this drops our link
             // and its pin.
             let _ = self.dp.detach(ifindex).await;
-            info!(interface = %h.name, "{} is gone (deleted or renamed): XDP detached", h.name);
+            info!(interface = %h.name, mode = %h.mode, "{} is gone (deleted or renamed): XDP ({} mode) detached", h.name, h.mode);
         }
     }
 

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::workout::Shape;
 use fake_apiserver::{endpoints, slice, write_kubeconfig, Ep, FakeApiServer, Fault, Kind};
 use serde_json::json;
 use tokio::sync::watch;
@@ -668,7 +669,7 @@ struct KubeXlb {
 
 impl KubeXlb {
     fn start(ns: &common::NsRef, server: &str) -> KubeXlb {
-        let x = KubeXlb::spawn(ns, server, "interfaces: [lb-client, lb-be1, lb-be2]\n");
+        let x = KubeXlb::spawn(ns, server, "interfaces: [lb-client, lb-be1, lb-be2]\nshutdown_timeout: 1\n");
         let lb = ns.clone();
         let ready = common::wait_for(Duration::from_secs(30), || {
             let lb = lb.clone();
@@ -689,7 +690,7 @@ impl KubeXlb {
             format!(
                 "name: {instance}\nlisten: {{ip: {}}}\nports:\n  - {{local_port: 80, remote_port: 8080}}\n\
                  provider:\n  kubernetes: {{namespace: {NS}, service: {SVC}}}\n\
-                 shutdown_timeout: 1\n{extra}",
+                 {extra}",
                 common::LISTEN
             ),
         )
@@ -860,7 +861,7 @@ fn e2e_interfaces_follow_backends_that_appear_move_and_vanish() {
     let t = common::Topology::new(3);
     let _b: Vec<_> = (1..=3).map(|k| common::start_backend(&t.backends[k - 1], &format!("be{k}"))).collect();
     let api = ApiInNetns::start(&t.lb);
-    let mut xlb = KubeXlb::spawn(&t.lb, &api.api().url(), "");
+    let mut xlb = KubeXlb::spawn(&t.lb, &api.api().url(), "shutdown_timeout: 3\n");
     // Running (attached) once the first sync waited out its 5 s.
     common::wait_for(Duration::from_secs(20), || (!attached(&t.lb).is_empty()).then_some(()))
         .unwrap_or_else(|| panic!("attached:\n{}", xlb.log()));
@@ -877,11 +878,10 @@ fn e2e_interfaces_follow_backends_that_appear_move_and_vanish() {
     );
     let all: std::collections::BTreeSet<String> = (1..=3).map(|k| format!("backend be{k}")).collect();
     assert_eq!(answering(&t.client), Ok(all.clone()), "{}\n{}", xlb.log(), common::status(&t.lb));
-    const SIZE: usize = 10 * 1024 * 1024;
-    let url = format!("{}:80", common::LISTEN);
-    let u = url.clone();
-    let body = t.client.run(move || common::http_get(&u, &format!("/blob/{SIZE}")).expect("download").body);
-    assert!(body == common::blob(SIZE), "byte-identical");
+    let shape = Shape { client: &t.client, lb: &t.lb, listen: common::LISTEN, backends: 3 };
+    shape.hundred_requests_reach_every_backend();
+    shape.ten_megabytes_arrive_byte_identical();
+    shape.two_hundred_concurrent_connections();
     for k in 1..=3 {
         assert!(xlb.log().contains(&format!("XDP attached to lb-be{k} in native mode")), "{}", xlb.log());
     }
@@ -930,5 +930,14 @@ fn e2e_interfaces_follow_backends_that_appear_move_and_vanish() {
     assert_eq!(answering(&t.client), Ok(left), "{}", xlb.log());
     assert!(xlb.log().contains("lb-new is gone"), "{}", xlb.log());
     assert!(xlb.child.try_wait().unwrap().is_none(), "still running");
-    assert!(xlb.terminate().success(), "{}", xlb.log());
+    let shape = Shape { client: &t.client, lb: &t.lb, listen: common::LISTEN, backends: 2 };
+    shape.hundred_requests_reach_every_backend();
+    let pid = nix::unistd::Pid::from_raw(xlb.child.id() as i32);
+    let log = xlb.log.clone();
+    let child = &mut xlb.child;
+    shape.drain_refuses_with_rst_of(
+        pid,
+        || common::wait_for(Duration::from_secs(15), || child.try_wait().ok().flatten()),
+        &log,
+    );
 }

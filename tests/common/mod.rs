@@ -1,6 +1,8 @@
 //! Test hosts in network namespaces: uniquely named, removed on drop.
 #![allow(dead_code)]
 
+pub mod workout;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
