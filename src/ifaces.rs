@@ -108,6 +108,8 @@ pub struct Interfaces {
     vlans: Vec<Vlan>,
     /// Things said once (missing interfaces, unusable devices, no route).
     warned: HashSet<String>,
+    /// Past the startup pass, whose errors are fatal.
+    started: bool,
 }
 
 impl Interfaces {
@@ -130,6 +132,7 @@ impl Interfaces {
             routes: HashMap::new(),
             vlans: Vec::new(),
             warned: HashSet::new(),
+            started: false,
         };
         let links = links_by_index().await?;
         for (name, ifindex) in pinned {
@@ -142,6 +145,7 @@ impl Interfaces {
         if me.held.is_empty() {
             bail!("no interface to attach to");
         }
+        me.started = true;
         Ok(me)
     }
 
@@ -310,8 +314,17 @@ impl Interfaces {
     async fn attach(&mut self, facts: &LinkFacts, why: Why) -> Result<()> {
         let name = &facts.iface.name;
         let ifindex = facts.iface.index;
-        for change in netinfo::prepare_sysctls(name)? {
-            info!("sysctl {change}");
+        match netinfo::prepare_sysctls(name) {
+            Ok(changes) => changes.iter().for_each(|c| info!("sysctl {c}")),
+            // At start this is a config problem to fix first; later (a pod's
+            // read-only /proc/sys, an interface that came and went) XDP
+            // still serves the interface: only packets XDP hands to the
+            // kernel (unresolved neighbours) may be refused there.
+            Err(e) if self.started => warn!(
+                "{name}: {e:#}; attaching anyway: packets handed to the kernel through {name} \
+                 may be dropped until forwarding=1 and accept_local=1 are set on it"
+            ),
+            Err(e) => return Err(e),
         }
         let features = dataplane::xdp_features(ifindex).unwrap_or(0);
         let want = plan_mode(facts, features);

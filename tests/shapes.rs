@@ -78,12 +78,14 @@ fn mtu(client_mtu: u32, backend_mtu: u32) {
     assert!(down == blob(SIZE), "download differs");
     let up = t.client.run(move || http_upload(&url, SIZE).expect("upload").body);
     assert_eq!(up, b"upload ok\n");
-    // Counters are read once a second.
-    let sent =
-        wait_for(Duration::from_secs(5), || (counter(&status(&t.lb), "icmp_frag_needed") >= 1).then_some(()));
+    // Counters are read once a second: wait until the upload shows.
+    let seen = wait_for(Duration::from_secs(5), || {
+        let s = status(&t.lb);
+        (counter(&s, "fwd_to_backend") >= 2000 && counter(&s, "fwd_to_client") >= 2000).then_some(())
+    });
     let s = status(&t.lb);
-    assert!(sent.is_some(), "XLB told the sender: {}", s["counters"]);
-    assert!(counter(&s, "fwd_to_backend") >= 2000, "the upload went through XDP: {}", s["counters"]);
+    assert!(seen.is_some(), "both transfers went through XDP: {}", s["counters"]);
+    assert!(counter(&s, "icmp_frag_needed") >= 1, "XLB told the sender: {}", s["counters"]);
     assert_eq!(counter(&s, "drop_icmp_ratelimit"), 0, "{}", s["counters"]);
 }
 
