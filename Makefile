@@ -5,7 +5,7 @@
 CARGO ?= cargo
 BPF_SRC := $(wildcard src/bpf/*.c src/bpf/*.h)
 
-.PHONY: all setup build test demo lint fmt bench clean fuzz
+.PHONY: all setup build test demo demo-one-armed lint fmt bench clean fuzz
 
 all: build
 
@@ -24,8 +24,15 @@ test: setup
 	@scripts/setup-bench.sh
 	BENCH_QUICK=1 XLB=target/debug/xlb XLB_BENCH=target/debug/xlb-bench bench/run.sh
 
+# The demo in two shapes: two-armed (client and backends on their own links
+# to the XLB node), then one-armed (one bridge, XLB with a single NIC, as on
+# a kind/Docker node). demo-one-armed runs only the latter.
 demo: build
-	scripts/demo.sh
+	scripts/demo.sh two-armed
+	scripts/demo.sh one-armed
+
+demo-one-armed: build
+	scripts/demo.sh one-armed
 
 # Benchmarks (bench/README.md): XLB against the node's own routing, nftables
 # NAT, HAProxy and nginx in network namespaces, plus the data path's own

@@ -440,11 +440,11 @@ fn describe(facts: &LinkFacts, mode: XdpMode, t: Transmit) -> String {
     let kind = facts.kind.as_deref().unwrap_or("device");
     let out = match (mode, t.bounce) {
         (XdpMode::Generic, _) if facts.is_veth() => {
-            "a veth whose peer takes no XDP frames: generic mode, sent as skbs"
+            "its peer takes no XDP frames: generic mode, sent as skbs"
         }
         (XdpMode::Generic, _) => "no native XDP in its driver: generic mode, sent as skbs",
         (XdpMode::Native, Bounce::Redirect) => {
-            "frames back out by devmap redirect, which wakes the veth peer"
+            "frames back out by devmap redirect, which wakes the peer"
         }
         (XdpMode::Native, Bounce::XdpTx) => "frames back out by XDP_TX",
     };
