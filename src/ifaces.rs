@@ -63,6 +63,14 @@ impl std::fmt::Display for Why {
     }
 }
 
+/// Backend addresses that still carry connections, read by a conntrack
+/// sweep that started at `since`.
+#[derive(Debug, Clone)]
+pub struct InUse {
+    pub since: std::time::Instant,
+    pub addrs: Vec<Ipv4Addr>,
+}
+
 #[derive(Debug, Clone)]
 struct Held {
     name: String,
@@ -70,15 +78,18 @@ struct Held {
     transmit: Transmit,
     /// Native was asked for and the driver refused: do not ask again.
     native_refused: bool,
+    /// Since when no backend or route has wanted it: it is detached only
+    /// after a sweep that started later still saw no connection through it.
+    unwanted_since: Option<std::time::Instant>,
 }
 
 /// XDP mode and transmit for an interface, from its kind and the XDP
 /// features the kernel reports (0: not reported, kernels before 6.3).
 pub fn plan_mode(facts: &LinkFacts, features: u64) -> XdpMode {
-    if facts.is_veth() && features != 0 && features & dataplane::XDP_FEATURE_NDO_XMIT == 0 {
-        // The peer cannot take XDP frames: native XDP_TX or a redirect into
-        // this veth would be dropped. Generic mode sends skbs, which always
-        // arrive.
+    if facts.is_veth() && features & dataplane::XDP_FEATURE_NDO_XMIT == 0 {
+        // The peer cannot take XDP frames (or the kernel does not say:
+        // before 6.3): native XDP_TX or a redirect into this veth would be
+        // dropped. Generic mode sends skbs, which always arrive.
         XdpMode::Generic
     } else {
         XdpMode::Native
@@ -138,7 +149,10 @@ impl Interfaces {
         for (name, ifindex) in pinned {
             match links.get(&ifindex) {
                 Some(facts) if facts.iface.name == name => me.attach(facts, Why::Adopted).await?,
-                _ => info!("not adopting the pinned link of {name}: the interface changed"),
+                _ => {
+                    info!("not adopting the pinned link of {name}: the interface changed; removing it");
+                    let _ = me.dp.remove_pinned_link(&name).await;
+                }
             }
         }
         me.reconcile(backends, None, true).await?;
@@ -155,7 +169,7 @@ impl Interfaces {
     pub async fn run(
         mut self,
         mut backends: watch::Receiver<Vec<(u32, Backend)>>,
-        mut in_use: watch::Receiver<Option<Vec<Ipv4Addr>>>,
+        mut in_use: watch::Receiver<Option<InUse>>,
     ) {
         let mut events: Box<dyn futures::Stream<Item = ()> + Unpin + Send> = match netinfo::changes() {
             Ok(s) => Box::new(s),
@@ -179,7 +193,7 @@ impl Interfaces {
             }
             let current: Vec<Ipv4Addr> = backends.borrow().iter().map(|(_, b)| b.addr).collect();
             let live = in_use.borrow().clone();
-            if let Err(e) = self.reconcile(&current, live.as_deref(), false).await {
+            if let Err(e) = self.reconcile(&current, live.as_ref(), false).await {
                 warn!("updating the attached interfaces failed: {e:#}; retrying in {RECHECK:?}");
                 self.routes.clear();
             }
@@ -188,16 +202,11 @@ impl Interfaces {
 
     /// One pass: attach what is wanted, re-plan what is held, detach what
     /// is neither wanted nor used. `strict`: the first error ends the pass.
-    async fn reconcile(
-        &mut self,
-        backends: &[Ipv4Addr],
-        in_use: Option<&[Ipv4Addr]>,
-        strict: bool,
-    ) -> Result<()> {
+    async fn reconcile(&mut self, backends: &[Ipv4Addr], in_use: Option<&InUse>, strict: bool) -> Result<()> {
         let links = links_by_index().await?;
         self.forget_deleted(&links).await;
         let mut all: Vec<Ipv4Addr> = backends.to_vec();
-        all.extend(in_use.unwrap_or_default());
+        all.extend(in_use.map(|u| u.addrs.as_slice()).unwrap_or_default());
         all.sort_unstable();
         all.dedup();
         let wanted = self.wanted(&links, &all).await?;
@@ -211,7 +220,7 @@ impl Interfaces {
                 if strict {
                     return Err(e);
                 }
-                warn!("{e:#}");
+                self.warn_once(format!("attach {ifindex}"), format!("{e:#}; retrying every {RECHECK:?}"));
             }
         }
         for ifindex in self.held.keys().copied().collect::<Vec<_>>() {
@@ -223,8 +232,24 @@ impl Interfaces {
         }
         // Detach only once a sweep has said which backends still carry
         // connections, so adopted connections are never cut at start.
-        if in_use.is_some() {
-            let stale: Vec<u32> = self.held.keys().copied().filter(|i| !wanted.contains_key(i)).collect();
+        let now = std::time::Instant::now();
+        for (ifindex, h) in self.held.iter_mut() {
+            if wanted.contains_key(ifindex) {
+                h.unwanted_since = None;
+            } else {
+                h.unwanted_since.get_or_insert(now);
+            }
+        }
+        if let Some(sweep) = in_use {
+            // A sweep older than the moment an interface stopped being wanted
+            // may have missed a connection opened just before: wait for the
+            // next one.
+            let stale: Vec<u32> = self
+                .held
+                .iter()
+                .filter(|(_, h)| h.unwanted_since.is_some_and(|t| sweep.since > t))
+                .map(|(i, _)| *i)
+                .collect();
             for ifindex in stale {
                 let (name, mode) = (self.held[&ifindex].name.clone(), self.held[&ifindex].mode);
                 match self.dp.detach(ifindex).await {
@@ -331,13 +356,20 @@ impl Interfaces {
         let mode =
             self.dp.attach(name, ifindex, want).await.with_context(|| format!("attaching XDP to {name}"))?;
         let transmit = plan_transmit(facts, features, mode);
-        self.dp.set_transmit(ifindex, transmit).await?;
+        if let Err(e) = self.dp.set_transmit(ifindex, transmit).await {
+            // Half attached is worse than not at all: roll back.
+            let _ = self.dp.detach(ifindex).await;
+            return Err(e).with_context(|| format!("configuring transmit on {name}"));
+        }
         info!(
             interface = %name, mode = %mode, transmit = %transmit,
             "XDP attached to {name} in {mode} mode ({why}; {})", describe(facts, mode, transmit)
         );
         let native_refused = want == XdpMode::Native && mode == XdpMode::Generic;
-        self.held.insert(ifindex, Held { name: name.clone(), mode, transmit, native_refused });
+        self.held.insert(
+            ifindex,
+            Held { name: name.clone(), mode, transmit, native_refused, unwanted_since: None },
+        );
         Ok(())
     }
 
@@ -346,7 +378,8 @@ impl Interfaces {
     async fn replan(&mut self, facts: &LinkFacts) -> Result<()> {
         let ifindex = facts.iface.index;
         let Some(h) = self.held.get(&ifindex).cloned() else { return Ok(()) };
-        let features = dataplane::xdp_features(ifindex).unwrap_or(0);
+        // A failed query says nothing new: keep the current plan.
+        let Ok(features) = dataplane::xdp_features(ifindex) else { return Ok(()) };
         let want = plan_mode(facts, features);
         if want != h.mode && !(h.native_refused && want == XdpMode::Native) {
             // Native and generic XDP cannot share an interface: the switch
@@ -443,9 +476,7 @@ fn describe(facts: &LinkFacts, mode: XdpMode, t: Transmit) -> String {
             "its peer takes no XDP frames: generic mode, sent as skbs"
         }
         (XdpMode::Generic, _) => "no native XDP in its driver: generic mode, sent as skbs",
-        (XdpMode::Native, Bounce::Redirect) => {
-            "frames back out by devmap redirect, which wakes the peer"
-        }
+        (XdpMode::Native, Bounce::Redirect) => "frames back out by devmap redirect, which wakes the peer",
         (XdpMode::Native, Bounce::XdpTx) => "frames back out by XDP_TX",
     };
     let target = if t.redirect_target { "takes redirected frames" } else { "the kernel forwards to it" };

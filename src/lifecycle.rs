@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use crate::balancer::BackendSet;
 use crate::config::{Config, Listen};
 use crate::dataplane::{pins, Counter, DataplaneHandle, GcPolicy, LoadOptions, Service, Traffic};
-use crate::ifaces::Interfaces;
+use crate::ifaces::{InUse, Interfaces};
 use crate::netinfo;
 use crate::provider::{self, Backend, ProviderHealth};
 use crate::status::{BackendStatus, Phase, PortStatus, SharedStatus};
@@ -357,7 +357,7 @@ async fn stats_loop(
     dp: DataplaneHandle,
     status: SharedStatus,
     set: watch::Receiver<Vec<(u32, Backend)>>,
-    in_use: watch::Sender<Option<Vec<Ipv4Addr>>>,
+    in_use: watch::Sender<Option<InUse>>,
     health: watch::Receiver<ProviderHealth>,
     orphan_ttl_secs: u64,
 ) {
@@ -408,13 +408,9 @@ async fn stats_loop(
             t.orphaned += f.orphaned;
             t.ended.add(&f.removed);
         }
-        let busy: Vec<Ipv4Addr> =
-            totals.values().filter(|t| t.active > 0).filter_map(|t| Some(t.backend.as_ref()?.addr)).collect();
-        in_use.send_if_modified(|v| {
-            let changed = v.as_ref() != Some(&busy);
-            *v = Some(busy);
-            changed
-        });
+        // Where connections still go, as of this sweep's start.
+        let busy: Vec<Ipv4Addr> = gc.backend_addrs.iter().copied().collect();
+        in_use.send_replace(Some(InUse { since: sweep_started, addrs: busy }));
         let backends = backend_status(&current, &totals);
         let counters = dp.counters().await;
         let provider = health.borrow().clone();

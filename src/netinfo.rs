@@ -250,10 +250,11 @@ pub async fn route_oifs(dsts: &[Ipv4Addr]) -> Result<Vec<Option<u32>>> {
     for &dst in dsts {
         let query = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(dst, 32).build();
         let mut replies = nl.handle.route().get(query).execute();
+        // Unreachable, blackhole, prohibit: no interface for this one, the
+        // others still count.
         out.push(match replies.try_next().await {
             Ok(Some(route)) => route_oif(&route),
-            Ok(None) => None,
-            Err(e) if matches!(errno(&e), Some(nix::libc::ENETUNREACH | nix::libc::EHOSTUNREACH)) => None,
+            Ok(None) | Err(rtnetlink::Error::NetlinkError(_)) => None,
             Err(e) => return Err(e).with_context(|| format!("route lookup for {dst}")),
         });
     }

@@ -148,6 +148,10 @@ pub struct GcStats {
     pub unpaired: u64,
     /// Per backend id: live connections, and what this sweep removed.
     pub per_backend: HashMap<u32, BackendFlows>,
+    /// Backend addresses of the open connections: where traffic still goes.
+    /// By address, not id: ids are per process, and adopted connections
+    /// carry the earlier process's.
+    pub backend_addrs: std::collections::BTreeSet<std::net::Ipv4Addr>,
 }
 
 /// Traffic of one backend's connections as one sweep saw them.
@@ -293,6 +297,7 @@ pub(super) fn expire(map: &MapMut<'_>, p: &GcPolicy) -> Result<GcStats> {
             if !closed {
                 stats.active += 1;
                 b.active += 1;
+                stats.backend_addrs.insert(std::net::Ipv4Addr::from(e.flow.nat_daddr.to_ne_bytes()));
             }
             b.live.add(&traffic);
             continue;
@@ -301,6 +306,7 @@ pub(super) fn expire(map: &MapMut<'_>, p: &GcPolicy) -> Result<GcStats> {
         // packet, or its tuple reused for a new one), leave it for next time.
         if !unchanged(map, &e.key, &e.flow) {
             stats.active += 1;
+            stats.backend_addrs.insert(std::net::Ipv4Addr::from(e.flow.nat_daddr.to_ne_bytes()));
             continue;
         }
         b.removed.add(&traffic);

@@ -467,6 +467,19 @@ impl Dataplane {
         &self.attachments
     }
 
+    /// Removes the pinned link of an interface this instance does not hold:
+    /// the earlier instance's program stops running there.
+    pub fn remove_pinned_link(&self, ifname: &str) -> Result<()> {
+        ensure!(!self.attachments.iter().any(|a| a.ifname == ifname), "{ifname} is attached");
+        if let Some(p) = &self.pins {
+            match std::fs::remove_file(p.link(ifname)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// The interfaces an earlier instance left pinned links on, with the
     /// interface each link is still attached to. Links whose interface is
     /// gone are removed.

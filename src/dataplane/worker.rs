@@ -33,6 +33,7 @@ enum Cmd {
     SetTransmit(u32, Transmit, Reply<()>),
     Detach(u32, Reply<()>),
     SetVlans(Vec<Vlan>, Reply<()>),
+    RemovePinnedLink(String, Reply<()>),
 }
 
 /// A cheap, cloneable handle; the thread detaches and exits when the last
@@ -142,6 +143,10 @@ impl DataplaneHandle {
         self.call(|r| Cmd::Detach(ifindex, r)).await
     }
 
+    pub async fn remove_pinned_link(&self, ifname: &str) -> Result<()> {
+        self.call(|r| Cmd::RemovePinnedLink(ifname.to_string(), r)).await
+    }
+
     pub async fn set_vlans(&self, vlans: Vec<Vlan>) -> Result<()> {
         self.call(|r| Cmd::SetVlans(vlans, r)).await
     }
@@ -189,6 +194,9 @@ fn serve(mut dp: Dataplane, rx: mpsc::Receiver<Cmd>) {
             }
             Cmd::Detach(ifindex, r) => {
                 let _ = r.send(dp.detach(ifindex));
+            }
+            Cmd::RemovePinnedLink(name, r) => {
+                let _ = r.send(dp.remove_pinned_link(&name));
             }
             Cmd::SetVlans(vlans, r) => {
                 let _ = r.send(dp.set_vlans(&vlans));
