@@ -404,10 +404,13 @@ impl Interfaces {
     }
 
     async fn forget_deleted(&mut self, links: &BTreeMap<u32, LinkFacts>) {
+        // Deleted, renamed, or deleted and made again under the same name
+        // and index (its link died with the first one).
+        let dead = self.dp.dead_links().await.unwrap_or_default();
         let gone: Vec<u32> = self
             .held
             .iter()
-            .filter(|(i, h)| links.get(i).is_none_or(|l| l.iface.name != h.name))
+            .filter(|(i, h)| dead.contains(i) || links.get(i).is_none_or(|l| l.iface.name != h.name))
             .map(|(i, _)| *i)
             .collect();
         for ifindex in gone {

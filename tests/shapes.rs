@@ -98,3 +98,56 @@ fn path_mtu_narrow_backend_link() {
 fn path_mtu_narrow_client_link() {
     mtu(1400, 1500);
 }
+
+fn attached(lb: &NsRef) -> Vec<String> {
+    interfaces(lb).iter().map(|i| i["name"].as_str().unwrap_or_default().to_string()).collect()
+}
+
+/// A backend that leaves the set keeps its interface attached for as long
+/// as a connection to it lives; once that connection ends, XLB lets go.
+#[test]
+fn an_interface_stays_attached_while_a_removed_backend_has_connections() {
+    let t = Topology::new(2);
+    let _b1 = start_backend(&t.backends[0], "be1");
+    let _b2 = start_backend(&t.backends[1], "be2");
+    let only = |k: usize| {
+        let other = 3 - k;
+        lb_config(2, "shutdown_timeout: 1\n")
+            .lines()
+            .filter(|l| !l.contains(&format!("name: be{other}")))
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n"
+    };
+    let cfg = only(2);
+    let xlb = XlbProcess::start(&t.lb, &cfg);
+    let cfg_path = xlb.log.with_file_name("xlb.yaml");
+    assert_eq!(attached(&t.lb), ["lb-client", "lb-be2"]);
+    let mut conn = t.client.run(|| EchoConn::open(&format!("{LISTEN}:80"))).expect("echo connection to be2");
+    conn.ping("before").unwrap();
+
+    // be1 replaces be2: its interface comes, be2's stays for the connection.
+    let name = cfg.lines().next().unwrap().to_string();
+    let next = only(1).lines().skip(1).fold(name, |acc, l| acc + "\n" + l) + "\n";
+    std::fs::write(&cfg_path, next).unwrap();
+    xlb.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for(Duration::from_secs(10), || attached(&t.lb).contains(&"lb-be1".to_string()).then_some(()))
+        .unwrap_or_else(|| panic!("lb-be1 attached: {:?}\n{}", attached(&t.lb), xlb.log()));
+    std::thread::sleep(Duration::from_secs(3)); // several sweeps and passes
+    assert!(attached(&t.lb).contains(&"lb-be2".to_string()), "kept for the live connection\n{}", xlb.log());
+    let before = counter(&status(&t.lb), "fwd_to_client");
+    for i in 0..20 {
+        conn.ping(&format!("ping {i}")).expect("the connection to the removed backend lives on");
+    }
+    wait_for(Duration::from_secs(5), || {
+        (counter(&status(&t.lb), "fwd_to_client") >= before + 20).then_some(())
+    })
+    .expect("its replies went through XDP");
+
+    drop(conn);
+    wait_for(Duration::from_secs(15), || (!attached(&t.lb).contains(&"lb-be2".to_string())).then_some(()))
+        .unwrap_or_else(|| panic!("lb-be2 detached once unused: {:?}\n{}", attached(&t.lb), xlb.log()));
+    assert!(xlb.log().contains("XDP detached from lb-be2 (native mode)"), "{}", xlb.log());
+    let body = t.client.run(|| http_get(&format!("{LISTEN}:80"), "/").map(|r| r.body));
+    assert_eq!(body.expect("served by be1"), b"backend be1\n");
+}

@@ -140,7 +140,7 @@ pub struct Attachment {
     pub ifindex: u32,
     pub mode: XdpMode,
     pub transmit: Transmit,
-    /// Held, never read: closing it detaches the program.
+    /// Closing it detaches the program.
     _link: OwnedFd,
 }
 
@@ -465,6 +465,17 @@ impl Dataplane {
 
     pub fn attachments(&self) -> &[Attachment] {
         &self.attachments
+    }
+
+    /// Attached interfaces whose link the kernel has let go of (the
+    /// interface was deleted, even if one of the same name and index came
+    /// back since).
+    pub fn dead_links(&self) -> Vec<u32> {
+        self.attachments
+            .iter()
+            .filter(|a| link_ifindex(a._link.as_fd()) != Some(a.ifindex))
+            .map(|a| a.ifindex)
+            .collect()
     }
 
     /// Removes the pinned link of an interface this instance does not hold:

@@ -34,6 +34,7 @@ enum Cmd {
     Detach(u32, Reply<()>),
     SetVlans(Vec<Vlan>, Reply<()>),
     RemovePinnedLink(String, Reply<()>),
+    DeadLinks(Reply<Vec<u32>>),
 }
 
 /// A cheap, cloneable handle; the thread detaches and exits when the last
@@ -143,6 +144,11 @@ impl DataplaneHandle {
         self.call(|r| Cmd::Detach(ifindex, r)).await
     }
 
+    /// Attached interfaces whose link the kernel has let go of.
+    pub async fn dead_links(&self) -> Result<Vec<u32>> {
+        self.call(Cmd::DeadLinks).await
+    }
+
     pub async fn remove_pinned_link(&self, ifname: &str) -> Result<()> {
         self.call(|r| Cmd::RemovePinnedLink(ifname.to_string(), r)).await
     }
@@ -194,6 +200,9 @@ fn serve(mut dp: Dataplane, rx: mpsc::Receiver<Cmd>) {
             }
             Cmd::Detach(ifindex, r) => {
                 let _ = r.send(dp.detach(ifindex));
+            }
+            Cmd::DeadLinks(r) => {
+                let _ = r.send(Ok(dp.dead_links()));
             }
             Cmd::RemovePinnedLink(name, r) => {
                 let _ = r.send(dp.remove_pinned_link(&name));
