@@ -9,14 +9,13 @@
 //! it started), detaches where none is wanted any more once no connection
 //! goes through it, and forgets interfaces that were deleted.
 //!
-//! Per interface it also chooses how frames leave (`plan`), from what the
-//! kernel reports: a veth whose peer cannot take XDP frames (no XDP program,
-//! GRO off) gets generic mode, whose transmit is an ordinary skb send; a
-//! veth whose peer can gets native mode with frames bounced by a devmap
-//! redirect, which wakes the peer where XDP_TX would leave them queued;
-//! anything else gets native XDP_TX, or generic mode where the driver has
-//! no native XDP. Only interfaces that take redirected frames are redirect
-//! targets; the kernel forwards to the rest.
+//! Per interface it also chooses how frames leave (`plan_mode`,
+//! `plan_transmit`): a veth gets generic mode, whose transmit is an ordinary
+//! skb send that always reaches the peer and keeps checksums left to
+//! offload; a NIC gets native XDP_TX, or generic mode where its driver has
+//! no native XDP. Only interfaces that take XDP frames (the kernel's
+//! NDO_XMIT feature, re-read every few seconds) are redirect targets; the
+//! kernel forwards to the rest.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
@@ -76,6 +75,7 @@ struct Held {
     name: String,
     mode: XdpMode,
     transmit: Transmit,
+    mtu: u32,
     /// Native was asked for and the driver refused: do not ask again.
     native_refused: bool,
     /// Since when no backend or route has wanted it: it is detached only
@@ -85,27 +85,30 @@ struct Held {
 
 /// XDP mode and transmit for an interface, from its kind and the XDP
 /// features the kernel reports (0: not reported, kernels before 6.3).
-pub fn plan_mode(facts: &LinkFacts, features: u64) -> XdpMode {
-    if facts.is_veth() && features & dataplane::XDP_FEATURE_NDO_XMIT == 0 {
-        // The peer cannot take XDP frames (or the kernel does not say:
-        // before 6.3): native XDP_TX or a redirect into this veth would be
-        // dropped. Generic mode sends skbs, which always arrive.
+pub fn plan_mode(facts: &LinkFacts) -> XdpMode {
+    if facts.is_veth() {
+        // A veth delivers what the sender's stack left unfinished: TCP
+        // checksums to be completed on the way out (CHECKSUM_PARTIAL, the
+        // default for containers). Native XDP drops that state with the
+        // skb, so the receiver sees a bad checksum; native frames into a
+        // veth whose peer has neither GRO nor XDP are dropped, and XDP_TX
+        // leaves a GRO-only peer asleep. Generic mode keeps the skb: its
+        // transmit is an ordinary send, which always arrives.
         XdpMode::Generic
     } else {
         XdpMode::Native
     }
 }
 
-/// See `plan_mode`; `mode` is the one the interface ended up in.
+/// See `plan_mode`; `mode` is the one the interface ended up in. Only an
+/// interface that takes XDP frames (NDO_XMIT) is a redirect target.
 pub fn plan_transmit(facts: &LinkFacts, features: u64, mode: XdpMode) -> Transmit {
-    let takes_frames =
-        if features == 0 { mode == XdpMode::Native } else { features & dataplane::XDP_FEATURE_NDO_XMIT != 0 };
-    let bounce = if facts.is_veth() && mode == XdpMode::Native && takes_frames {
-        Bounce::Redirect
+    let takes_frames = if features == 0 {
+        mode == XdpMode::Native && !facts.is_veth()
     } else {
-        Bounce::XdpTx
+        features & dataplane::XDP_FEATURE_NDO_XMIT != 0
     };
-    Transmit { bounce, redirect_target: takes_frames }
+    Transmit { bounce: Bounce::XdpTx, redirect_target: takes_frames }
 }
 
 pub struct Interfaces {
@@ -352,11 +355,15 @@ impl Interfaces {
             Err(e) => return Err(e),
         }
         let features = dataplane::xdp_features(ifindex).unwrap_or(0);
-        let want = plan_mode(facts, features);
+        let want = plan_mode(facts);
         let mode =
             self.dp.attach(name, ifindex, want).await.with_context(|| format!("attaching XDP to {name}"))?;
         let transmit = plan_transmit(facts, features, mode);
-        if let Err(e) = self.dp.set_transmit(ifindex, transmit).await {
+        let configured = match self.dp.set_transmit(ifindex, transmit).await {
+            Ok(()) => self.dp.set_mtu(ifindex, facts.mtu).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = configured {
             // Half attached is worse than not at all: roll back.
             let _ = self.dp.detach(ifindex).await;
             return Err(e).with_context(|| format!("configuring transmit on {name}"));
@@ -368,7 +375,7 @@ impl Interfaces {
         let native_refused = want == XdpMode::Native && mode == XdpMode::Generic;
         self.held.insert(
             ifindex,
-            Held { name: name.clone(), mode, transmit, native_refused, unwanted_since: None },
+            Held { name: name.clone(), mode, transmit, mtu: facts.mtu, native_refused, unwanted_since: None },
         );
         Ok(())
     }
@@ -380,17 +387,23 @@ impl Interfaces {
         let Some(h) = self.held.get(&ifindex).cloned() else { return Ok(()) };
         // A failed query says nothing new: keep the current plan.
         let Ok(features) = dataplane::xdp_features(ifindex) else { return Ok(()) };
-        let want = plan_mode(facts, features);
+        let want = plan_mode(facts);
         if want != h.mode && !(h.native_refused && want == XdpMode::Native) {
             // Native and generic XDP cannot share an interface: the switch
             // leaves a gap of a few microseconds without XDP.
             warn!(
                 interface = %h.name,
-                "{}: the peer's XDP/GRO changed; re-attaching in {want} mode", h.name
+                "{}: attached in {} mode (taken over from an earlier instance?), the plan is {want}: re-attaching", h.name, h.mode
             );
             self.dp.detach(ifindex).await?;
             self.held.remove(&ifindex);
             return self.attach(facts, Why::Backend).await;
+        }
+        if facts.mtu != h.mtu {
+            self.dp.set_mtu(ifindex, facts.mtu).await?;
+            if let Some(h) = self.held.get_mut(&ifindex) {
+                h.mtu = facts.mtu;
+            }
         }
         let transmit = plan_transmit(facts, features, h.mode);
         if transmit != h.transmit {
@@ -476,7 +489,7 @@ fn describe(facts: &LinkFacts, mode: XdpMode, t: Transmit) -> String {
     let kind = facts.kind.as_deref().unwrap_or("device");
     let out = match (mode, t.bounce) {
         (XdpMode::Generic, _) if facts.is_veth() => {
-            "its peer takes no XDP frames: generic mode, sent as skbs"
+            "generic mode, sent as skbs, which keep offloaded checksums and always reach the peer"
         }
         (XdpMode::Generic, _) => "no native XDP in its driver: generic mode, sent as skbs",
         (XdpMode::Native, Bounce::Redirect) => "frames back out by devmap redirect, which wakes the peer",

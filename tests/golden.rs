@@ -1750,3 +1750,92 @@ fn on_a_generic_mode_interface_oversized_packets_are_forwarded_not_answered() {
         lb.counters_moved(&[(Counter::XLB_CNT_FRAG_NEEDED, 1)]);
     });
 }
+
+/// The folded IPv4 pseudo-header sum: the seed a stack leaves in the TCP
+/// checksum field when the device is to finish it (CHECKSUM_PARTIAL).
+fn seed(src: Ipv4Addr, dst: Ipv4Addr, tcp_len: u16) -> u16 {
+    let words = [src.octets(), dst.octets()]
+        .iter()
+        .flat_map(|o| [u16::from_be_bytes([o[0], o[1]]), u16::from_be_bytes([o[2], o[3]])])
+        .chain([6u16, tcp_len])
+        .map(u32::from)
+        .sum::<u32>();
+    let folded = (words & 0xffff) + (words >> 16);
+    ((folded & 0xffff) + (folded >> 16)) as u16
+}
+
+/// TCP checksum bytes of an untagged frame without IP options.
+const TCP_CSUM: std::ops::Range<usize> = 50..52;
+
+#[test]
+fn a_checksum_left_to_offload_stays_a_seed_for_the_new_addresses_in_generic_mode() {
+    case(ONE, |lb| {
+        let g0 = lb.ifindex;
+        assert_eq!(lb.dp.attach_as("g0", g0, XdpMode::Generic).unwrap(), XdpMode::Generic);
+        let syn = from_client(80);
+        lb.run(&syn.frame());
+        let port = lb.nat_port(syn.src);
+        lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 1), (Counter::XLB_CNT_FWD_TO_BACKEND, 1)]);
+
+        // A data segment as a sender with checksum offload hands it over.
+        let data = Tcp { payload: b"GET / HTTP/1.0\r\n\r\n".to_vec(), ..syn.clone().ack() };
+        let tcp_len = (20 + data.payload.len()) as u16;
+        let mut frame = data.frame();
+        frame[TCP_CSUM].copy_from_slice(&seed(data.src.0, data.dst.0, tcp_len).to_be_bytes());
+        let (action, out) = lb.run(&frame);
+        assert_eq!(action, XDP_TX);
+        let want = Tcp {
+            smac: LB_MAC,
+            dmac: BACKEND_MAC,
+            src: (LISTEN, port),
+            dst: (BACKEND, 8080),
+            ttl: 63,
+            ..data.clone()
+        };
+        let mut want = want.frame();
+        want[TCP_CSUM].copy_from_slice(&seed(LISTEN, BACKEND, tcp_len).to_be_bytes());
+        assert_eq!(out, want, "the seed of the rewritten addresses, ports untouched by it");
+        lb.counters_moved(&[(Counter::XLB_CNT_FWD_TO_BACKEND, 1)]);
+
+        // A full checksum is still updated as one.
+        let (action, out) = lb.run(&data.frame());
+        assert_eq!(action, XDP_TX);
+        checked_tcp(&out);
+        lb.counters_moved(&[(Counter::XLB_CNT_FWD_TO_BACKEND, 1)]);
+    });
+}
+
+#[test]
+fn native_mode_treats_every_checksum_as_full() {
+    case(ONE, |lb| {
+        let syn = from_client(80);
+        lb.run(&syn.frame());
+        lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 1), (Counter::XLB_CNT_FWD_TO_BACKEND, 1)]);
+        // No skb, no offload state: a field that happens to hold the seed
+        // is a full checksum like any other and keeps its meaning.
+        let data = Tcp { payload: b"x".repeat(10), ..syn.clone().ack() };
+        let tcp_len = (20 + data.payload.len()) as u16;
+        let mut frame = data.frame();
+        let s = seed(data.src.0, data.dst.0, tcp_len);
+        frame[TCP_CSUM].copy_from_slice(&s.to_be_bytes());
+        let (_, out) = lb.run(&frame);
+        let port = lb.nat_port(syn.src);
+        assert_ne!(&out[TCP_CSUM], &seed(LISTEN, BACKEND, tcp_len).to_be_bytes()[..]);
+        // Updated with the full-checksum rule: off from the correct full
+        // checksum by exactly as much as the input was.
+        let right_in = u16::from_be_bytes(data.frame()[TCP_CSUM].try_into().unwrap());
+        let want = Tcp {
+            smac: LB_MAC,
+            dmac: BACKEND_MAC,
+            src: (LISTEN, port),
+            dst: (BACKEND, 8080),
+            ttl: 63,
+            ..data.clone()
+        };
+        let right_out = u16::from_be_bytes(want.frame()[TCP_CSUM].try_into().unwrap());
+        let got = u16::from_be_bytes(out[TCP_CSUM].try_into().unwrap());
+        let diff = |a: u16, b: u16| (u32::from(a) + u32::from(!b)) % 0xffff;
+        assert_eq!(diff(s, right_in), diff(got, right_out), "the same error carried through");
+        lb.counters_moved(&[(Counter::XLB_CNT_FWD_TO_BACKEND, 1)]);
+    });
+}

@@ -883,7 +883,7 @@ fn e2e_interfaces_follow_backends_that_appear_move_and_vanish() {
     shape.ten_megabytes_arrive_byte_identical();
     shape.two_hundred_concurrent_connections();
     for k in 1..=3 {
-        assert!(xlb.log().contains(&format!("XDP attached to lb-be{k} in native mode")), "{}", xlb.log());
+        assert!(xlb.log().contains(&format!("XDP attached to lb-be{k} in generic mode")), "{}", xlb.log());
     }
 
     // be3 moves behind an interface that did not exist when XLB started.

@@ -5,6 +5,7 @@
 #define XLB_CSUM_H
 
 #include <linux/types.h>
+#include <bpf/bpf_endian.h>
 
 static __always_inline __u16 csum_fold(__u64 sum)
 {
@@ -32,6 +33,29 @@ static __always_inline void csum_replace4(__u16 *check, __u32 from, __u32 to)
 	sum += to & 0xffff;
 	sum += to >> 16;
 	*check = ~csum_fold(sum);
+}
+
+/* A TCP checksum the sender left to offload (the kernel's CHECKSUM_PARTIAL)
+ * is a seed: the field holds the folded pseudo-header sum, not a complement,
+ * and the device sums the segment into it on the way out. Changing an
+ * address changes the seed by the same difference: the RFC 1624 update with
+ * the complement taken before and after. Ports are not in the seed. */
+static __always_inline void csum_seed_replace4(__u16 *seed, __u32 from, __u32 to)
+{
+	__u16 c = ~*seed;
+
+	csum_replace4(&c, from, to);
+	*seed = ~c;
+}
+
+/* The folded IPv4 pseudo-header sum: what a seed holds. */
+static __always_inline __u16 csum_pseudo4(__u32 saddr, __u32 daddr, __u8 proto, __u16 len)
+{
+	__u64 sum = (saddr & 0xffff) + (saddr >> 16) + (daddr & 0xffff) + (daddr >> 16);
+
+	sum += bpf_htons(proto);
+	sum += bpf_htons(len);
+	return csum_fold(sum);
 }
 
 #endif

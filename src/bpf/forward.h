@@ -40,21 +40,43 @@ static __always_inline __u32 bounce(struct xdp_md *ctx)
 	return XDP_TX;
 }
 
-/* The next hop of a packet from saddr to daddr as it arrived: returns the
- * bpf_fib_lookup() code with fib filled in. The MTU is checked unless the
- * ingress runs in generic mode, where GRO may have merged many segments
- * into one packet that the stack splits again on the way out. */
-static __always_inline long route(struct xdp_md *ctx, struct packet *pkt, __u32 saddr, __u32 daddr,
-				  struct bpf_fib_lookup *fib)
+/* The ingress interface's entry, if XLB attached it (not in test runs). */
+static __always_inline const struct iface *ingress_iface(struct xdp_md *ctx)
 {
 	__u32 ifindex = ctx->ingress_ifindex;
-	struct iface *i = bpf_map_lookup_elem(&ifaces, &ifindex);
+
+	return bpf_map_lookup_elem(&ifaces, &ifindex);
+}
+
+/* Whether the program runs in generic mode there: on an skb, which may be
+ * a GRO/GSO aggregate or carry a checksum left to offload. */
+static __always_inline int is_generic(const struct iface *in)
+{
+	return in && (in->flags & XLB_IFACE_GENERIC);
+}
+
+/* A packet bigger than its own ingress link: an aggregate of segments (GRO,
+ * or GSO from a local sender), which only generic mode sees. */
+static __always_inline int is_aggregate(const struct iface *in, const struct packet *pkt)
+{
+	return is_generic(in) && in->mtu && bpf_ntohs(pkt->ip->tot_len) > in->mtu;
+}
+
+/* The next hop of a packet from saddr to daddr as it arrived: returns the
+ * bpf_fib_lookup() code with fib filled in. The egress MTU is checked,
+ * except for a packet bigger than its own ingress link: an aggregate of
+ * segments (GRO, or GSO from a local sender) that the stack splits again on
+ * the way out, possible in generic mode only. */
+static __always_inline long route(struct xdp_md *ctx, struct packet *pkt, __u32 saddr, __u32 daddr,
+				  const struct iface *in, struct bpf_fib_lookup *fib)
+{
 	struct iphdr *ip = pkt->ip;
+	__u16 len = bpf_ntohs(ip->tot_len);
 
 	fib->family = AF_INET;
 	fib->tos = ip->tos;
 	fib->l4_protocol = ip->protocol;
-	fib->tot_len = (i && (i->flags & XLB_IFACE_GENERIC)) ? 0 : bpf_ntohs(ip->tot_len);
+	fib->tot_len = (is_generic(in) && (!in->mtu || len > in->mtu)) ? 0 : len;
 	fib->ipv4_src = saddr;
 	fib->ipv4_dst = daddr;
 	fib->ifindex = pkt->l3_ifindex;
@@ -62,9 +84,10 @@ static __always_inline long route(struct xdp_md *ctx, struct packet *pkt, __u32 
 }
 
 /* Sends a packet whose next hop route() found (rc, fib); `sent` is the
- * counter for a packet that leaves through XDP. */
+ * counter for a packet that leaves through XDP. `in`: the ingress entry. */
 static __always_inline struct outcome transmit(struct xdp_md *ctx, struct packet *pkt, long rc,
-					       struct bpf_fib_lookup *fib, __u32 sent)
+					       struct bpf_fib_lookup *fib, const struct iface *in,
+					       __u32 sent)
 {
 	struct iphdr *ip = pkt->ip;
 	__u16 old_ttl_word;
@@ -93,6 +116,11 @@ static __always_inline struct outcome transmit(struct xdp_md *ctx, struct packet
 	 * control plane checks); the kernel forwards to any other. */
 	if (ifindex != ctx->ingress_ifindex && !bpf_map_lookup_elem(&tx_ports, &ifindex))
 		return verdict(XDP_PASS, XLB_CNT_PASS_FOREIGN_EGRESS);
+	/* An aggregate is redirected whole, past the checks that split it for
+	 * a smaller link: the kernel's forwarding splits (or refuses) it. Sent
+	 * back out of the same link it fits, as it came. */
+	if (ifindex != ctx->ingress_ifindex && is_aggregate(in, pkt))
+		return verdict(XDP_PASS, XLB_CNT_PASS_AGGREGATE);
 	if (ip->ttl <= 1)
 		return verdict(XDP_DROP, XLB_CNT_DROP_TTL);
 
@@ -111,9 +139,10 @@ static __always_inline struct outcome transmit(struct xdp_md *ctx, struct packet
 static __always_inline struct outcome forward(struct xdp_md *ctx, struct packet *pkt, __u32 sent)
 {
 	struct bpf_fib_lookup fib = {};
-	long rc = route(ctx, pkt, pkt->ip->saddr, pkt->ip->daddr, &fib);
+	const struct iface *in = ingress_iface(ctx);
+	long rc = route(ctx, pkt, pkt->ip->saddr, pkt->ip->daddr, in, &fib);
 
-	return transmit(ctx, pkt, rc, &fib, sent);
+	return transmit(ctx, pkt, rc, &fib, in, sent);
 }
 
 #endif

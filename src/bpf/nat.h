@@ -4,6 +4,7 @@
 #define XLB_NAT_H
 
 #include <linux/errno.h>
+#include <linux/in.h>
 #include "csum.h"
 #include "parsing.h"
 #include "xlb_maps.h"
@@ -39,19 +40,37 @@ static __always_inline int nat_claim_port(struct flow_key *rev_key, const struct
 	return XLB_CNT_DROP_NAT_EXHAUSTED;
 }
 
+/* Whether the TCP checksum is a seed left to offload (csum.h): only an skb
+ * can carry one (generic mode), recognised by its value. A full checksum
+ * equal to the seed by chance (1 in 65536) is updated as a seed: that
+ * segment is lost and retransmitted with other timestamps. */
+static __always_inline int tcp_csum_is_seed(const struct packet *pkt)
+{
+	const struct iphdr *ip = pkt->ip;
+	__u16 len = bpf_ntohs(ip->tot_len) - ip->ihl * 4;
+
+	return pkt->tcp->check == csum_pseudo4(ip->saddr, ip->daddr, IPPROTO_TCP, len);
+}
+
 /* Rewrites addresses and ports to the flow's NAT tuple; both checksums are
- * fixed incrementally (the TCP one covers the pseudo-header addresses). */
-static __always_inline void nat_rewrite(struct packet *pkt, const struct flow *f)
+ * fixed incrementally (the TCP one covers the pseudo-header addresses), a
+ * TCP seed (`seed`, see tcp_csum_is_seed) as a seed. */
+static __always_inline void nat_rewrite(struct packet *pkt, const struct flow *f, int seed)
 {
 	struct iphdr *ip = pkt->ip;
 	struct tcphdr *tcp = pkt->tcp;
 
 	csum_replace4(&ip->check, ip->saddr, f->nat_saddr);
 	csum_replace4(&ip->check, ip->daddr, f->nat_daddr);
-	csum_replace4(&tcp->check, ip->saddr, f->nat_saddr);
-	csum_replace4(&tcp->check, ip->daddr, f->nat_daddr);
-	csum_replace2(&tcp->check, tcp->source, f->nat_sport);
-	csum_replace2(&tcp->check, tcp->dest, f->nat_dport);
+	if (seed) {
+		csum_seed_replace4(&tcp->check, ip->saddr, f->nat_saddr);
+		csum_seed_replace4(&tcp->check, ip->daddr, f->nat_daddr);
+	} else {
+		csum_replace4(&tcp->check, ip->saddr, f->nat_saddr);
+		csum_replace4(&tcp->check, ip->daddr, f->nat_daddr);
+		csum_replace2(&tcp->check, tcp->source, f->nat_sport);
+		csum_replace2(&tcp->check, tcp->dest, f->nat_dport);
+	}
 	ip->saddr = f->nat_saddr;
 	ip->daddr = f->nat_daddr;
 	tcp->source = f->nat_sport;

@@ -65,13 +65,14 @@ static __always_inline struct outcome nat_forward(struct xdp_md *ctx, struct pac
 						  struct flow *f, __u64 now, __u32 sent)
 {
 	struct bpf_fib_lookup fib = {};
-	long rc = route(ctx, pkt, f->nat_saddr, f->nat_daddr, &fib);
+	const struct iface *in = ingress_iface(ctx);
+	long rc = route(ctx, pkt, f->nat_saddr, f->nat_daddr, in, &fib);
 
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
 		return too_big(ctx, pkt, fib.mtu_result);
 	flow_touch(f, pkt, now);
-	nat_rewrite(pkt, f);
-	return transmit(ctx, pkt, rc, &fib, sent);
+	nat_rewrite(pkt, f, is_generic(in) && tcp_csum_is_seed(pkt));
+	return transmit(ctx, pkt, rc, &fib, in, sent);
 }
 
 /* A client packet to listen_ip:local_port. */

@@ -36,6 +36,7 @@ enum xlb_counter {
 	XLB_CNT_FRAG_NEEDED,	     /* answered with ICMP fragmentation needed */
 	XLB_CNT_DROP_ICMP_LIMIT,     /* an ICMP answer over the rate limit: dropped */
 	XLB_CNT_ICMP_MTU_FLOOR,	     /* a translated MTU raised to the floor */
+	XLB_CNT_PASS_AGGREGATE,	     /* rewritten GRO/GSO aggregate: kernel forwards it */
 	XLB_CNT_MAX,
 };
 
@@ -71,6 +72,8 @@ enum xlb_tx {
 struct iface {
 	enum xlb_tx tx;
 	__u32 flags; /* XLB_IFACE_* */
+	__u32 mtu;   /* of the interface itself: bigger packets are aggregates */
+	__u32 pad;
 };
 
 /* A VLAN on an interface XLB is attached to, both ways round: by the VLAN

@@ -32,6 +32,7 @@ pub const ALL: &[(Counter, &str)] = &[
     (Counter::XLB_CNT_FRAG_NEEDED, "icmp_frag_needed"),
     (Counter::XLB_CNT_DROP_ICMP_LIMIT, "drop_icmp_ratelimit"),
     (Counter::XLB_CNT_ICMP_MTU_FLOOR, "icmp_mtu_floor"),
+    (Counter::XLB_CNT_PASS_AGGREGATE, "pass_aggregate"),
 ];
 
 /// The stable name of a counter.

@@ -140,6 +140,9 @@ pub struct Attachment {
     pub ifindex: u32,
     pub mode: XdpMode,
     pub transmit: Transmit,
+    /// The interface's own MTU (0: unknown): in generic mode a bigger packet
+    /// is an aggregate the stack splits again, not one too big to send.
+    pub mtu: u32,
     /// Closing it detaches the program.
     _link: OwnedFd,
 }
@@ -390,9 +393,10 @@ impl Dataplane {
             ifindex,
             mode,
             transmit,
+            mtu: 0,
             _link: link,
         });
-        self.write_transmit(ifindex, mode, transmit)?;
+        self.write_transmit(ifindex)?;
         Ok(mode)
     }
 
@@ -408,11 +412,23 @@ impl Dataplane {
             .find(|a| a.ifindex == ifindex)
             .with_context(|| format!("ifindex {ifindex} is not attached"))?;
         a.transmit = t;
-        let mode = a.mode;
-        self.write_transmit(ifindex, mode, t)
+        self.write_transmit(ifindex)
     }
 
-    fn write_transmit(&mut self, ifindex: u32, mode: XdpMode, t: Transmit) -> Result<()> {
+    /// Records an attached interface's own MTU (see `Attachment::mtu`).
+    pub fn set_mtu(&mut self, ifindex: u32, mtu: u32) -> Result<()> {
+        let a = self
+            .attachments
+            .iter_mut()
+            .find(|a| a.ifindex == ifindex)
+            .with_context(|| format!("ifindex {ifindex} is not attached"))?;
+        a.mtu = mtu;
+        self.write_transmit(ifindex)
+    }
+
+    fn write_transmit(&mut self, ifindex: u32) -> Result<()> {
+        let a = self.attachments.iter().find(|a| a.ifindex == ifindex).context("not attached")?;
+        let (mode, t, mtu) = (a.mode, a.transmit, a.mtu);
         let key = ifindex.to_ne_bytes();
         let slot = abi::IfaceSlot {
             tx: match t.bounce {
@@ -420,6 +436,8 @@ impl Dataplane {
                 Bounce::Redirect => abi::TxId::XLB_TX_REDIRECT,
             },
             flags: if mode == XdpMode::Generic { abi::IFACE_GENERIC } else { 0 },
+            mtu,
+            pad: 0,
         };
         // The redirect map first: a bounce by redirect must find its entry.
         if t.redirect_target {

@@ -35,6 +35,7 @@ enum Cmd {
     SetVlans(Vec<Vlan>, Reply<()>),
     RemovePinnedLink(String, Reply<()>),
     DeadLinks(Reply<Vec<u32>>),
+    SetMtu(u32, u32, Reply<()>),
 }
 
 /// A cheap, cloneable handle; the thread detaches and exits when the last
@@ -144,6 +145,10 @@ impl DataplaneHandle {
         self.call(|r| Cmd::Detach(ifindex, r)).await
     }
 
+    pub async fn set_mtu(&self, ifindex: u32, mtu: u32) -> Result<()> {
+        self.call(|r| Cmd::SetMtu(ifindex, mtu, r)).await
+    }
+
     /// Attached interfaces whose link the kernel has let go of.
     pub async fn dead_links(&self) -> Result<Vec<u32>> {
         self.call(Cmd::DeadLinks).await
@@ -200,6 +205,9 @@ fn serve(mut dp: Dataplane, rx: mpsc::Receiver<Cmd>) {
             }
             Cmd::Detach(ifindex, r) => {
                 let _ = r.send(dp.detach(ifindex));
+            }
+            Cmd::SetMtu(ifindex, mtu, r) => {
+                let _ = r.send(dp.set_mtu(ifindex, mtu));
             }
             Cmd::DeadLinks(r) => {
                 let _ = r.send(Ok(dp.dead_links()));
