@@ -11,5 +11,7 @@ pub mod inspect;
 pub mod lifecycle;
 pub mod netinfo;
 pub mod provider;
+pub mod reload;
 pub mod status;
 pub mod telemetry;
+pub mod triggers;

@@ -4,13 +4,10 @@
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use futures::StreamExt;
-use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR2};
-use signal_hook_tokio::Signals;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -19,8 +16,10 @@ use crate::config::{Config, Listen};
 use crate::dataplane::{pins, Counter, DataplaneHandle, GcPolicy, LoadOptions, Service, Traffic};
 use crate::ifaces::{InUse, Interfaces};
 use crate::netinfo;
-use crate::provider::{self, Backend, ProviderHealth};
+use crate::provider::{self, Backend, ProviderHealth, Supervisor};
+use crate::reload;
 use crate::status::{BackendStatus, Phase, PortStatus, SharedStatus};
+use crate::triggers::{Request, Triggers};
 
 /// How long a closed connection (FIN both ways, or RST) keeps its entries:
 /// long enough for the last ACK and stray retransmissions.
@@ -32,8 +31,6 @@ const HALF_OPEN_TTL: Duration = Duration::from_secs(30);
 const STATS_INTERVAL: Duration = Duration::from_secs(1);
 /// How long startup waits for a provider's first complete backend set.
 const FIRST_SYNC_WAIT: Duration = Duration::from_secs(5);
-/// How often the shutdown file is looked for.
-const SHUTDOWN_FILE_POLL: Duration = Duration::from_millis(200);
 
 /// The host-side facts a config resolves to.
 #[derive(Debug)]
@@ -44,7 +41,10 @@ struct Network {
 
 pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
     cfg.startup_checks()?;
-    let mut provider = provider::start(&cfg, &sources).await?;
+    // Signals and the shutdown file count from the first moment: a preStop
+    // hook may run while the provider is still syncing.
+    let mut triggers = Triggers::install(&cfg.shutdown_file)?;
+    let (supervisor, mut provider, _provider_task) = Supervisor::start(&cfg, sources.clone()).await?;
     // Give a discovering provider a moment to deliver its first set, so the
     // first table is complete. An API server that does not answer is not
     // fatal: XLB starts with what it has and follows later sets (and the
@@ -74,7 +74,6 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
     });
     // Bound before anything is attached: a taken port is a startup error.
     let admin = crate::admin::serve(&cfg, status.clone()).await?;
-    clear_stale_shutdown_file(&cfg.shutdown_file);
 
     let instance = instance_name(&cfg, net.listen);
     let pins = if pins::is_bpffs(Path::new("/sys/fs/bpf")) {
@@ -88,8 +87,6 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
         maglev_size: cfg.maglev_table_size,
         pins: pins.clone(),
     };
-    // Signals are caught from here on: nothing is attached yet.
-    let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR2]).context("installing signal handlers")?;
     let service = Service {
         listen: net.listen,
         snat: net.snat,
@@ -158,18 +155,25 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
         "xlb running"
     );
 
-    let trigger = shutdown_trigger(&mut signals, &cfg.shutdown_file).await;
-    if trigger == Trigger::Handover {
-        // Exit at once and leave the program attached and pinned: the next
-        // `xlb run` for this instance adopts its connections.
-        info!("SIGUSR2: exiting for a handover; XDP stays attached and pinned");
-        balancer.abort();
-        stats.abort();
-        interfaces.abort();
-        dp.stop(true).await?;
-        admin.abort();
-        return Ok(());
-    }
+    let mut running = cfg.clone();
+    let trigger = loop {
+        match triggers.next().await {
+            Request::Reload => reload::reload(&sources.config_path, &mut running, &supervisor).await,
+            Request::Drain(t) => break t,
+            Request::Handover => {
+                // Exit at once and leave the program attached and pinned: the
+                // next `xlb run` for this instance adopts its connections.
+                info!("SIGUSR2: exiting for a handover; XDP stays attached and pinned");
+                balancer.abort();
+                stats.abort();
+                interfaces.abort();
+                dp.stop(true).await?;
+                admin.abort();
+                return Ok(());
+            }
+        }
+    };
+    let began = Instant::now();
     // The data plane refuses new connections before readiness says so, so
     // nothing that saw 503 can still get a connection in.
     dp.set_drain(true).await?;
@@ -185,10 +189,7 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
         cfg.shutdown_timeout
     );
     if cfg.shutdown_timeout > 0 {
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(cfg.shutdown_timeout)) => {}
-            sig = signals.next() => info!("{}: ending the drain early", signal_name(sig)),
-        }
+        triggers.drain(began, Duration::from_secs(cfg.shutdown_timeout)).await;
     }
     stats.abort();
     interfaces.abort();
@@ -294,15 +295,6 @@ fn check_nat_range(cfg: &Config) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn clear_stale_shutdown_file(path: &Path) {
-    if path.exists() {
-        warn!(file = %path.display(), "removing a shutdown file left from an earlier run");
-        if let Err(e) = std::fs::remove_file(path) {
-            warn!(file = %path.display(), "could not remove it: {e}; xlb would stop at once");
-        }
-    }
 }
 
 /// Per-backend accounting kept across sweeps.
@@ -423,51 +415,5 @@ async fn stats_loop(
                 Err(e) => warn!("reading counters failed: {e:#}"),
             }
         });
-    }
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum Trigger {
-    Signal(&'static str),
-    File(PathBuf),
-    Handover,
-}
-
-impl std::fmt::Display for Trigger {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Trigger::Signal(s) => f.write_str(s),
-            Trigger::File(p) => write!(f, "{} appeared", p.display()),
-            Trigger::Handover => f.write_str("SIGUSR2"),
-        }
-    }
-}
-
-fn signal_name(sig: Option<i32>) -> &'static str {
-    match sig {
-        Some(SIGTERM) => "SIGTERM",
-        Some(SIGINT) => "SIGINT",
-        Some(SIGUSR2) => "SIGUSR2",
-        _ => "signal",
-    }
-}
-
-/// Waits for SIGTERM, SIGINT, SIGUSR2 or the shutdown file.
-async fn shutdown_trigger(signals: &mut Signals, file: &Path) -> Trigger {
-    let mut poll = tokio::time::interval(SHUTDOWN_FILE_POLL);
-    loop {
-        tokio::select! {
-            sig = signals.next() => {
-                return match sig {
-                    Some(SIGUSR2) => Trigger::Handover,
-                    other => Trigger::Signal(signal_name(other)),
-                };
-            }
-            _ = poll.tick() => {
-                if file.exists() {
-                    return Trigger::File(file.to_path_buf());
-                }
-            }
-        }
     }
 }

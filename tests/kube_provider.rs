@@ -46,6 +46,8 @@ struct Env {
     /// Every set the provider published, in order.
     history: Arc<Mutex<Vec<Vec<Backend>>>>,
     _dir: tempfile::TempDir,
+    /// The provider runs while this lives.
+    _task: Option<provider::TaskGuard>,
 }
 
 async fn start_provider(api: FakeApiServer, namespace: &str, service: &str) -> Env {
@@ -54,7 +56,7 @@ async fn start_provider(api: FakeApiServer, namespace: &str, service: &str) -> E
     let kubeconfig = api.kubeconfig(dir.path());
     let cfg = KubernetesProvider { namespace: namespace.into(), service: service.into() };
     let t = Instant::now();
-    let Provider { backends, health } =
+    let Provider { backends, health, task } =
         bounded(QUICK, "start", kubernetes::start(&cfg, Some(&kubeconfig))).await.unwrap();
     assert!(t.elapsed() < Duration::from_secs(2), "start must not wait for the API: {:?}", t.elapsed());
     let history = Arc::new(Mutex::new(Vec::new()));
@@ -66,7 +68,7 @@ async fn start_provider(api: FakeApiServer, namespace: &str, service: &str) -> E
             h.lock().unwrap().push(v);
         }
     });
-    Env { api, set: backends, health, history, _dir: dir }
+    Env { api, set: backends, health, history, _dir: dir, _task: task }
 }
 
 async fn env() -> Env {
@@ -940,4 +942,57 @@ fn e2e_interfaces_follow_backends_that_appear_move_and_vanish() {
         || common::wait_for(Duration::from_secs(15), || child.try_wait().ok().flatten()),
         &log,
     );
+}
+
+/// `systemctl reload` (the unit's ExecReload: `xlb check`, then SIGHUP)
+/// under the Kubernetes provider: the process stays, a changed service is
+/// watched from then on, a bad file is refused and the running one serves.
+#[test]
+fn e2e_sighup_switches_the_watched_service_and_never_exits() {
+    let t = common::Topology::new(2);
+    let _b1 = common::start_backend(&t.backends[0], "be1");
+    let _b2 = common::start_backend(&t.backends[1], "be2");
+    let api = ApiInNetns::start(&t.lb);
+    api.api().put(Kind::EndpointSlice, NS, slice("web-a", SVC, &[Ep::ready(&common::backend_ip(1), "be1")]));
+    api.api().put(
+        Kind::EndpointSlice,
+        NS,
+        slice("other-a", "other", &[Ep::ready(&common::backend_ip(2), "be2")]),
+    );
+    let xlb = KubeXlb::start(&t.lb, &api.api().url());
+    let only = |be: &'static str| {
+        let url = format!("{}:80", common::LISTEN);
+        t.client.run(move || {
+            (0..10).all(|_| {
+                common::http_get(&url, "/").is_ok_and(|r| r.body == format!("backend {be}\n").into_bytes())
+            })
+        })
+    };
+    assert!(only("be1"), "service web: be1\n{}", xlb.log());
+
+    let path = xlb._dir.path().join("xlb.yaml");
+    let text = std::fs::read_to_string(&path).unwrap().replace(&format!("service: {SVC}"), "service: other");
+    std::fs::write(&path, text).unwrap();
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_xlb"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    let pid = nix::unistd::Pid::from_raw(xlb.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    common::wait_for(Duration::from_secs(10), || xlb.log().contains("backend removed: be1").then_some(()))
+        .unwrap_or_else(|| panic!("the other service's endpoints replaced web's:\n{}", xlb.log()));
+    assert!(xlb.log().contains("provider replaced: kubernetes service default/other"), "{}", xlb.log());
+    assert!(only("be2"), "service other: be2\n{}", xlb.log());
+
+    std::fs::write(&path, "provider: [}\n").unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    common::wait_for(Duration::from_secs(5), || xlb.log().contains("reload rejected").then_some(()))
+        .unwrap_or_else(|| panic!("bad file refused:\n{}", xlb.log()));
+    std::thread::sleep(Duration::from_millis(300));
+    let mut xlb = xlb;
+    assert!(xlb.child.try_wait().unwrap().is_none(), "never exits on SIGHUP");
+    assert!(only("be2"), "the running config keeps serving");
+    assert!(xlb.terminate().success(), "{}", xlb.log());
 }

@@ -256,3 +256,164 @@ fn a_second_instance_of_the_same_name_is_refused() {
     assert!(second.log().contains("is already running"), "{}", second.log());
     assert!(try_connect(&t.client).is_ok(), "the first instance is untouched");
 }
+
+enum First {
+    File,
+    Sigterm,
+}
+
+/// The kubelet's order (preStop creates the shutdown file, SIGTERM follows
+/// `gap` later) and the reverse: one drain of the full shutdown_timeout.
+fn one_drain_whatever_delivers_it(first: First, gap: Duration) {
+    let t = Topology::new(1);
+    let _b1 = start_backend(&t.backends[0], "be1");
+    let file = tempfile::tempdir().unwrap();
+    let shutdown_file = file.path().join("shutdown");
+    let mut xlb = XlbProcess::start(
+        &t.lb,
+        &lb_config(1, &format!("shutdown_timeout: 5\nshutdown_file: {}\n", shutdown_file.display())),
+    );
+    const SIZE: usize = 4 * 1024 * 1024;
+    let transfer = t.client.spawn(|| http_get(&url(), &format!("/slow/{SIZE}")));
+    std::thread::sleep(Duration::from_millis(200));
+
+    let t0 = Instant::now();
+    let touch = || std::fs::write(&shutdown_file, "").unwrap();
+    match first {
+        First::File => {
+            touch();
+            std::thread::sleep(gap);
+            xlb.signal(Signal::SIGTERM);
+        }
+        First::Sigterm => {
+            xlb.signal(Signal::SIGTERM);
+            std::thread::sleep(gap);
+            touch();
+        }
+    }
+    let unready = wait_for(Duration::from_secs(2), || (ready_code(&t.lb) == Some(503)).then_some(()));
+    assert!(unready.is_some(), "readiness fails during the drain");
+    let body = transfer.join().unwrap().expect("the download started before the drain completes");
+    assert!(body.body == blob(SIZE), "byte-identical");
+    // Nothing else on the wire now: each refusal arrives on its own.
+    for probe in 0..3 {
+        let (r, took) = t.client.run(|| {
+            let c0 = Instant::now();
+            (
+                std::net::TcpStream::connect_timeout(&url().parse().unwrap(), Duration::from_secs(2))
+                    .map(drop),
+                c0.elapsed(),
+            )
+        });
+        let e = r.expect_err("refused during the drain");
+        assert!(
+            matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset),
+            "probe {probe}: {e}"
+        );
+        assert!(took < Duration::from_millis(100), "probe {probe} took {took:?}");
+    }
+    let st = xlb.wait(Duration::from_secs(10)).expect("exits after shutdown_timeout");
+    let exited = t0.elapsed();
+    assert!(st.success(), "{}", xlb.log());
+    assert!(
+        exited > Duration::from_secs(4) && exited < Duration::from_secs(7),
+        "exit {exited:?} after the first trigger; shutdown_timeout is 5 s\n{}",
+        xlb.log()
+    );
+    let log = xlb.log();
+    assert!(log.contains("into the drain: the drain continues") || log.contains("already draining"), "{log}");
+}
+
+#[test]
+fn shutdown_file_then_sigterm_at_once() {
+    one_drain_whatever_delivers_it(First::File, Duration::ZERO);
+}
+
+#[test]
+fn shutdown_file_then_sigterm_after_50ms() {
+    one_drain_whatever_delivers_it(First::File, Duration::from_millis(50));
+}
+
+#[test]
+fn shutdown_file_then_sigterm_after_400ms() {
+    one_drain_whatever_delivers_it(First::File, Duration::from_millis(400));
+}
+
+#[test]
+fn shutdown_file_then_sigterm_after_1500ms() {
+    one_drain_whatever_delivers_it(First::File, Duration::from_millis(1500));
+}
+
+#[test]
+fn sigterm_then_shutdown_file() {
+    one_drain_whatever_delivers_it(First::Sigterm, Duration::from_millis(300));
+}
+
+#[test]
+fn sigusr2_during_a_drain_is_refused() {
+    let t = Topology::new(1);
+    let _b1 = start_backend(&t.backends[0], "be1");
+    let mut xlb = XlbProcess::start(&t.lb, &lb_config(1, "shutdown_timeout: 3\n"));
+    let instance = xlb.instance.clone().unwrap();
+    xlb.signal(Signal::SIGTERM);
+    wait_for(Duration::from_secs(2), || (ready_code(&t.lb) == Some(503)).then_some(())).expect("draining");
+    xlb.signal(Signal::SIGUSR2);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(xlb.child.try_wait().unwrap().is_none(), "still draining");
+    assert!(
+        xlb.log().contains("SIGUSR2") && xlb.log().contains("a handover is refused while draining"),
+        "{}",
+        xlb.log()
+    );
+    assert!(xlb.wait(Duration::from_secs(6)).expect("exits at the deadline").success());
+    assert!(!pin_dir(&instance).exists(), "a drain, not a handover: pins removed");
+}
+
+/// The unit's ExecReload (config/xlb.service): `xlb check` then SIGHUP.
+fn exec_reload(cfg: &std::path::Path, pid: nix::unistd::Pid) -> bool {
+    let ok = std::process::Command::new(env!("CARGO_BIN_EXE_xlb"))
+        .args(["check", "--config"])
+        .arg(cfg)
+        .output()
+        .unwrap()
+        .status
+        .success();
+    if ok {
+        nix::sys::signal::kill(pid, Signal::SIGHUP).unwrap();
+    }
+    ok
+}
+
+#[test]
+fn systemctl_reload_applies_a_new_backend_list_and_refuses_a_bad_file() {
+    let t = Topology::new(2);
+    let _b1 = start_backend(&t.backends[0], "be1");
+    let _b2 = start_backend(&t.backends[1], "be2");
+    let cfg = lb_config(2, "shutdown_timeout: 1\n");
+    let xlb = XlbProcess::start(&t.lb, &cfg);
+    let path = xlb.log.with_file_name("xlb.yaml");
+    let only_be2: String =
+        cfg.lines().filter(|l| !l.contains("name: be1")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&path, format!("{only_be2}conntrack_capacity: 5000\n")).unwrap();
+    assert!(exec_reload(&path, xlb.pid()));
+    wait_for(Duration::from_secs(5), || xlb.log().contains("backend removed: be1").then_some(()))
+        .unwrap_or_else(|| panic!("reload applied:\n{}", xlb.log()));
+    assert!(xlb.log().contains("conntrack_capacity changed but needs a restart"), "{}", xlb.log());
+    let answers = t.client.run(|| (0..10).map(|_| http_get(&url(), "/").unwrap().body).collect::<Vec<_>>());
+    assert!(answers.iter().all(|a| a == b"backend be2\n"), "{answers:?}");
+
+    // A bad file: `xlb check` refuses it and no signal is sent; a SIGHUP
+    // sent anyway is refused by XLB itself. Either way it keeps serving.
+    std::fs::write(&path, "ports: [}\n").unwrap();
+    assert!(!exec_reload(&path, xlb.pid()));
+    xlb.signal(Signal::SIGHUP);
+    wait_for(Duration::from_secs(5), || xlb.log().contains("reload rejected").then_some(()))
+        .unwrap_or_else(|| panic!("bad reload logged:\n{}", xlb.log()));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(t.client.run(|| http_get(&url(), "/").map(|r| r.body)).unwrap(), b"backend be2\n");
+    assert_eq!(ready_code(&t.lb), Some(200));
+    let counted = wait_for(Duration::from_secs(5), || {
+        (status(&t.lb)["provider"]["errors"].as_u64().unwrap_or(0) >= 1).then_some(())
+    });
+    assert!(counted.is_some(), "the rejected reload is counted: {}", status(&t.lb));
+}

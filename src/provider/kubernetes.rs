@@ -82,8 +82,8 @@ pub fn spawn(client: Client, cfg: &KubernetesProvider) -> Provider {
     let (set_tx, set_rx) = watch::channel(Vec::new());
     let (health_tx, health_rx) =
         watch::channel(ProviderHealth::new("kubernetes", Mode::EndpointSlices.as_str()));
-    tokio::spawn(run(client, cfg.clone(), set_tx, health_tx));
-    Provider { backends: set_rx, health: health_rx }
+    let task = tokio::spawn(run(client, cfg.clone(), set_tx, health_tx));
+    Provider { backends: set_rx, health: health_rx, task: Some(super::TaskGuard(task)) }
 }
 
 async fn client(kubeconfig: Option<&Path>) -> Result<Client> {

@@ -5,6 +5,9 @@
 
 pub mod kubernetes;
 pub mod static_list;
+mod supervisor;
+
+pub use supervisor::{Supervised, Supervisor};
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -72,10 +75,20 @@ pub fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// A running provider's outputs.
+/// A running provider's outputs. Dropping it stops the provider.
 pub struct Provider {
     pub backends: watch::Receiver<Vec<Backend>>,
     pub health: watch::Receiver<ProviderHealth>,
+    pub task: Option<TaskGuard>,
+}
+
+/// Aborts its task when dropped.
+pub struct TaskGuard(pub tokio::task::JoinHandle<()>);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Where the running config came from, for reloads and API clients.
@@ -88,7 +101,7 @@ pub struct Sources {
 /// Starts the provider the config names.
 pub async fn start(cfg: &Config, sources: &Sources) -> Result<Provider> {
     match &cfg.provider {
-        ProviderConfig::Static(s) => Ok(static_list::start(s, &sources.config_path)),
+        ProviderConfig::Static(s) => Ok(static_list::start(s)),
         ProviderConfig::Kubernetes(k) => kubernetes::start(k, sources.kubeconfig.as_deref()).await,
     }
 }
