@@ -15,7 +15,7 @@ TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 MODES = [("keepalive", "keep-alive"), ("close", "connection per request")]
 PEER_NAMES = {
     "direct": "direct (routed by the node, no balancing)",
-    "xlb": "XLB (native XDP)",
+    "xlb": "XLB (XDP; generic mode on veth)",
     "nftables": "nftables DNAT+SNAT",
     "haproxy": "HAProxy (TCP mode)",
     "nginx": "nginx (stream proxy)",
@@ -288,7 +288,7 @@ def md_report(doc):
             w("")
     proof = doc.get("xlb_proof") or []
     if proof:
-        w("XDP proof (status API counters over each XLB segment, interfaces in native mode): " + "; ".join(
+        w("XDP proof (status API counters over each XLB segment, interfaces attached (generic mode on veth)): " + "; ".join(
             f"round {p['round']}: {p['requests_measured']:,} requests measured, fwd_to_backend "
             f"+{p['counters_delta'].get('fwd_to_backend', 0):,}, fwd_to_client "
             f"+{p['counters_delta'].get('fwd_to_client', 0):,}"

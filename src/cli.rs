@@ -184,13 +184,31 @@ fn detach(a: &DetachArgs) -> ExitCode {
     };
     let mut failed = false;
     for i in instances {
+        if !crate::config::is_dns_label(&i) {
+            eprintln!("error: `{i}` is not an instance name (a DNS-1123 label, as in /sys/fs/bpf/xlb/NAME)");
+            failed = true;
+            continue;
+        }
         let dir = pins::PinDir::for_instance(&i);
         if !dir.path.exists() {
             println!("{i}: nothing pinned");
             continue;
         }
+        // A running instance holds its lock: its pins are not ours to take.
+        let lock = match pins::lock(&dir) {
+            Ok(lock) => lock,
+            Err(_) => {
+                let pid = pins::lock_holder(&dir).map_or_else(|| "unknown".into(), |p| p.to_string());
+                eprintln!("error: {i}: running (pid {pid}); stop it first (SIGTERM drains and detaches)");
+                failed = true;
+                continue;
+            }
+        };
         let links = dir.linked_ifaces();
-        match dir.remove() {
+        // Removed while still locked: no instance can start on them meanwhile.
+        let removed = dir.remove();
+        drop(lock);
+        match removed {
             Ok(()) => println!(
                 "{i}: removed; XDP detached from {}",
                 if links.is_empty() { "-".into() } else { links.join(", ") }

@@ -490,8 +490,9 @@ fn unicast(ip: Ipv4Addr, path: impl fmt::Display) -> Result<(), ConfigError> {
     ensure(ok, path, format!("{ip} is not a unicast host address"))
 }
 
-/// RFC 1123 label, as Kubernetes requires for namespace and service names.
-fn is_dns_label(s: &str) -> bool {
+/// RFC 1123 label, as Kubernetes requires for namespace and service names
+/// (and XLB for instance names).
+pub fn is_dns_label(s: &str) -> bool {
     let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
     (1..=63).contains(&s.len()) && s.chars().all(ok_char) && !s.starts_with('-') && !s.ends_with('-')
 }
@@ -540,6 +541,10 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(name) = &self.name {
             ensure(!name.trim().is_empty(), "name", "is empty; omit the key instead")?;
+            // It names the pin directory under /sys/fs/bpf/xlb.
+            let message =
+                format!("`{name}` is not a DNS-1123 label; use 1-63 lowercase letters, digits and '-'");
+            ensure(is_dns_label(name), "name", message)?;
         }
         if let Listen::Ip(ip) = self.listen {
             unicast(ip, "listen.ip")?;
@@ -1068,6 +1073,10 @@ provider: {static: {backends: [{name: a, ip: 10.0.0.2}]}}
     rule! { name_not_empty:
         reject |c| c.name = Some(" ".into()) => "name", "is empty";
         accept |c| c.name = Some("edge-lb".into());
+    }
+    rule! { name_is_a_dns_label:
+        reject |c| c.name = Some("../x".into()) => "name", "not a DNS-1123 label";
+        accept |c| c.name = Some("edge-lb-2".into());
     }
     rule! { listen_ip_unicast:
         reject |c| c.listen = Listen::Ip(Ipv4Addr::UNSPECIFIED) => "listen.ip", "not a unicast";

@@ -417,3 +417,31 @@ fn systemctl_reload_applies_a_new_backend_list_and_refuses_a_bad_file() {
     });
     assert!(counted.is_some(), "the rejected reload is counted: {}", status(&t.lb));
 }
+
+#[test]
+fn detach_never_touches_a_running_instance_and_checks_names() {
+    let t = Topology::new(1);
+    let _b1 = start_backend(&t.backends[0], "be1");
+    let mut xlb = XlbProcess::start(&t.lb, &lb_config(1, "shutdown_timeout: 1\n"));
+    let instance = xlb.instance.clone().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_xlb"))
+        .args(["detach", "--instance", &instance])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "refused");
+    assert!(err.contains(&format!("running (pid {})", xlb.child.id())), "{err}");
+    assert!(pin_dir(&instance).exists(), "pins untouched");
+    assert!(xdp_attached(&t.lb));
+    assert_eq!(t.client.run(|| http_get(&url(), "/").map(|r| r.body)).unwrap(), b"backend be1\n");
+
+    for bad in ["../x", "a/b", "UPPER", ""] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_xlb"))
+            .args(["detach", "--instance", bad])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{bad:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("is not an instance name"), "{bad:?}");
+    }
+    assert!(xlb.terminate().success());
+}

@@ -69,6 +69,26 @@ pub fn lock(p: &PinDir) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
     })
 }
 
+/// The pid holding an instance's lock (a running `xlb run`), from
+/// /proc/locks, or None when nobody does.
+pub fn lock_holder(p: &PinDir) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&p.path).ok()?;
+    let (ino, dev) = (meta.ino(), meta.dev());
+    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    // "1: FLOCK  ADVISORY  WRITE 1234 00:1f:5678 0 EOF"
+    locks.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let (pid, id) = (f.get(4)?, f.get(5)?);
+        let mut parts = id.split(':');
+        let maj = u64::from_str_radix(parts.next()?, 16).ok()?;
+        let min = u64::from_str_radix(parts.next()?, 16).ok()?;
+        let i: u64 = parts.next()?.parse().ok()?;
+        (f.get(1) == Some(&"FLOCK") && maj == major && min == minor && i == ino).then(|| pid.parse().ok())?
+    })
+}
+
 /// True when `path`'s file system is bpffs (pins need it).
 pub fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
