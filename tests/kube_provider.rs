@@ -208,7 +208,7 @@ async fn adds_removals_and_ready_flips_follow_the_slice() {
 }
 
 #[tokio::test]
-async fn terminating_endpoints_leave_the_set() {
+async fn terminating_endpoints_leave_the_set_unless_none_is_ready() {
     let mut e = env().await;
     e.api.put(Kind::EndpointSlice, NS, slice("web-a", SVC, &ready(&["10.0.0.1", "10.0.0.2"])));
     e.wait_set(&["10.0.0.1", "10.0.0.2"], QUICK).await;
@@ -223,6 +223,19 @@ async fn terminating_endpoints_leave_the_set() {
     let odd =
         Ep { ready: Some(true), serving: Some(true), terminating: Some(true), ..Ep::ready("10.0.0.1", "a") };
     e.api.put(Kind::EndpointSlice, NS, slice("web-a", SVC, &[odd, Ep::terminating("10.0.0.2", "b")]));
+    // No endpoint is ready: the serving terminating ones get new
+    // connections, as kube-proxy does (ProxyTerminatingEndpoints).
+    e.wait_set(&["10.0.0.1", "10.0.0.2"], QUICK).await;
+    // A ready one comes back: only it.
+    e.api.put(
+        Kind::EndpointSlice,
+        NS,
+        slice("web-a", SVC, &[Ep::ready("10.0.0.3", "c"), Ep::terminating("10.0.0.2", "b")]),
+    );
+    e.wait_set(&["10.0.0.3"], QUICK).await;
+    // Terminating and no longer serving: never, even with nothing else.
+    let gone = Ep { serving: Some(false), ..Ep::terminating("10.0.0.2", "b") };
+    e.api.put(Kind::EndpointSlice, NS, slice("web-a", SVC, &[gone]));
     e.wait_set(&[], QUICK).await;
     e.api.put(Kind::EndpointSlice, NS, slice("web-a", SVC, &[]));
     e.holds(&[], Duration::from_millis(100)).await;

@@ -225,11 +225,20 @@ struct Driver {
     /// The store changed since the last publish.
     dirty: bool,
     last_publish: Option<Instant>,
+    /// Publishing serving terminating endpoints because none is ready.
+    falling_back: bool,
 }
 
 impl Driver {
     fn new(set_tx: watch::Sender<Vec<Backend>>, health_tx: watch::Sender<ProviderHealth>) -> Self {
-        Driver { store: Store::default(), set_tx, health_tx, dirty: false, last_publish: None }
+        Driver {
+            store: Store::default(),
+            set_tx,
+            health_tx,
+            dirty: false,
+            last_publish: None,
+            falling_back: false,
+        }
     }
 
     fn publish_due(&self) -> Instant {
@@ -332,6 +341,19 @@ impl Driver {
         self.dirty = false;
         self.last_publish = Some(Instant::now());
         let next = self.store.backends();
+        let falling_back = self.store.falling_back();
+        if falling_back != self.falling_back {
+            self.falling_back = falling_back;
+            if falling_back {
+                warn!(
+                    "kubernetes provider: no endpoint is ready; new connections go to the {} serving \
+                     terminating ones until one is",
+                    next.len()
+                );
+            } else {
+                info!("kubernetes provider: ready endpoints again; terminating ones get no new connections");
+            }
+        }
         let sent = self.set_tx.send_if_modified(|cur| {
             if *cur == next {
                 return false;
@@ -392,7 +414,12 @@ mod tests {
     fn apply(key: &str, addrs: &[&str]) -> Event<Parsed> {
         let candidates = addrs
             .iter()
-            .map(|a| Candidate { addr: a.parse().unwrap(), name: format!("pod-{a}"), ready: true })
+            .map(|a| Candidate {
+                addr: a.parse().unwrap(),
+                name: format!("pod-{a}"),
+                ready: true,
+                fallback: false,
+            })
             .collect();
         Event::Apply(Parsed { key: key.into(), candidates })
     }

@@ -110,6 +110,9 @@ pub struct Candidate {
     pub name: String,
     /// May receive new connections: ready, serving and not terminating.
     pub ready: bool,
+    /// Serving but terminating: receives new connections only while no
+    /// endpoint is ready (as kube-proxy does since ProxyTerminatingEndpoints).
+    pub fallback: bool,
 }
 
 /// An object reduced to its candidates, keyed by its name.
@@ -150,9 +153,12 @@ impl Source for EndpointSlice {
             let c = ep.conditions.unwrap_or_default();
             // API docs: ready nil means ready; serving nil defers to ready;
             // terminating nil means not terminating.
-            let ready = c.ready != Some(false) && c.serving != Some(false) && c.terminating != Some(true);
+            let serving = c.serving.or(c.ready) != Some(false);
+            let terminating = c.terminating == Some(true);
+            let ready = c.ready != Some(false) && serving && !terminating;
+            let fallback = serving && terminating;
             let name = endpoint_name(ep.target_ref.as_ref(), ep.hostname.as_deref(), addr);
-            out.push(Candidate { addr, name, ready });
+            out.push(Candidate { addr, name, ready, fallback });
         }
         out
     }
@@ -168,7 +174,8 @@ impl Source for Endpoints {
                 let EndpointAddress { ip, hostname, target_ref, .. } = a;
                 let Some(addr) = ipv4(&ip, key) else { continue };
                 let name = endpoint_name(target_ref.as_ref(), hostname.as_deref(), addr);
-                out.push(Candidate { addr, name, ready });
+                // core/v1 Endpoints say nothing of terminating: no fallback.
+                out.push(Candidate { addr, name, ready, fallback: false });
             }
         }
         out
@@ -262,13 +269,32 @@ impl Store {
     }
 
     /// The backends that may receive new connections: every ready IPv4
-    /// address once (the first ready occurrence names it), sorted.
+    /// address once (the first ready occurrence names it), sorted; when
+    /// none is ready, every serving terminating one (kube-proxy's rule).
+    /// Never one that is not serving.
     pub fn backends(&self) -> Vec<Backend> {
-        let mut out: BTreeMap<Ipv4Addr, &str> = BTreeMap::new();
-        for c in self.objects.values().flatten().filter(|c| c.ready) {
-            out.entry(c.addr).or_insert(&c.name);
+        let pick = |f: fn(&Candidate) -> bool| {
+            let mut out: BTreeMap<Ipv4Addr, &str> = BTreeMap::new();
+            for c in self.objects.values().flatten().filter(|c| f(c)) {
+                out.entry(c.addr).or_insert(&c.name);
+            }
+            out.into_iter()
+                .map(|(addr, name)| Backend { name: name.to_string(), addr, weight: 1 })
+                .collect::<Vec<_>>()
+        };
+        let ready = pick(|c| c.ready);
+        if ready.is_empty() {
+            pick(|c| c.fallback)
+        } else {
+            ready
         }
-        out.into_iter().map(|(addr, name)| Backend { name: name.to_string(), addr, weight: 1 }).collect()
+    }
+
+    /// Whether the backends are serving terminating endpoints because none
+    /// is ready.
+    pub fn falling_back(&self) -> bool {
+        let all = || self.objects.values().flatten();
+        !all().any(|c| c.ready) && all().any(|c| c.fallback)
     }
 
     /// (objects, IPv4 endpoints listed, of which ready), for log lines.
@@ -306,7 +332,11 @@ mod tests {
     }
 
     fn cand(addr: &str, name: &str, ready: bool) -> Candidate {
-        Candidate { addr: addr.parse().unwrap(), name: name.into(), ready }
+        Candidate { addr: addr.parse().unwrap(), name: name.into(), ready, fallback: false }
+    }
+
+    fn serving_terminating(addr: &str) -> Candidate {
+        Candidate { fallback: true, ..cand(addr, addr, false) }
     }
 
     #[test]
@@ -333,11 +363,41 @@ mod tests {
                 cand("10.0.0.2", "web-2", true),
                 cand("10.0.0.3", "10.0.0.3", true),
                 cand("10.0.0.4", "10.0.0.4", false),
-                cand("10.0.0.5", "10.0.0.5", false),
-                cand("10.0.0.6", "10.0.0.6", false),
+                serving_terminating("10.0.0.5"),
+                serving_terminating("10.0.0.6"),
                 cand("10.0.0.7", "10.0.0.7", false),
             ]
         );
+    }
+
+    #[test]
+    fn serving_terminating_endpoints_take_over_only_when_none_is_ready() {
+        let mut set = Store::default();
+        let p = parsed(slice(
+            "web-a",
+            json!([
+                {"addresses": ["10.0.0.1"], "conditions": {"ready": true}},
+                {"addresses": ["10.0.0.5"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+                {"addresses": ["10.0.0.4"], "conditions": {"ready": false, "serving": false, "terminating": true}},
+            ]),
+        ))
+        .unwrap();
+        set.apply(Event::Apply(p));
+        let addrs = |set: &Store| set.backends().iter().map(|b| b.addr.to_string()).collect::<Vec<_>>();
+        assert_eq!(addrs(&set), ["10.0.0.1"]);
+        assert!(!set.falling_back());
+        let p = parsed(slice(
+            "web-a",
+            json!([
+                {"addresses": ["10.0.0.1"], "conditions": {"ready": false, "serving": false}},
+                {"addresses": ["10.0.0.5"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+                {"addresses": ["10.0.0.4"], "conditions": {"ready": false, "serving": false, "terminating": true}},
+            ]),
+        ))
+        .unwrap();
+        set.apply(Event::Apply(p));
+        assert_eq!(addrs(&set), ["10.0.0.5"], "serving terminating, never not-serving");
+        assert!(set.falling_back());
     }
 
     #[test]
