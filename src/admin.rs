@@ -70,10 +70,19 @@ pub fn router(status: SharedStatus, metrics: prometheus::Endpoint, auth: Option<
         None => guarded,
     };
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .merge(guarded)
         .with_state(AppState { status, metrics: Arc::new(metrics) })
+}
+
+/// 200 `ok` while the process serves and its data-plane worker answers;
+/// 503 with the reason otherwise.
+async fn healthz(State(app): State<AppState>) -> (StatusCode, String) {
+    match app.status.read().unhealthy_reason(crate::provider::unix_ms()) {
+        None => (StatusCode::OK, "ok\n".into()),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+    }
 }
 
 async fn require_auth(State(auth): State<Arc<BasicAuth>>, req: Request, next: Next) -> Response {

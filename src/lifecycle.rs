@@ -138,16 +138,12 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
     }
     let (set_tx, set_rx) = watch::channel(set.current_with_ids());
     let (in_use_tx, in_use_rx) = watch::channel(None);
-    let balancer = tokio::spawn(balancer_loop(set, provider.backends, dp.clone(), set_tx));
+    let balancer = tokio::spawn(balancer_loop(set, provider.backends, dp.clone(), set_tx, status.clone()));
     let interfaces = tokio::spawn(ifaces.run(set_rx.clone(), in_use_rx));
-    let stats = tokio::spawn(stats_loop(
-        dp.clone(),
-        status.clone(),
-        set_rx,
-        in_use_tx,
-        provider.health,
-        cfg.orphan_ttl_secs,
-    ));
+    let totals = Totals::default();
+    let sweep =
+        tokio::spawn(sweep_loop(dp.clone(), status.clone(), totals.clone(), in_use_tx, cfg.orphan_ttl_secs));
+    let stats = tokio::spawn(status_loop(dp.clone(), status.clone(), totals, set_rx, provider.health));
     status.update(|s| s.phase = Phase::Running);
     info!(
         listen = %net.listen,
@@ -192,6 +188,7 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
         triggers.drain(began, Duration::from_secs(cfg.shutdown_timeout)).await;
     }
     stats.abort();
+    sweep.abort();
     interfaces.abort();
     let rst = dp.counters().await.map(|c| c.get(Counter::XLB_CNT_DRAIN_RST)).unwrap_or(rst_at_start);
     let open_at_end = dp.flows_active().await.unwrap_or(0);
@@ -224,33 +221,62 @@ pub fn instance_name(cfg: &Config, listen: Ipv4Addr) -> String {
 }
 
 /// Installs a backend set (when it changed) and publishes it with its ids.
+/// The set becomes current only once the data plane took its table, so a
+/// failed write is tried again.
 async fn apply(
     set: &mut BackendSet,
     next: Vec<Backend>,
     dp: &DataplaneHandle,
     published: &watch::Sender<Vec<(u32, Backend)>>,
 ) -> Result<()> {
-    if let Some((table, changes)) = set.update(next) {
-        dp.set_backends(table).await?;
-        changes.log();
+    if let Some(p) = set.prepare(next) {
+        dp.set_backends(p.table.clone()).await?;
+        p.changes.log();
+        set.commit(p);
         published.send_replace(set.current_with_ids());
     }
     Ok(())
 }
 
-/// Provider updates -> maglev table -> data plane, in order. The published
-/// set also tells the interface manager where backends are.
+/// How long a failed backend-table write waits before it is tried again.
+const RETRY_APPLY: Duration = Duration::from_secs(1);
+
+/// Provider updates -> maglev table -> data plane, in order; a failed write
+/// is retried (readiness says `not_converged` meanwhile). The published set
+/// also tells the interface manager where backends are.
 async fn balancer_loop(
     mut set: BackendSet,
     mut updates: watch::Receiver<Vec<Backend>>,
     dp: DataplaneHandle,
     published: watch::Sender<Vec<(u32, Backend)>>,
+    status: SharedStatus,
 ) {
-    while updates.changed().await.is_ok() {
-        let next = updates.borrow_and_update().clone();
-        if let Err(e) = apply(&mut set, next, &dp, &published).await {
-            warn!("applying the backend set failed: {e:#}");
+    let mut failing = false;
+    loop {
+        if failing {
+            tokio::select! {
+                r = updates.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep(RETRY_APPLY) => {}
+            }
+        } else if updates.changed().await.is_err() {
+            return;
         }
+        let next = updates.borrow_and_update().clone();
+        match apply(&mut set, next, &dp, &published).await {
+            Ok(()) => {
+                if failing {
+                    info!("backend table written: the data plane has converged");
+                }
+                failing = false;
+            }
+            Err(e) => {
+                if !failing {
+                    warn!("writing the backend table failed: {e:#}; retrying every {RETRY_APPLY:?}");
+                }
+                failing = true;
+            }
+        }
+        status.update(|s| s.converged = !failing);
     }
 }
 
@@ -297,7 +323,7 @@ fn check_nat_range(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
-/// Per-backend accounting kept across sweeps.
+/// Per-backend accounting kept across sweeps, by backend address.
 #[derive(Debug, Default)]
 struct BackendTotals {
     backend: Option<Backend>,
@@ -310,14 +336,22 @@ struct BackendTotals {
     ended: Traffic,
 }
 
+type Totals = std::sync::Arc<std::sync::Mutex<HashMap<Ipv4Addr, BackendTotals>>>;
+
 /// The current set (active) plus backends that left it but still carry
 /// connections (draining).
-fn backend_status(current: &[(u32, Backend)], totals: &HashMap<u32, BackendTotals>) -> Vec<BackendStatus> {
+fn backend_status(
+    current: &[(u32, Backend)],
+    totals: &HashMap<Ipv4Addr, BackendTotals>,
+) -> Vec<BackendStatus> {
     let mut out: Vec<BackendStatus> = totals
         .iter()
-        .filter_map(|(id, t)| {
-            let b = t.backend.as_ref()?;
-            let state = if current.iter().any(|(cid, _)| cid == id) {
+        .filter_map(|(addr, t)| {
+            // A backend this process never listed (connections adopted from
+            // an earlier one) is known by its address alone.
+            let unknown = Backend { name: addr.to_string(), addr: *addr, weight: 0 };
+            let b = t.backend.as_ref().unwrap_or(&unknown);
+            let state = if current.iter().any(|(_, c)| c.addr == *addr) {
                 "active"
             } else if t.active > 0 {
                 "draining"
@@ -343,17 +377,15 @@ fn backend_status(current: &[(u32, Backend)], totals: &HashMap<u32, BackendTotal
     out
 }
 
-/// Counters, per-backend traffic and provider health into the status
-/// document, and expiry of finished connections.
-async fn stats_loop(
+/// Expiry of finished connections and the per-backend accounting it
+/// yields; also tells the interface manager where connections still go.
+async fn sweep_loop(
     dp: DataplaneHandle,
     status: SharedStatus,
-    set: watch::Receiver<Vec<(u32, Backend)>>,
+    totals: Totals,
     in_use: watch::Sender<Option<InUse>>,
-    health: watch::Receiver<ProviderHealth>,
     orphan_ttl_secs: u64,
 ) {
-    let mut totals: HashMap<u32, BackendTotals> = HashMap::new();
     let mut pause = Duration::ZERO;
     loop {
         tokio::time::sleep(pause).await;
@@ -383,36 +415,67 @@ async fn stats_loop(
                 "expired connections"
             );
         }
-        let current = set.borrow().clone();
-        for (id, b) in &current {
-            totals.entry(*id).or_default().backend = Some(b.clone());
-        }
-        for t in totals.values_mut() {
-            t.active = 0;
-            t.live = Default::default();
-        }
-        for (id, f) in &gc.per_backend {
-            let t = totals.entry(*id).or_default();
-            t.active = f.active;
-            t.live = f.live;
-            t.closed_fin += f.closed_fin;
-            t.closed_rst += f.closed_rst;
-            t.orphaned += f.orphaned;
-            t.ended.add(&f.removed);
+        {
+            let mut totals = totals.lock().unwrap_or_else(|e| e.into_inner());
+            for t in totals.values_mut() {
+                t.active = 0;
+                t.live = Default::default();
+            }
+            for (addr, f) in &gc.per_backend {
+                let t = totals.entry(*addr).or_default();
+                t.active = f.active;
+                t.live = f.live;
+                t.closed_fin += f.closed_fin;
+                t.closed_rst += f.closed_rst;
+                t.orphaned += f.orphaned;
+                t.ended.add(&f.removed);
+            }
         }
         // Where connections still go, as of this sweep's start.
         let busy: Vec<Ipv4Addr> = gc.backend_addrs.iter().copied().collect();
         in_use.send_replace(Some(InUse { since: sweep_started, addrs: busy }));
-        let backends = backend_status(&current, &totals);
-        let counters = dp.counters().await;
+        status.update(|s| s.connections_active = gc.active);
+    }
+}
+
+/// How long a data-plane call may take before the status loop stops
+/// waiting for it (the watchdog in /healthz counts from the last answer).
+const DATAPLANE_CALL_LIMIT: Duration = Duration::from_secs(2);
+
+/// The status document on its own clock, every second whatever the sweep
+/// does: counters, provider health, the backends with their accounting,
+/// and when the data plane last answered (the /healthz watchdog).
+async fn status_loop(
+    dp: DataplaneHandle,
+    status: SharedStatus,
+    totals: Totals,
+    set: watch::Receiver<Vec<(u32, Backend)>>,
+    health: watch::Receiver<ProviderHealth>,
+) {
+    let mut tick = tokio::time::interval(STATS_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let counters = tokio::time::timeout(DATAPLANE_CALL_LIMIT, dp.counters()).await;
+        let current = set.borrow().clone();
+        let backends = {
+            let mut totals = totals.lock().unwrap_or_else(|e| e.into_inner());
+            for (_, b) in &current {
+                totals.entry(b.addr).or_default().backend = Some(b.clone());
+            }
+            backend_status(&current, &totals)
+        };
         let provider = health.borrow().clone();
         status.update(|s| {
-            s.connections_active = gc.active;
             s.backends = backends;
             s.provider = Some(provider);
             match counters {
-                Ok(c) => s.counters = c.iter().map(|(k, v)| (k.to_string(), v)).collect(),
-                Err(e) => warn!("reading counters failed: {e:#}"),
+                Ok(Ok(c)) => {
+                    s.counters = c.iter().map(|(k, v)| (k.to_string(), v)).collect();
+                    s.data_plane_answered_unix_ms = Some(provider::unix_ms());
+                }
+                Ok(Err(e)) => warn!("reading counters failed: {e:#}"),
+                Err(_) => warn!("the data plane did not answer within {DATAPLANE_CALL_LIMIT:?}"),
             }
         });
     }

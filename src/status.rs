@@ -76,7 +76,16 @@ pub struct Status {
     pub conntrack_capacity: u64,
     /// Packet outcome counters, by name.
     pub counters: std::collections::BTreeMap<String, u64>,
+    /// The data plane holds the provider's latest backend set (false while
+    /// a failed table write is being retried).
+    pub converged: bool,
+    /// When the data-plane worker last answered (unix ms): /healthz fails
+    /// when that is more than `DATAPLANE_WATCHDOG` ago.
+    pub data_plane_answered_unix_ms: Option<u64>,
 }
+
+/// /healthz fails when the data-plane worker has not answered for this long.
+pub const DATAPLANE_WATCHDOG: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Default for Status {
     fn default() -> Self {
@@ -92,11 +101,23 @@ impl Default for Status {
             connections_active: 0,
             conntrack_capacity: 0,
             counters: Default::default(),
+            converged: true,
+            data_plane_answered_unix_ms: None,
         }
     }
 }
 
 impl Status {
+    /// Liveness: None when healthy, otherwise why not. The data-plane worker
+    /// must have answered within DATAPLANE_WATCHDOG (once it has started).
+    pub fn unhealthy_reason(&self, now_unix_ms: u64) -> Option<String> {
+        let last = self.data_plane_answered_unix_ms?;
+        let silent = now_unix_ms.saturating_sub(last);
+        (matches!(self.phase, Phase::Running | Phase::Draining)
+            && silent > DATAPLANE_WATCHDOG.as_millis() as u64)
+            .then(|| format!("data plane unresponsive for {}s", silent / 1000))
+    }
+
     /// Readiness: None when ready, otherwise the reason word.
     pub fn not_ready_reason(&self) -> Option<&'static str> {
         match self.phase {
@@ -106,6 +127,7 @@ impl Status {
             Phase::Running if !self.provider.as_ref().is_some_and(|p| p.synced) => {
                 Some("provider_not_synced")
             }
+            Phase::Running if !self.converged => Some("not_converged"),
             Phase::Running if !self.backends.iter().any(|b| b.state == "active") => Some("no_backends"),
             Phase::Running => None,
         }

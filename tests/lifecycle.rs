@@ -445,3 +445,109 @@ fn detach_never_touches_a_running_instance_and_checks_names() {
     }
     assert!(xlb.terminate().success());
 }
+
+#[test]
+fn a_failed_table_write_is_retried_until_the_data_plane_converges() {
+    let t = Topology::new(2);
+    let _b1 = start_backend(&t.backends[0], "be1");
+    let _b2 = start_backend(&t.backends[1], "be2");
+    let cfg = lb_config(2, "shutdown_timeout: 1\n");
+    let xlb = XlbProcess::start_with_env(&t.lb, &cfg, &[("XLB_FAULT_TABLE_WRITES", "3")]);
+    let path = xlb.log.with_file_name("xlb.yaml");
+    let only_be2: String =
+        cfg.lines().filter(|l| !l.contains("name: be1")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&path, only_be2).unwrap();
+    xlb.signal(Signal::SIGHUP);
+    wait_for(Duration::from_secs(5), || (ready_code(&t.lb) == Some(503)).then_some(()))
+        .unwrap_or_else(|| panic!("not converged while the writes fail:\n{}", xlb.log()));
+    let reason = t.lb.run(|| http_get("127.0.0.1:9090", "/readyz").map(|r| r.body)).unwrap();
+    assert_eq!(String::from_utf8_lossy(&reason).trim(), "not_converged");
+    wait_for(Duration::from_secs(10), || (ready_code(&t.lb) == Some(200)).then_some(()))
+        .unwrap_or_else(|| panic!("converged after the injected failures:\n{}", xlb.log()));
+    let log = xlb.log();
+    assert!(log.contains("writing the backend table failed") && log.contains("has converged"), "{log}");
+    assert!(log.contains("backend removed: be1"), "{log}");
+    let answers = t.client.run(|| (0..10).map(|_| http_get(&url(), "/").unwrap().body).collect::<Vec<_>>());
+    assert!(answers.iter().all(|a| a == b"backend be2\n"), "{answers:?}");
+}
+
+#[test]
+fn healthz_fails_when_the_data_plane_worker_hangs() {
+    let t = Topology::new(1);
+    let _b1 = start_backend(&t.backends[0], "be1");
+    let xlb = XlbProcess::start_with_env(&t.lb, &lb_config(1, ""), &[("XLB_FAULT_STALL_AFTER_SECS", "2")]);
+    let health = || t.lb.run(|| http_get("127.0.0.1:9090", "/healthz").ok().map(|r| (r.status, r.body)));
+    assert_eq!(health().map(|h| h.0), Some(200));
+    let failed = wait_for(Duration::from_secs(15), || health().filter(|h| h.0 == 503));
+    let (_, body) = failed.unwrap_or_else(|| panic!("/healthz fails once the worker hangs:\n{}", xlb.log()));
+    assert!(
+        String::from_utf8_lossy(&body).contains("data plane unresponsive"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    // The process is wedged by design; dropping it kills it.
+}
+
+/// Per-backend numbers are keyed by address: a restart whose backend list
+/// differs (so the new process numbers its backends differently) still
+/// credits each adopted connection to the backend it really goes to.
+#[test]
+fn adopted_connections_are_counted_for_the_right_backend() {
+    let t = Topology::new(3);
+    let _b: Vec<_> = (1..=3).map(|k| start_backend(&t.backends[k - 1], &format!("be{k}"))).collect();
+    let first = lb_config(2, "shutdown_timeout: 1\n");
+    let name = first.lines().next().unwrap().to_string();
+    let mut xlb = XlbProcess::start(&t.lb, &first);
+    let mut conns = open_connections(&t.client).join().unwrap();
+    ping_all(&mut conns, "before");
+    xlb.signal(Signal::SIGKILL);
+    xlb.wait(Duration::from_secs(5)).expect("killed");
+
+    // be1 leaves, be3 joins: the new process numbers be2 and be3 from 0.
+    let second = lb_config(3, "shutdown_timeout: 1\n")
+        .lines()
+        .skip(1)
+        .filter(|l| !l.contains("name: be1"))
+        .fold(name, |acc, l| acc + "\n" + l)
+        + "\n";
+    let xlb2 = XlbProcess::start(&t.lb, &second);
+    ping_all(&mut conns, "after");
+    let flows = std::process::Command::new(env!("CARGO_BIN_EXE_xlb"))
+        .args(["flows", "--json", "--instance", xlb2.instance.as_deref().unwrap()])
+        .output()
+        .unwrap();
+    let flows: serde_json::Value = serde_json::from_slice(&flows.stdout).expect("flows --json");
+    let per_addr = |addr: &str| {
+        flows
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f.to_string().contains(&format!("\"{addr}:8080\"")))
+            .count() as u64
+    };
+    let (n1, n2) = (per_addr(&backend_ip(1)), per_addr(&backend_ip(2)));
+    assert_eq!(n1 + n2, 20, "{flows}");
+    let shown = wait_for(Duration::from_secs(5), || {
+        let s = status(&t.lb);
+        let get = |k: usize| {
+            s["backends"]
+                .as_array()?
+                .iter()
+                .find(|b| b["address"] == backend_ip(k))
+                .map(|b| b["connections_active"].as_u64().unwrap_or(0))
+        };
+        (get(1) == Some(n1) && get(2) == Some(n2) && get(3) == Some(0)).then_some(())
+    });
+    assert!(shown.is_some(), "be1 {n1}, be2 {n2}, be3 0 by address: {}", status(&t.lb)["backends"]);
+    let be1 = status(&t.lb)["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["address"] == backend_ip(1))
+        .cloned()
+        .unwrap();
+    assert_eq!(be1["state"], "draining", "{be1}");
+    assert_eq!(be1["name"], backend_ip(1), "not listed by this process: known by its address");
+    drop(conns);
+    drop(xlb2);
+}

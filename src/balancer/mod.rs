@@ -18,4 +18,4 @@ mod maglev;
 mod set;
 
 pub use maglev::{is_prime, maglev_table, Backend};
-pub use set::{BackendSet, Changes, Table};
+pub use set::{BackendSet, Changes, Prepared, Table};

@@ -19,7 +19,7 @@ pub struct BackendSet {
 pub type Table = Vec<Option<(Ipv4Addr, u32)>>;
 
 /// What one update changed.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Changes {
     pub added: Vec<Backend>,
     pub removed: Vec<Backend>,
@@ -59,7 +59,18 @@ impl BackendSet {
 
     /// Applies a new set; returns the table to install and what changed,
     /// or None when nothing that affects selection changed.
-    pub fn update(&mut self, mut next: Vec<Backend>) -> Option<(Table, Changes)> {
+    pub fn update(&mut self, next: Vec<Backend>) -> Option<(Table, Changes)> {
+        let p = self.prepare(next)?;
+        let out = (p.table.clone(), p.changes.clone());
+        self.commit(p);
+        Some(out)
+    }
+
+    /// The table and changes a new set would make, without making it the
+    /// current set: commit it once the data plane has taken the table, so a
+    /// failed write is tried again with the next update. None when nothing
+    /// that affects selection changed.
+    pub fn prepare(&mut self, mut next: Vec<Backend>) -> Option<Prepared> {
         next.sort_by_key(|b| b.addr);
         next.dedup_by_key(|b| b.addr);
         if next == self.current {
@@ -87,9 +98,20 @@ impl BackendSet {
             .into_iter()
             .map(|slot| slot.map(|i| (next[i as usize].addr, self.ids[&next[i as usize].addr])))
             .collect();
-        self.current = next;
-        Some((table, changes))
+        Some(Prepared { table, changes, next })
     }
+
+    /// Makes a prepared set the current one.
+    pub fn commit(&mut self, p: Prepared) {
+        self.current = p.next;
+    }
+}
+
+/// A set ready to install (see `BackendSet::prepare`).
+pub struct Prepared {
+    pub table: Table,
+    pub changes: Changes,
+    next: Vec<Backend>,
 }
 
 #[cfg(test)]
@@ -112,6 +134,19 @@ mod tests {
         assert!(t2.iter().all(|x| *x == Some((Ipv4Addr::new(10, 0, 0, 2), 1))));
         let (t3, _) = s.update(vec![b("a", 1, 1), b("b", 2, 1)]).unwrap();
         assert_eq!(t1, t3, "same set, same ids, same table");
+    }
+
+    #[test]
+    fn a_prepared_set_counts_only_once_committed() {
+        let mut s = BackendSet::new(251);
+        s.update(vec![b("a", 1, 1)]);
+        let p = s.prepare(vec![b("a", 1, 1), b("b", 2, 1)]).expect("a change");
+        assert_eq!(p.changes.added, vec![b("b", 2, 1)]);
+        assert_eq!(s.current(), [b("a", 1, 1)], "not current before commit");
+        // Not committed (the write failed): the same set is a change again.
+        let p = s.prepare(vec![b("b", 2, 1), b("a", 1, 1)]).expect("still a change");
+        s.commit(p);
+        assert!(s.prepare(vec![b("a", 1, 1), b("b", 2, 1)]).is_none());
     }
 
     #[test]

@@ -146,8 +146,9 @@ pub struct GcStats {
     pub orphaned: u64,
     /// Entries whose peer was missing, removed.
     pub unpaired: u64,
-    /// Per backend id: live connections, and what this sweep removed.
-    pub per_backend: HashMap<u32, BackendFlows>,
+    /// Per backend address (ids are per process; adopted connections carry
+    /// the earlier process's): live connections, and what this sweep removed.
+    pub per_backend: HashMap<std::net::Ipv4Addr, BackendFlows>,
     /// Backend addresses of the open connections: where traffic still goes.
     /// By address, not id: ids are per process, and adopted connections
     /// carry the earlier process's.
@@ -281,7 +282,8 @@ pub(super) fn expire(map: &MapMut<'_>, p: &GcPolicy) -> Result<GcStats> {
         let reset = state == "reset";
         let closed = reset || state == "closed";
         let traffic = Traffic::of(&e.flow, rev);
-        let b = stats.per_backend.entry(e.flow.backend_id).or_default();
+        let backend = std::net::Ipv4Addr::from(e.flow.nat_daddr.to_ne_bytes());
+        let b = stats.per_backend.entry(backend).or_default();
         if closed && idle > p.closed_ns {
             stats.closed += 1;
             if reset {
@@ -297,7 +299,7 @@ pub(super) fn expire(map: &MapMut<'_>, p: &GcPolicy) -> Result<GcStats> {
             if !closed {
                 stats.active += 1;
                 b.active += 1;
-                stats.backend_addrs.insert(std::net::Ipv4Addr::from(e.flow.nat_daddr.to_ne_bytes()));
+                stats.backend_addrs.insert(backend);
             }
             b.live.add(&traffic);
             continue;
@@ -306,7 +308,7 @@ pub(super) fn expire(map: &MapMut<'_>, p: &GcPolicy) -> Result<GcStats> {
         // packet, or its tuple reused for a new one), leave it for next time.
         if !unchanged(map, &e.key, &e.flow) {
             stats.active += 1;
-            stats.backend_addrs.insert(std::net::Ipv4Addr::from(e.flow.nat_daddr.to_ne_bytes()));
+            stats.backend_addrs.insert(backend);
             continue;
         }
         b.removed.add(&traffic);

@@ -170,12 +170,53 @@ impl DataplaneHandle {
     }
 }
 
+/// Faults the tests inject through the environment: the running process's
+/// data path cannot be made to fail otherwise.
+/// - XLB_FAULT_TABLE_WRITES=N fails the first N backend-table writes after
+///   start;
+/// - XLB_FAULT_STALL_AFTER_SECS=N makes the worker hang on its first command
+///   N seconds after start (as a wedged map syscall would).
+struct Faults {
+    table_writes: u32,
+    stall_at: Option<std::time::Instant>,
+}
+
+impl Faults {
+    fn from_env() -> Faults {
+        let var = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+        Faults {
+            table_writes: var("XLB_FAULT_TABLE_WRITES").unwrap_or(0) as u32,
+            stall_at: var("XLB_FAULT_STALL_AFTER_SECS")
+                .map(|s| std::time::Instant::now() + std::time::Duration::from_secs(s)),
+        }
+    }
+
+    fn maybe_stall(&self) {
+        if self.stall_at.is_some_and(|t| std::time::Instant::now() >= t) {
+            tracing::warn!("XLB_FAULT_STALL_AFTER_SECS: the data plane worker hangs now");
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
+    }
+
+    fn table_write(&mut self) -> Result<()> {
+        if self.table_writes == 0 {
+            return Ok(());
+        }
+        self.table_writes -= 1;
+        Err(anyhow!("injected fault (XLB_FAULT_TABLE_WRITES)"))
+    }
+}
+
 fn serve(mut dp: Dataplane, rx: mpsc::Receiver<Cmd>) {
+    let mut faults = Faults::from_env();
     // Ends on Stop or when every handle is gone; dropping `dp` detaches.
     for cmd in rx {
+        faults.maybe_stall();
         match cmd {
             Cmd::SetBackends(table, r) => {
-                let _ = r.send(dp.set_backends(&table));
+                let _ = r.send(faults.table_write().and_then(|()| dp.set_backends(&table)));
             }
             Cmd::Counters(r) => {
                 let _ = r.send(dp.counters());

@@ -259,6 +259,29 @@ impl XlbProcess {
     }
 
     pub fn spawn_binary(ns: &NsRef, config: &str, binary: &std::path::Path) -> XlbProcess {
+        Self::spawn_with_env(ns, config, binary, &[])
+    }
+
+    /// Started with extra environment (the worker's fault hooks), and
+    /// waited for like `start`.
+    pub fn start_with_env(ns: &NsRef, config: &str, env: &[(&str, &str)]) -> XlbProcess {
+        let p = Self::spawn_with_env(ns, config, std::path::Path::new(env!("CARGO_BIN_EXE_xlb")), env);
+        let lb = ns.clone();
+        let ready = wait_for(Duration::from_secs(30), || {
+            let lb = lb.clone();
+            (lb.run(|| http_get("127.0.0.1:9090", "/readyz").map(|r| r.status)).ok() == Some(200))
+                .then_some(())
+        });
+        assert!(ready.is_some(), "xlb did not become ready:\n{}", p.log());
+        p
+    }
+
+    pub fn spawn_with_env(
+        ns: &NsRef,
+        config: &str,
+        binary: &std::path::Path,
+        env: &[(&str, &str)],
+    ) -> XlbProcess {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("xlb.yaml");
         std::fs::write(&cfg, config).unwrap();
@@ -269,6 +292,7 @@ impl XlbProcess {
             .args(["run", "-c"])
             .arg(&cfg)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(std::fs::File::create(dir.path().join("stdout")).unwrap())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
