@@ -250,6 +250,25 @@ pub struct OtelConfig {
     pub protocol: OtelProtocol,
     pub export_interval_secs: u64,
     pub headers: BTreeMap<String, String>,
+    /// Headers whose values come from environment variables (header name ->
+    /// variable), so a bearer token can come from a Secret and never sits in
+    /// the file, as `admin.auth.password_env` does for the admin password.
+    pub headers_env: BTreeMap<String, String>,
+}
+
+impl OtelConfig {
+    /// `headers` plus each `headers_env` header with its variable's value;
+    /// None names a variable that is unset or empty.
+    pub fn resolved_headers(&self) -> Result<BTreeMap<String, String>, String> {
+        let mut out = self.headers.clone();
+        for (name, var) in &self.headers_env {
+            match std::env::var(var).ok().filter(|v| !v.is_empty()) {
+                Some(v) => out.insert(name.clone(), v),
+                None => return Err(var.clone()),
+            };
+        }
+        Ok(out)
+    }
 }
 
 impl Default for OtelConfig {
@@ -260,6 +279,7 @@ impl Default for OtelConfig {
             protocol: OtelProtocol::Grpc,
             export_interval_secs: 10,
             headers: BTreeMap::new(),
+            headers_env: BTreeMap::new(),
         }
     }
 }
@@ -613,6 +633,14 @@ impl Config {
         let message = "https with protocol: http is not supported yet; use protocol: grpc for TLS, \
                        or an http:// endpoint";
         ensure(!self.otel.https_over_http(), "otel.endpoint", message)?;
+        if self.otel.enabled {
+            if let Err(var) = self.otel.resolved_headers() {
+                let name =
+                    self.otel.headers_env.iter().find(|(_, v)| **v == var).map_or("", |(k, _)| k.as_str());
+                let message = format!("{var} is not set or empty; export the header's value in it");
+                ensure(false, format!("otel.headers_env.{name}"), message)?;
+            }
+        }
         if let Some(auth) = &self.admin.auth {
             let message =
                 format!("{} is not set or empty; export the admin password in it", auth.password_env);
@@ -708,6 +736,15 @@ impl OtelConfig {
             let ok = value.bytes().all(|b| b == b' ' || b.is_ascii_graphic());
             let message = "has a control or non-ASCII character; headers carry printable ASCII only";
             ensure(ok, format!("{at}.headers.{name}"), message)?;
+        }
+        for (name, var) in &self.headers_env {
+            let message = format!("`{name}` is not a valid header name; use letters, digits and '-'");
+            ensure(is_header_name(name), format!("{at}.headers_env"), message)?;
+            let message = format!("`{name}` is also in {at}.headers; give each header one source");
+            ensure(!self.headers.contains_key(name), format!("{at}.headers_env.{name}"), message)?;
+            let message =
+                format!("`{var}` is not an environment variable name; use letters, digits and '_', not starting with a digit");
+            ensure(is_env_name(var), format!("{at}.headers_env.{name}"), message)?;
         }
         Ok(())
     }
@@ -1073,6 +1110,10 @@ provider: {static: {backends: [{name: a, ip: 10.0.0.2}]}}
     rule! { name_not_empty:
         reject |c| c.name = Some(" ".into()) => "name", "is empty";
         accept |c| c.name = Some("edge-lb".into());
+    }
+    rule! { otel_headers_env_names:
+        reject |c| { c.otel.headers_env.insert("Authorization".into(), "1BAD".into()); } => "otel.headers_env.Authorization", "not an environment variable name";
+        accept |c| { c.otel.headers_env.insert("Authorization".into(), "XLB_OTEL_TOKEN".into()); };
     }
     rule! { name_is_a_dns_label:
         reject |c| c.name = Some("../x".into()) => "name", "not a DNS-1123 label";

@@ -334,6 +334,29 @@ struct BackendTotals {
     orphaned: u64,
     /// Traffic of connections that have ended.
     ended: Traffic,
+    /// What status and metrics show: never less than shown before.
+    reported: Traffic,
+}
+
+impl BackendTotals {
+    /// ended + live, but never below what was reported: a pair the data
+    /// path replaced (a SYN reusing a closed tuple) between two sweeps takes
+    /// its last bytes with it, and a counter must not go down. The bytes of
+    /// such a pair since the previous sweep are not counted (logged below).
+    fn report(&mut self) -> bool {
+        let mut now = self.ended;
+        now.add(&self.live);
+        let r = &mut self.reported;
+        let fell = now.bytes_to_backend < r.bytes_to_backend
+            || now.bytes_to_client < r.bytes_to_client
+            || now.packets_to_backend < r.packets_to_backend
+            || now.packets_to_client < r.packets_to_client;
+        r.bytes_to_backend = r.bytes_to_backend.max(now.bytes_to_backend);
+        r.bytes_to_client = r.bytes_to_client.max(now.bytes_to_client);
+        r.packets_to_backend = r.packets_to_backend.max(now.packets_to_backend);
+        r.packets_to_client = r.packets_to_client.max(now.packets_to_client);
+        fell
+    }
 }
 
 type Totals = std::sync::Arc<std::sync::Mutex<HashMap<Ipv4Addr, BackendTotals>>>;
@@ -358,8 +381,7 @@ fn backend_status(
             } else {
                 return None;
             };
-            let mut traffic = t.ended;
-            traffic.add(&t.live);
+            let traffic = t.reported;
             Some(BackendStatus {
                 name: b.name.clone(),
                 address: b.addr,
@@ -430,6 +452,11 @@ async fn sweep_loop(
                 t.orphaned += f.orphaned;
                 t.ended.add(&f.removed);
             }
+            for (addr, t) in totals.iter_mut() {
+                if t.report() {
+                    tracing::debug!(backend = %addr, "traffic of a replaced connection went uncounted");
+                }
+            }
         }
         // Where connections still go, as of this sweep's start.
         let busy: Vec<Ipv4Addr> = gc.backend_addrs.iter().copied().collect();
@@ -478,5 +505,31 @@ async fn status_loop(
                 Err(_) => warn!("the data plane did not answer within {DATAPLANE_CALL_LIMIT:?}"),
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod accounting_tests {
+    use super::*;
+
+    fn traffic(b: u64) -> Traffic {
+        Traffic { bytes_to_backend: b, packets_to_backend: b, bytes_to_client: b, packets_to_client: b }
+    }
+
+    #[test]
+    fn reported_traffic_never_goes_down() {
+        let mut t = BackendTotals::default();
+        let mut shown = Vec::new();
+        // (ended, live) as sweeps see them: a connection of 500 bytes ends
+        // normally; then a pair reaches 300 and is replaced by the data path
+        // before a sweep removes it (live drops, ended does not grow); then
+        // its successor grows past what was shown.
+        for (ended, live) in [(0, 100), (0, 500), (500, 0), (500, 300), (500, 0), (500, 200), (900, 100)] {
+            t.ended = traffic(ended);
+            t.live = traffic(live);
+            t.report();
+            shown.push(t.reported.bytes_to_backend);
+        }
+        assert_eq!(shown, [100, 500, 500, 800, 800, 800, 1000]);
     }
 }

@@ -79,6 +79,11 @@ fn chart_renders_every_values_snippet_of_the_guide() {
 }
 
 #[test]
+fn chart_values_list_every_key_the_guide_uses() {
+    py_case("test_chart.py", "values_list_every_key_the_guide_uses");
+}
+
+#[test]
 fn chart_pod_spec_keeps_the_guides_promises() {
     py_case("test_chart.py", "pod_spec");
 }

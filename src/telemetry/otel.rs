@@ -130,6 +130,9 @@ pub fn header_map(headers: &std::collections::BTreeMap<String, String>) -> Resul
 }
 
 fn build_exporter(otel: &OtelConfig) -> Result<MetricExporter> {
+    let headers = otel
+        .resolved_headers()
+        .map_err(|var| anyhow::anyhow!("otel.headers_env: {var} is not set or empty"))?;
     let timeout =
         Duration::from_secs(otel.export_interval_secs).clamp(Duration::from_secs(1), MAX_EXPORT_TIMEOUT);
     let exporter = match otel.protocol {
@@ -137,11 +140,11 @@ fn build_exporter(otel: &OtelConfig) -> Result<MetricExporter> {
             .with_tonic()
             .with_endpoint(otel.endpoint.clone())
             .with_timeout(timeout)
-            .with_metadata(MetadataMap::from_headers(header_map(&otel.headers)?))
+            .with_metadata(MetadataMap::from_headers(header_map(&headers)?))
             .build(),
         OtelProtocol::Http => {
-            header_map(&otel.headers)?;
-            let headers: HashMap<String, String> = otel.headers.clone().into_iter().collect();
+            header_map(&headers)?;
+            let headers: HashMap<String, String> = headers.into_iter().collect();
             MetricExporter::builder()
                 .with_http()
                 .with_protocol(Protocol::HttpBinary)

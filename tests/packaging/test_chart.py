@@ -178,7 +178,14 @@ def lint_complete_example():
     assert [(p["port"], p["targetPort"], p["protocol"]) for p in svc["spec"]["ports"]] == [(80, 80, "TCP")]
     assert cfg["shutdown_timeout"] == 60 and cfg["listen"] == "auto" and cfg["proto"] == "tcp"
     assert cfg["ports"] == [{"local_port": 80, "remote_port": 8080}]
-    assert cfg["otel"] == {"enabled": True, "endpoint": "http://opentelemetry-collector:4317"}
+    assert cfg["otel"] == {
+        "enabled": True,
+        "endpoint": "http://opentelemetry-collector:4317",
+        "protocol": "grpc",
+        "export_interval_secs": 10,
+        "headers": {},
+        "headers_env": {},
+    }
     assert cfg["provider"] == {"kubernetes": {"namespace": "default", "service": "backend-service"}}
     xlb_check(r.xlb_yaml_text)
 
@@ -216,11 +223,44 @@ def guide_snippets_render():
         elif heading == "Resource Requirements":
             assert r.container["resources"] == values["resources"]
         elif heading == "OpenTelemetry Metrics":
-            assert effective["otel"] == {**values["config"]["otel"]}, effective["otel"]
+            assert effective["otel"] == {**values["config"]["otel"], "headers_env": {}}, effective["otel"]
         elif heading == "Complete Example":
             pass  # lint_complete_example
         else:
             raise AssertionError(f"a guide snippet this test does not know: {heading}")
+
+
+def key_paths(v, prefix=""):
+    """Every mapping key path of a values tree (list items are not descended)."""
+    if not isinstance(v, dict):
+        return
+    for k, x in v.items():
+        yield prefix + k
+        yield from key_paths(x, prefix + k + ".")
+
+
+# Free-form maps: the guide fills them with the user's own keys.
+FREE_FORM = ("service.annotations.", "affinity.", "config.otel.headers.")
+
+
+@case
+def values_list_every_key_the_guide_uses():
+    """`helm show values` (values.yaml) names every key the guide's snippets
+    set, so users find them documented with a default."""
+    if not require_guide():
+        return
+    defaults = set(key_paths(yaml.safe_load(open(REPO / "helm" / "xlb" / "values.yaml"))))
+    # "Host Network Mode" shows what the chart sets itself ("Automatically
+    # configured in Helm chart"), not values.
+    used = {
+        p
+        for heading, values in guide_snippets()
+        if heading != "Host Network Mode"
+        for p in key_paths(values)
+        if not p.startswith(FREE_FORM)
+    }
+    missing = sorted(used - defaults)
+    assert not missing, f"keys the guide uses that values.yaml does not list: {missing}"
 
 
 @case
