@@ -1,6 +1,7 @@
 //! XLB: an XDP Layer-4 load balancer. Data flows one way: config ->
 //! provider -> balancer -> data plane; status and admin only read.
 
+pub mod accounting;
 pub mod admin;
 pub mod balancer;
 pub mod cli;
@@ -13,5 +14,7 @@ pub mod netinfo;
 pub mod provider;
 pub mod reload;
 pub mod status;
+pub mod status_refresh;
+pub mod sweep;
 pub mod telemetry;
 pub mod triggers;

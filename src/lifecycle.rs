@@ -1,8 +1,10 @@
 //! The only owner of start, drain and exit: resolves the host's network,
-//! starts the data plane and the loops around it, waits for a shutdown
-//! trigger and takes everything down in order.
+//! starts the data plane and the loops around it (balancer feed, interface
+//! manager, sweep, status refresh), waits for a request from the triggers
+//! and takes everything down in order. Each loop lives in its own module;
+//! the flow stays one-way: config -> provider -> balancer -> data plane,
+//! with telemetry and status only reading.
 
-use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -13,22 +15,14 @@ use tracing::{info, warn};
 
 use crate::balancer::BackendSet;
 use crate::config::{Config, Listen};
-use crate::dataplane::{pins, Counter, DataplaneHandle, GcPolicy, LoadOptions, Service, Traffic};
-use crate::ifaces::{InUse, Interfaces};
+use crate::dataplane::{pins, Counter, DataplaneHandle, LoadOptions, Service};
+use crate::ifaces::Interfaces;
 use crate::netinfo;
-use crate::provider::{self, Backend, ProviderHealth, Supervisor};
+use crate::provider::{self, Supervisor};
 use crate::reload;
-use crate::status::{BackendStatus, Phase, PortStatus, SharedStatus};
+use crate::status::{Phase, PortStatus, SharedStatus};
 use crate::triggers::{Request, Triggers};
 
-/// How long a closed connection (FIN both ways, or RST) keeps its entries:
-/// long enough for the last ACK and stray retransmissions.
-const CLOSED_TTL: Duration = Duration::from_secs(10);
-/// How long a connection whose handshake never completed keeps its entries:
-/// a SYN flood must not fill the table for orphan_ttl_secs.
-const HALF_OPEN_TTL: Duration = Duration::from_secs(30);
-/// How often counters are read and expired connections swept.
-const STATS_INTERVAL: Duration = Duration::from_secs(1);
 /// How long startup waits for a provider's first complete backend set.
 const FIRST_SYNC_WAIT: Duration = Duration::from_secs(5);
 
@@ -138,12 +132,29 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
     }
     let (set_tx, set_rx) = watch::channel(set.current_with_ids());
     let (in_use_tx, in_use_rx) = watch::channel(None);
-    let balancer = tokio::spawn(balancer_loop(set, provider.backends, dp.clone(), set_tx, status.clone()));
+    let balancer = tokio::spawn(crate::balancer::feed::balancer_loop(
+        set,
+        provider.backends,
+        dp.clone(),
+        set_tx,
+        status.clone(),
+    ));
     let interfaces = tokio::spawn(ifaces.run(set_rx.clone(), in_use_rx));
-    let totals = Totals::default();
-    let sweep =
-        tokio::spawn(sweep_loop(dp.clone(), status.clone(), totals.clone(), in_use_tx, cfg.orphan_ttl_secs));
-    let stats = tokio::spawn(status_loop(dp.clone(), status.clone(), totals, set_rx, provider.health));
+    let totals = crate::accounting::Totals::default();
+    let sweep = tokio::spawn(crate::sweep::sweep_loop(
+        dp.clone(),
+        status.clone(),
+        totals.clone(),
+        in_use_tx,
+        cfg.orphan_ttl_secs,
+    ));
+    let stats = tokio::spawn(crate::status_refresh::status_loop(
+        dp.clone(),
+        status.clone(),
+        totals,
+        set_rx,
+        provider.health,
+    ));
     status.update(|s| s.phase = Phase::Running);
     info!(
         listen = %net.listen,
@@ -220,66 +231,6 @@ pub fn instance_name(cfg: &Config, listen: Ipv4Addr) -> String {
     }
 }
 
-/// Installs a backend set (when it changed) and publishes it with its ids.
-/// The set becomes current only once the data plane took its table, so a
-/// failed write is tried again.
-async fn apply(
-    set: &mut BackendSet,
-    next: Vec<Backend>,
-    dp: &DataplaneHandle,
-    published: &watch::Sender<Vec<(u32, Backend)>>,
-) -> Result<()> {
-    if let Some(p) = set.prepare(next) {
-        dp.set_backends(p.table.clone()).await?;
-        p.changes.log();
-        set.commit(p);
-        published.send_replace(set.current_with_ids());
-    }
-    Ok(())
-}
-
-/// How long a failed backend-table write waits before it is tried again.
-const RETRY_APPLY: Duration = Duration::from_secs(1);
-
-/// Provider updates -> maglev table -> data plane, in order; a failed write
-/// is retried (readiness says `not_converged` meanwhile). The published set
-/// also tells the interface manager where backends are.
-async fn balancer_loop(
-    mut set: BackendSet,
-    mut updates: watch::Receiver<Vec<Backend>>,
-    dp: DataplaneHandle,
-    published: watch::Sender<Vec<(u32, Backend)>>,
-    status: SharedStatus,
-) {
-    let mut failing = false;
-    loop {
-        if failing {
-            tokio::select! {
-                r = updates.changed() => if r.is_err() { return },
-                _ = tokio::time::sleep(RETRY_APPLY) => {}
-            }
-        } else if updates.changed().await.is_err() {
-            return;
-        }
-        let next = updates.borrow_and_update().clone();
-        match apply(&mut set, next, &dp, &published).await {
-            Ok(()) => {
-                if failing {
-                    info!("backend table written: the data plane has converged");
-                }
-                failing = false;
-            }
-            Err(e) => {
-                if !failing {
-                    warn!("writing the backend table failed: {e:#}; retrying every {RETRY_APPLY:?}");
-                }
-                failing = true;
-            }
-        }
-        status.update(|s| s.converged = !failing);
-    }
-}
-
 async fn resolve_network(cfg: &Config) -> Result<Network> {
     let listen = match cfg.listen {
         Listen::Auto => {
@@ -321,215 +272,4 @@ fn check_nat_range(cfg: &Config) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Per-backend accounting kept across sweeps, by backend address.
-#[derive(Debug, Default)]
-struct BackendTotals {
-    backend: Option<Backend>,
-    active: u64,
-    live: Traffic,
-    closed_fin: u64,
-    closed_rst: u64,
-    orphaned: u64,
-    /// Traffic of connections that have ended.
-    ended: Traffic,
-    /// What status and metrics show: never less than shown before.
-    reported: Traffic,
-}
-
-impl BackendTotals {
-    /// ended + live, but never below what was reported: a pair the data
-    /// path replaced (a SYN reusing a closed tuple) between two sweeps takes
-    /// its last bytes with it, and a counter must not go down. The bytes of
-    /// such a pair since the previous sweep are not counted (logged below).
-    fn report(&mut self) -> bool {
-        let mut now = self.ended;
-        now.add(&self.live);
-        let r = &mut self.reported;
-        let fell = now.bytes_to_backend < r.bytes_to_backend
-            || now.bytes_to_client < r.bytes_to_client
-            || now.packets_to_backend < r.packets_to_backend
-            || now.packets_to_client < r.packets_to_client;
-        r.bytes_to_backend = r.bytes_to_backend.max(now.bytes_to_backend);
-        r.bytes_to_client = r.bytes_to_client.max(now.bytes_to_client);
-        r.packets_to_backend = r.packets_to_backend.max(now.packets_to_backend);
-        r.packets_to_client = r.packets_to_client.max(now.packets_to_client);
-        fell
-    }
-}
-
-type Totals = std::sync::Arc<std::sync::Mutex<HashMap<Ipv4Addr, BackendTotals>>>;
-
-/// The current set (active) plus backends that left it but still carry
-/// connections (draining).
-fn backend_status(
-    current: &[(u32, Backend)],
-    totals: &HashMap<Ipv4Addr, BackendTotals>,
-) -> Vec<BackendStatus> {
-    let mut out: Vec<BackendStatus> = totals
-        .iter()
-        .filter_map(|(addr, t)| {
-            // A backend this process never listed (connections adopted from
-            // an earlier one) is known by its address alone.
-            let unknown = Backend { name: addr.to_string(), addr: *addr, weight: 0 };
-            let b = t.backend.as_ref().unwrap_or(&unknown);
-            let state = if current.iter().any(|(_, c)| c.addr == *addr) {
-                "active"
-            } else if t.active > 0 {
-                "draining"
-            } else {
-                return None;
-            };
-            let traffic = t.reported;
-            Some(BackendStatus {
-                name: b.name.clone(),
-                address: b.addr,
-                weight: b.weight,
-                state,
-                connections_active: t.active,
-                connections_closed_fin: t.closed_fin,
-                connections_closed_rst: t.closed_rst,
-                connections_orphaned: t.orphaned,
-                traffic,
-            })
-        })
-        .collect();
-    out.sort_by_key(|b| b.address);
-    out
-}
-
-/// Expiry of finished connections and the per-backend accounting it
-/// yields; also tells the interface manager where connections still go.
-async fn sweep_loop(
-    dp: DataplaneHandle,
-    status: SharedStatus,
-    totals: Totals,
-    in_use: watch::Sender<Option<InUse>>,
-    orphan_ttl_secs: u64,
-) {
-    let mut pause = Duration::ZERO;
-    loop {
-        tokio::time::sleep(pause).await;
-        pause = STATS_INTERVAL;
-        let sweep_started = std::time::Instant::now();
-        let policy = GcPolicy {
-            now_ns: crate::dataplane::now_ns(),
-            idle_ns: orphan_ttl_secs.saturating_mul(1_000_000_000),
-            closed_ns: CLOSED_TTL.as_nanos() as u64,
-            half_open_ns: HALF_OPEN_TTL.as_nanos() as u64,
-        };
-        let gc = match dp.expire_flows(policy).await {
-            Ok(gc) => gc,
-            Err(e) => {
-                warn!("conntrack sweep failed: {e:#}");
-                continue;
-            }
-        };
-        // A sweep reads every entry: with millions of connections, sweep
-        // less often so it stays under ~10% of one core.
-        pause = STATS_INTERVAL.max(sweep_started.elapsed() * 10);
-        if gc.closed + gc.orphaned + gc.unpaired > 0 {
-            tracing::debug!(
-                closed = gc.closed,
-                orphaned = gc.orphaned,
-                unpaired = gc.unpaired,
-                "expired connections"
-            );
-        }
-        {
-            let mut totals = totals.lock().unwrap_or_else(|e| e.into_inner());
-            for t in totals.values_mut() {
-                t.active = 0;
-                t.live = Default::default();
-            }
-            for (addr, f) in &gc.per_backend {
-                let t = totals.entry(*addr).or_default();
-                t.active = f.active;
-                t.live = f.live;
-                t.closed_fin += f.closed_fin;
-                t.closed_rst += f.closed_rst;
-                t.orphaned += f.orphaned;
-                t.ended.add(&f.removed);
-            }
-            for (addr, t) in totals.iter_mut() {
-                if t.report() {
-                    tracing::debug!(backend = %addr, "traffic of a replaced connection went uncounted");
-                }
-            }
-        }
-        // Where connections still go, as of this sweep's start.
-        let busy: Vec<Ipv4Addr> = gc.backend_addrs.iter().copied().collect();
-        in_use.send_replace(Some(InUse { since: sweep_started, addrs: busy }));
-        status.update(|s| s.connections_active = gc.active);
-    }
-}
-
-/// How long a data-plane call may take before the status loop stops
-/// waiting for it (the watchdog in /healthz counts from the last answer).
-const DATAPLANE_CALL_LIMIT: Duration = Duration::from_secs(2);
-
-/// The status document on its own clock, every second whatever the sweep
-/// does: counters, provider health, the backends with their accounting,
-/// and when the data plane last answered (the /healthz watchdog).
-async fn status_loop(
-    dp: DataplaneHandle,
-    status: SharedStatus,
-    totals: Totals,
-    set: watch::Receiver<Vec<(u32, Backend)>>,
-    health: watch::Receiver<ProviderHealth>,
-) {
-    let mut tick = tokio::time::interval(STATS_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let counters = tokio::time::timeout(DATAPLANE_CALL_LIMIT, dp.counters()).await;
-        let current = set.borrow().clone();
-        let backends = {
-            let mut totals = totals.lock().unwrap_or_else(|e| e.into_inner());
-            for (_, b) in &current {
-                totals.entry(b.addr).or_default().backend = Some(b.clone());
-            }
-            backend_status(&current, &totals)
-        };
-        let provider = health.borrow().clone();
-        status.update(|s| {
-            s.backends = backends;
-            s.provider = Some(provider);
-            match counters {
-                Ok(Ok(c)) => {
-                    s.counters = c.iter().map(|(k, v)| (k.to_string(), v)).collect();
-                    s.data_plane_answered_unix_ms = Some(provider::unix_ms());
-                }
-                Ok(Err(e)) => warn!("reading counters failed: {e:#}"),
-                Err(_) => warn!("the data plane did not answer within {DATAPLANE_CALL_LIMIT:?}"),
-            }
-        });
-    }
-}
-
-#[cfg(test)]
-mod accounting_tests {
-    use super::*;
-
-    fn traffic(b: u64) -> Traffic {
-        Traffic { bytes_to_backend: b, packets_to_backend: b, bytes_to_client: b, packets_to_client: b }
-    }
-
-    #[test]
-    fn reported_traffic_never_goes_down() {
-        let mut t = BackendTotals::default();
-        let mut shown = Vec::new();
-        // (ended, live) as sweeps see them: a connection of 500 bytes ends
-        // normally; then a pair reaches 300 and is replaced by the data path
-        // before a sweep removes it (live drops, ended does not grow); then
-        // its successor grows past what was shown.
-        for (ended, live) in [(0, 100), (0, 500), (500, 0), (500, 300), (500, 0), (500, 200), (900, 100)] {
-            t.ended = traffic(ended);
-            t.live = traffic(live);
-            t.report();
-            shown.push(t.reported.bytes_to_backend);
-        }
-        assert_eq!(shown, [100, 500, 500, 800, 800, 800, 1000]);
-    }
 }

@@ -871,6 +871,15 @@ fn a_syn_after_the_connection_closed_starts_a_fresh_one() {
             (Counter::XLB_CNT_FWD_TO_BACKEND, 3),
             (Counter::XLB_CNT_FWD_TO_CLIENT, 1),
         ]);
+        // The replaced pair's traffic is kept for the control plane's
+        // totals: no sweep saw it end.
+        let policy = GcPolicy { now_ns: 0, idle_ns: u64::MAX, closed_ns: u64::MAX, half_open_ns: u64::MAX };
+        let retired = lb.dp.expire_flows(&policy).unwrap().retired;
+        let t = retired.get(&be).copied().unwrap_or_default();
+        assert_eq!((t.packets_to_backend, t.packets_to_client), (2, 1), "{retired:?}");
+        let fin = Tcp { fin: true, ..syn.clone().ack() };
+        assert_eq!(t.bytes_to_backend, (syn.frame().len() + fin.frame().len()) as u64);
+        assert_eq!(t.bytes_to_client, back_fin.frame().len() as u64);
     });
 }
 

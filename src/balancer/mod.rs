@@ -18,4 +18,5 @@ mod maglev;
 mod set;
 
 pub use maglev::{is_prime, maglev_table, Backend};
+pub mod feed;
 pub use set::{BackendSet, Changes, Prepared, Table};

@@ -61,6 +61,30 @@ static __always_inline int ct_closed(const struct flow *f)
 	return (f->tcp_flags & XLB_TCP_FIN) && (back & XLB_TCP_FIN);
 }
 
+/* Adds a forward entry's connection, about to be removed, to the retired
+ * traffic of its backend. */
+static __always_inline void ct_retire(const struct flow *fwd, const struct flow_key *peer)
+{
+	struct retired zero = {}, *r;
+	struct flow *rev = bpf_map_lookup_elem(&conntrack, peer);
+	__u32 backend = fwd->nat_daddr;
+
+	r = bpf_map_lookup_elem(&retired, &backend);
+	if (!r) {
+		bpf_map_update_elem(&retired, &backend, &zero, BPF_NOEXIST);
+		r = bpf_map_lookup_elem(&retired, &backend);
+		if (!r)
+			return;
+	}
+	r->connections += 1;
+	r->bytes_to_backend += fwd->bytes;
+	r->packets_to_backend += fwd->packets;
+	if (rev) {
+		r->bytes_to_client += rev->bytes;
+		r->packets_to_client += rev->packets;
+	}
+}
+
 /* Removes both entries, forward first so the NAT port is never in use by
  * the client side once the reverse entry (the port's claim) is gone. */
 static __always_inline void ct_delete_pair(const struct flow_key *key, const struct flow *f)
@@ -68,6 +92,7 @@ static __always_inline void ct_delete_pair(const struct flow_key *key, const str
 	struct flow_key peer = {};
 
 	flow_peer_key(&peer, f);
+	ct_retire(f, &peer);
 	bpf_map_delete_elem(&conntrack, key);
 	bpf_map_delete_elem(&conntrack, &peer);
 }

@@ -36,6 +36,10 @@
  * kernel's min_pmtu): one forged error must not shrink a path for everyone. */
 #define XLB_MIN_PMTU 552
 
+/* Backends whose retired traffic is kept (struct retired); an LRU map, so a
+ * churning Kubernetes service cannot fill it. */
+#define XLB_MAX_RETIRED 65536
+
 /* VLAN interfaces XLB can send tagged frames for. */
 #define XLB_MAX_VLANS 256
 

@@ -92,6 +92,14 @@ struct {
 	__type(value, struct vlan_tag_key);
 } vlan_by_dev SEC(".maps");
 
+/* struct retired by backend address; per CPU, summed in user space. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
+	__uint(max_entries, XLB_MAX_RETIRED);
+	__type(key, __u32);
+	__type(value, struct retired);
+} retired SEC(".maps");
+
 /* One slot per enum xlb_counter; per CPU, summed in user space. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

@@ -91,6 +91,17 @@ struct backend {
 	__u32 id; /* the control plane's index, for per-backend accounting */
 };
 
+/* Traffic of connections the data path itself removed (a SYN reusing the
+ * tuple of a closed one), per backend address: the control plane never sees
+ * those end, so it adds these to its totals. */
+struct retired {
+	__u64 connections;
+	__u64 bytes_to_backend;
+	__u64 packets_to_backend;
+	__u64 bytes_to_client;
+	__u64 packets_to_client;
+};
+
 /* Exact 5-tuple: no lossy hashing of keys. */
 struct flow_key {
 	__u32 saddr;

@@ -153,6 +153,10 @@ pub struct GcStats {
     /// By address, not id: ids are per process, and adopted connections
     /// carry the earlier process's.
     pub backend_addrs: std::collections::BTreeSet<std::net::Ipv4Addr>,
+    /// Per backend address, since load: the traffic of connections the data
+    /// path removed itself (a SYN reusing a closed tuple), which no sweep
+    /// saw end.
+    pub retired: HashMap<std::net::Ipv4Addr, Traffic>,
 }
 
 /// Traffic of one backend's connections as one sweep saw them.
@@ -185,6 +189,16 @@ impl Traffic {
             packets_to_backend: fwd.packets,
             bytes_to_client: rev.bytes,
             packets_to_client: rev.packets,
+        }
+    }
+
+    /// What grew from `earlier` to this (cumulative) reading.
+    pub fn since(&self, earlier: &Traffic) -> Traffic {
+        Traffic {
+            bytes_to_backend: self.bytes_to_backend.saturating_sub(earlier.bytes_to_backend),
+            packets_to_backend: self.packets_to_backend.saturating_sub(earlier.packets_to_backend),
+            bytes_to_client: self.bytes_to_client.saturating_sub(earlier.bytes_to_client),
+            packets_to_client: self.packets_to_client.saturating_sub(earlier.packets_to_client),
         }
     }
 

@@ -8,6 +8,7 @@ mod counters;
 pub mod pins;
 mod worker;
 
+use std::collections::HashMap;
 use std::mem::MaybeUninit;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
@@ -562,7 +563,35 @@ impl Dataplane {
 
     /// Removes expired connections, both entries of each at once.
     pub fn expire_flows(&self, policy: &GcPolicy) -> Result<GcStats> {
-        conntrack::expire(&self.skel.maps.conntrack, policy)
+        let mut stats = conntrack::expire(&self.skel.maps.conntrack, policy)?;
+        stats.retired = self.retired()?;
+        Ok(stats)
+    }
+
+    /// Traffic of the connections the data path removed itself, per
+    /// backend, since load (summed over CPUs).
+    fn retired(&self) -> Result<HashMap<Ipv4Addr, Traffic>> {
+        let map = &self.skel.maps.retired;
+        let mut out = HashMap::new();
+        for key in map.keys() {
+            let Some(per_cpu) = map.lookup_percpu(&key, MapFlags::ANY).context("reading retired traffic")?
+            else {
+                continue;
+            };
+            let mut t = Traffic::default();
+            for v in &per_cpu {
+                let r: abi::Retired = abi::from_bytes(v);
+                t.add(&Traffic {
+                    bytes_to_backend: r.bytes_to_backend,
+                    packets_to_backend: r.packets_to_backend,
+                    bytes_to_client: r.bytes_to_client,
+                    packets_to_client: r.packets_to_client,
+                });
+            }
+            let addr = Ipv4Addr::from(<[u8; 4]>::try_from(&key[..4]).expect("a u32 key"));
+            out.insert(addr, t);
+        }
+        Ok(out)
     }
 
     /// Runs one frame through the program with BPF_PROG_TEST_RUN, as if it

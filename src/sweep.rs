@@ -1,0 +1,69 @@
+//! The conntrack sweep with its policy: finished and idle connections are
+//! removed (both entries of a pair together), the per-backend accounting is
+//! folded in, and the interface manager learns where connections still go.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::warn;
+
+use crate::accounting::{self, Totals};
+use crate::dataplane::{DataplaneHandle, GcPolicy};
+use crate::ifaces::InUse;
+use crate::status::SharedStatus;
+
+/// How long a closed connection (FIN both ways, or RST) keeps its entries:
+/// long enough for the last ACK and stray retransmissions.
+const CLOSED_TTL: Duration = Duration::from_secs(10);
+/// How long a connection whose handshake never completed keeps its entries:
+/// a SYN flood must not fill the table for orphan_ttl_secs.
+const HALF_OPEN_TTL: Duration = Duration::from_secs(30);
+/// How often counters are read and expired connections swept.
+pub const STATS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Expiry of finished connections and the per-backend accounting it
+/// yields; also tells the interface manager where connections still go.
+pub async fn sweep_loop(
+    dp: DataplaneHandle,
+    status: SharedStatus,
+    totals: Totals,
+    in_use: watch::Sender<Option<InUse>>,
+    orphan_ttl_secs: u64,
+) {
+    let mut pause = Duration::ZERO;
+    loop {
+        tokio::time::sleep(pause).await;
+        pause = STATS_INTERVAL;
+        let sweep_started = std::time::Instant::now();
+        let policy = GcPolicy {
+            now_ns: crate::dataplane::now_ns(),
+            idle_ns: orphan_ttl_secs.saturating_mul(1_000_000_000),
+            closed_ns: CLOSED_TTL.as_nanos() as u64,
+            half_open_ns: HALF_OPEN_TTL.as_nanos() as u64,
+        };
+        let gc = match dp.expire_flows(policy).await {
+            Ok(gc) => gc,
+            Err(e) => {
+                warn!("conntrack sweep failed: {e:#}");
+                continue;
+            }
+        };
+        // A sweep reads every entry: with millions of connections, sweep
+        // less often so it stays under ~10% of one core.
+        pause = STATS_INTERVAL.max(sweep_started.elapsed() * 10);
+        if gc.closed + gc.orphaned + gc.unpaired > 0 {
+            tracing::debug!(
+                closed = gc.closed,
+                orphaned = gc.orphaned,
+                unpaired = gc.unpaired,
+                "expired connections"
+            );
+        }
+        accounting::fold_sweep(&totals, &gc);
+        // Where connections still go, as of this sweep's start.
+        let busy: Vec<Ipv4Addr> = gc.backend_addrs.iter().copied().collect();
+        in_use.send_replace(Some(InUse { since: sweep_started, addrs: busy }));
+        status.update(|s| s.connections_active = gc.active);
+    }
+}
