@@ -1009,3 +1009,30 @@ fn e2e_sighup_switches_the_watched_service_and_never_exits() {
     assert!(only("be2"), "the running config keeps serving");
     assert!(xlb.terminate().success(), "{}", xlb.log());
 }
+
+/// preStop may run while XLB still waits for its provider's first sync: the
+/// shutdown file it creates is a request, not a leftover.
+#[test]
+fn e2e_a_shutdown_file_created_during_startup_is_honoured() {
+    let t = common::Topology::new(1);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("shutdown");
+    // No API server answers: startup waits out its first-sync grace period.
+    let mut xlb = KubeXlb::spawn(
+        &t.lb,
+        "http://127.0.0.1:9",
+        &format!("interfaces: [lb-client]\nshutdown_timeout: 2\nshutdown_file: {}\n", file.display()),
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    std::fs::write(&file, "").unwrap();
+    let t0 = Instant::now();
+    let exited = common::wait_for(Duration::from_secs(20), || xlb.child.try_wait().ok().flatten())
+        .unwrap_or_else(|| panic!("xlb drains and exits:\n{}", xlb.log()));
+    assert!(exited.success(), "{}", xlb.log());
+    let log = xlb.log();
+    assert!(!log.contains("removing a shutdown file"), "{log}");
+    assert!(log.contains("appeared") && log.contains("drain done"), "{log}");
+    // The first-sync wait (5 s from start), then the 2 s drain.
+    assert!(t0.elapsed() >= Duration::from_secs(2), "{:?}", t0.elapsed());
+    assert!(file.exists(), "the request is not deleted");
+}
