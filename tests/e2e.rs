@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use common::*;
@@ -78,32 +77,8 @@ fn two_hundred_concurrent_connections_all_succeed() {
     let _b1 = start_backend(&t.backends[0], "be1");
     let _b2 = start_backend(&t.backends[1], "be2");
     let _xlb = XlbProcess::start(&t.lb, &config(2));
-    let ok = t.client.run(|| {
-        // All 200 open at once, then each asks and reads.
-        let addr: std::net::SocketAddr = url().parse().unwrap();
-        let mut conns: Vec<_> = (0..200)
-            .map(|i| {
-                let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-                    .unwrap_or_else(|e| panic!("connection {i}: {e}"));
-                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-                s
-            })
-            .collect();
-        for s in conns.iter_mut() {
-            s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
-        }
-        let mut ok = 0;
-        for s in conns.iter_mut() {
-            let mut raw = Vec::new();
-            if s.read_to_end(&mut raw).is_ok()
-                && parse_response(&raw).is_ok_and(|r| r.status == 200 && r.body.starts_with(b"backend be"))
-            {
-                ok += 1;
-            }
-        }
-        ok
-    });
-    assert_eq!(ok, 200);
+    let shape = common::workout::Shape { client: &t.client, lb: &t.lb, listen: LISTEN, backends: 2 };
+    shape.two_hundred_concurrent_connections();
     assert!(counter_reaches(&t.lb, "new_flow", 200) >= 200);
 }
 

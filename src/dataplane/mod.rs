@@ -407,24 +407,21 @@ impl Dataplane {
             t.bounce != Bounce::Redirect || t.redirect_target,
             "bouncing by redirect needs the interface in the redirect map"
         );
-        let a = self
-            .attachments
-            .iter_mut()
-            .find(|a| a.ifindex == ifindex)
-            .with_context(|| format!("ifindex {ifindex} is not attached"))?;
-        a.transmit = t;
+        self.attachment_mut(ifindex)?.transmit = t;
         self.write_transmit(ifindex)
     }
 
     /// Records an attached interface's own MTU (see `Attachment::mtu`).
     pub fn set_mtu(&mut self, ifindex: u32, mtu: u32) -> Result<()> {
-        let a = self
-            .attachments
+        self.attachment_mut(ifindex)?.mtu = mtu;
+        self.write_transmit(ifindex)
+    }
+
+    fn attachment_mut(&mut self, ifindex: u32) -> Result<&mut Attachment> {
+        self.attachments
             .iter_mut()
             .find(|a| a.ifindex == ifindex)
-            .with_context(|| format!("ifindex {ifindex} is not attached"))?;
-        a.mtu = mtu;
-        self.write_transmit(ifindex)
+            .with_context(|| format!("ifindex {ifindex} is not attached"))
     }
 
     fn write_transmit(&mut self, ifindex: u32) -> Result<()> {
