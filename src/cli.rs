@@ -195,11 +195,16 @@ fn detach(a: &DetachArgs) -> ExitCode {
             continue;
         }
         // A running instance holds its lock: its pins are not ours to take.
-        let lock = match pins::lock(&dir) {
-            Ok(lock) => lock,
-            Err(_) => {
+        let lock = match pins::try_lock(&dir) {
+            Ok(Some(lock)) => lock,
+            Ok(None) => {
                 let pid = pins::lock_holder(&dir).map_or_else(|| "unknown".into(), |p| p.to_string());
                 eprintln!("error: {i}: running (pid {pid}); stop it first (SIGTERM drains and detaches)");
+                failed = true;
+                continue;
+            }
+            Err(e) => {
+                eprintln!("error: {i}: {e:#} (are you root?)");
                 failed = true;
                 continue;
             }

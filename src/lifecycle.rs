@@ -7,7 +7,7 @@
 
 use std::net::Ipv4Addr;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use tokio::sync::watch;
@@ -162,17 +162,17 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
         "xlb running"
     );
 
-    let mut running = cfg.clone();
-    let trigger = loop {
+    let (trigger, began) = loop {
         match triggers.next().await {
-            Request::Reload => reload::reload(&sources.config_path, &mut running, &supervisor).await,
-            Request::Drain(t) => break t,
+            Request::Reload => reload::reload(&sources.config_path, &cfg, &supervisor).await,
+            Request::Drain(t, at) => break (t, at),
             Request::Handover => {
                 // Exit at once and leave the program attached and pinned: the
                 // next `xlb run` for this instance adopts its connections.
                 info!("SIGUSR2: exiting for a handover; XDP stays attached and pinned");
                 balancer.abort();
                 stats.abort();
+                sweep.abort();
                 interfaces.abort();
                 dp.stop(true).await?;
                 admin.abort();
@@ -180,7 +180,12 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
             }
         }
     };
-    let began = Instant::now();
+    if began.elapsed() > Duration::from_secs(1) {
+        info!(
+            "the drain was asked for {:.1}s ago, while XLB was starting: it counts from then",
+            began.elapsed().as_secs_f64()
+        );
+    }
     // The data plane refuses new connections before readiness says so, so
     // nothing that saw 503 can still get a connection in.
     dp.set_drain(true).await?;

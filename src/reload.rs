@@ -14,8 +14,9 @@ use crate::provider::Supervisor;
 /// The top-level keys whose new value takes effect without a restart.
 const LIVE_KEYS: &[&str] = &["provider"];
 
-/// Reloads `path` over `running`, which is updated to what now runs.
-pub async fn reload(path: &Path, running: &mut Config, provider: &Supervisor) {
+/// Reloads `path` over `running` (what runs now; only the provider changes
+/// live, through the supervisor, which knows which one serves).
+pub async fn reload(path: &Path, running: &Config, provider: &Supervisor) {
     info!(file = %path.display(), "SIGHUP: reloading");
     let next = match Config::load(path) {
         Ok(c) => c,
@@ -38,19 +39,13 @@ pub async fn reload(path: &Path, running: &mut Config, provider: &Supervisor) {
             if restart.len() == 1 { "" } else { "s" }
         );
     }
-    if next.provider == running.provider {
+    if next.provider == provider.current() {
         info!("reload: backends unchanged");
         return;
     }
-    match provider.replace(next.provider.clone()).await {
-        Ok(()) => {
-            info!("reload applied: provider updated");
-            running.provider = next.provider;
-        }
-        Err(e) => {
-            warn!("reload rejected, keeping the running provider: {e:#}");
-            provider.failed(&e).await;
-        }
+    // The supervisor swaps once the new provider has synced, and logs it.
+    if let Err(e) = provider.replace(next.provider.clone()).await {
+        warn!("reload rejected, keeping the running provider: {e:#}");
     }
 }
 

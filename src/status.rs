@@ -79,13 +79,19 @@ pub struct Status {
     /// The data plane holds the provider's latest backend set (false while
     /// a failed table write is being retried).
     pub converged: bool,
-    /// When the data-plane worker last answered (unix ms): /healthz fails
-    /// when that is more than `DATAPLANE_WATCHDOG` ago.
-    pub data_plane_answered_unix_ms: Option<u64>,
+    /// When the data-plane worker began the command it is still running
+    /// (unix ms), None when idle: /healthz fails when one command has run
+    /// longer than the watchdog (`watchdog()`).
+    pub data_plane_busy_since_unix_ms: Option<u64>,
 }
 
-/// /healthz fails when the data-plane worker has not answered for this long.
-pub const DATAPLANE_WATCHDOG: std::time::Duration = std::time::Duration::from_secs(5);
+/// /healthz fails when one data-plane command has been running this long: a
+/// sweep of millions of connections takes seconds, a wedged syscall forever.
+/// XLB_WATCHDOG_SECS overrides it (tests).
+pub fn watchdog() -> std::time::Duration {
+    let secs = std::env::var("XLB_WATCHDOG_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(60);
+    std::time::Duration::from_secs(secs)
+}
 
 impl Default for Status {
     fn default() -> Self {
@@ -102,20 +108,19 @@ impl Default for Status {
             conntrack_capacity: 0,
             counters: Default::default(),
             converged: true,
-            data_plane_answered_unix_ms: None,
+            data_plane_busy_since_unix_ms: None,
         }
     }
 }
 
 impl Status {
-    /// Liveness: None when healthy, otherwise why not. The data-plane worker
-    /// must have answered within DATAPLANE_WATCHDOG (once it has started).
+    /// Liveness: None when healthy, otherwise why not: no data-plane
+    /// command may run longer than `watchdog()`.
     pub fn unhealthy_reason(&self, now_unix_ms: u64) -> Option<String> {
-        let last = self.data_plane_answered_unix_ms?;
-        let silent = now_unix_ms.saturating_sub(last);
-        (matches!(self.phase, Phase::Running | Phase::Draining)
-            && silent > DATAPLANE_WATCHDOG.as_millis() as u64)
-            .then(|| format!("data plane unresponsive for {}s", silent / 1000))
+        let since = self.data_plane_busy_since_unix_ms?;
+        let stuck = now_unix_ms.saturating_sub(since);
+        (matches!(self.phase, Phase::Running | Phase::Draining) && stuck > watchdog().as_millis() as u64)
+            .then(|| format!("data plane unresponsive for {}s", stuck / 1000))
     }
 
     /// Readiness: None when ready, otherwise the reason word.

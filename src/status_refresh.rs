@@ -7,7 +7,7 @@ use tracing::warn;
 
 use crate::accounting::{backend_status, Totals};
 use crate::dataplane::DataplaneHandle;
-use crate::provider::{self, Backend, ProviderHealth};
+use crate::provider::{Backend, ProviderHealth};
 use crate::status::SharedStatus;
 use crate::sweep::STATS_INTERVAL;
 
@@ -17,7 +17,7 @@ const DATAPLANE_CALL_LIMIT: Duration = Duration::from_secs(2);
 
 /// The status document on its own clock, every second whatever the sweep
 /// does: counters, provider health, the backends with their accounting,
-/// and when the data plane last answered (the /healthz watchdog).
+/// and how long the data plane has been busy (the /healthz watchdog).
 pub async fn status_loop(
     dp: DataplaneHandle,
     status: SharedStatus,
@@ -40,12 +40,12 @@ pub async fn status_loop(
         };
         let provider = health.borrow().clone();
         status.update(|s| {
+            s.data_plane_busy_since_unix_ms = dp.busy_since();
             s.backends = backends;
             s.provider = Some(provider);
             match counters {
                 Ok(Ok(c)) => {
                     s.counters = c.iter().map(|(k, v)| (k.to_string(), v)).collect();
-                    s.data_plane_answered_unix_ms = Some(provider::unix_ms());
                 }
                 Ok(Err(e)) => warn!("reading counters failed: {e:#}"),
                 Err(_) => warn!("the data plane did not answer within {DATAPLANE_CALL_LIMIT:?}"),

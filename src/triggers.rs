@@ -44,13 +44,18 @@ impl std::fmt::Display for Trigger {
 /// What to do, while running.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Request {
-    Drain(Trigger),
+    /// Drain, timed from `at`: when the signal arrived or the file was made
+    /// (during startup that is earlier than when XLB could act on it).
+    Drain(Trigger, Instant),
     Handover,
     Reload,
 }
 
 pub struct Triggers {
-    signals: Signals,
+    /// Signals as they arrive, with the moment they did: a task stamps them,
+    /// so one that comes during startup keeps its time.
+    signals: tokio::sync::mpsc::UnboundedReceiver<(i32, Instant)>,
+    _stamper: crate::provider::TaskGuard,
     file: PathBuf,
     /// Seen during the drain, so it is logged once.
     file_seen: bool,
@@ -62,10 +67,23 @@ impl Triggers {
     /// warning); a newer one is a request (preStop may run before XLB is
     /// even ready) and starts the drain at once.
     pub fn install(file: &Path) -> Result<Triggers> {
-        let signals =
+        let mut raw =
             Signals::new([SIGTERM, SIGINT, SIGUSR2, SIGHUP]).context("installing signal handlers")?;
+        let (tx, signals) = tokio::sync::mpsc::unbounded_channel();
+        let stamper = tokio::spawn(async move {
+            while let Some(sig) = raw.next().await {
+                if tx.send((sig, Instant::now())).is_err() {
+                    return;
+                }
+            }
+        });
         clear_stale_shutdown_file(file, process_start());
-        Ok(Triggers { signals, file: file.to_path_buf(), file_seen: false })
+        Ok(Triggers {
+            signals,
+            _stamper: crate::provider::TaskGuard(stamper),
+            file: file.to_path_buf(),
+            file_seen: false,
+        })
     }
 
     /// Whether the shutdown file exists now.
@@ -78,16 +96,18 @@ impl Triggers {
         let mut poll = tokio::time::interval(SHUTDOWN_FILE_POLL);
         loop {
             tokio::select! {
-                sig = self.signals.next() => match sig {
-                    Some(SIGUSR2) => return Request::Handover,
-                    Some(SIGHUP) => return Request::Reload,
-                    Some(s) => return Request::Drain(Trigger::Signal(signal_name(s))),
-                    None => std::future::pending::<()>().await,
+                Some((sig, at)) = self.signals.recv() => match sig {
+                    SIGUSR2 => return Request::Handover,
+                    SIGHUP => return Request::Reload,
+                    s => return Request::Drain(Trigger::Signal(signal_name(s)), at),
                 },
                 _ = poll.tick() => {
-                    if self.file.exists() {
+                    if let Ok(meta) = std::fs::metadata(&self.file) {
                         self.file_seen = true;
-                        return Request::Drain(Trigger::File(self.file.clone()));
+                        // Its age says when it was made (not in the future).
+                        let age = meta.modified().ok().and_then(|m| m.elapsed().ok()).unwrap_or_default();
+                        let at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+                        return Request::Drain(Trigger::File(self.file.clone()), at);
                     }
                 }
             }
@@ -103,8 +123,7 @@ impl Triggers {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => return DrainEnd::Deadline,
-                sig = self.signals.next() => {
-                    let Some(sig) = sig else { continue };
+                Some((sig, _)) = self.signals.recv() => {
                     let into = began.elapsed();
                     match drain_decision(sig, into, timeout) {
                         Decision::End => {

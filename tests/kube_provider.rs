@@ -996,7 +996,7 @@ fn e2e_sighup_switches_the_watched_service_and_never_exits() {
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
     common::wait_for(Duration::from_secs(10), || xlb.log().contains("backend removed: be1").then_some(()))
         .unwrap_or_else(|| panic!("the other service's endpoints replaced web's:\n{}", xlb.log()));
-    assert!(xlb.log().contains("provider replaced: kubernetes service default/other"), "{}", xlb.log());
+    assert!(xlb.log().contains("provider replaced by kubernetes service default/other"), "{}", xlb.log());
     assert!(only("be2"), "service other: be2\n{}", xlb.log());
 
     std::fs::write(&path, "provider: [}\n").unwrap();

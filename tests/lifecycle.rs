@@ -475,7 +475,11 @@ fn a_failed_table_write_is_retried_until_the_data_plane_converges() {
 fn healthz_fails_when_the_data_plane_worker_hangs() {
     let t = Topology::new(1);
     let _b1 = start_backend(&t.backends[0], "be1");
-    let xlb = XlbProcess::start_with_env(&t.lb, &lb_config(1, ""), &[("XLB_FAULT_STALL_AFTER_SECS", "2")]);
+    let xlb = XlbProcess::start_with_env(
+        &t.lb,
+        &lb_config(1, ""),
+        &[("XLB_FAULT_STALL_AFTER_SECS", "2"), ("XLB_WATCHDOG_SECS", "3")],
+    );
     let health = || t.lb.run(|| http_get("127.0.0.1:9090", "/healthz").ok().map(|r| (r.status, r.body)));
     assert_eq!(health().map(|h| h.0), Some(200));
     let failed = wait_for(Duration::from_secs(15), || health().filter(|h| h.0 == 503));

@@ -560,8 +560,11 @@ impl Dataplane {
 
     /// Removes expired connections, both entries of each at once.
     pub fn expire_flows(&self, policy: &GcPolicy) -> Result<GcStats> {
+        // Retired first: a pair the program replaces during the walk is then
+        // in the next reading of `retired`, not in this one and in `live`.
+        let retired = self.retired()?;
         let mut stats = conntrack::expire(&self.skel.maps.conntrack, policy)?;
-        stats.retired = self.retired()?;
+        stats.retired = retired;
         Ok(stats)
     }
 

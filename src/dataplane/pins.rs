@@ -55,6 +55,17 @@ impl PinDir {
     }
 }
 
+/// The instance's lock if nobody holds it; None when a running instance
+/// does (any other failure is an error).
+pub fn try_lock(p: &PinDir) -> anyhow::Result<Option<nix::fcntl::Flock<std::fs::File>>> {
+    let dir = std::fs::File::open(&p.path)?;
+    match nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(Some(lock)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(anyhow::anyhow!("locking {}: {e}", p.path.display())),
+    }
+}
+
 /// Takes the instance's lock (an flock on its pin directory), or says which
 /// instance is running.
 pub fn lock(p: &PinDir) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {

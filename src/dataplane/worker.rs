@@ -43,6 +43,8 @@ enum Cmd {
 #[derive(Clone)]
 pub struct DataplaneHandle {
     tx: mpsc::Sender<Cmd>,
+    /// Unix ms when the worker began the command it is running; 0 when idle.
+    busy_since: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl DataplaneHandle {
@@ -56,6 +58,8 @@ impl DataplaneHandle {
     ) -> Result<(DataplaneHandle, Started)> {
         let (tx, rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
+        let busy_since = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let busy = busy_since.clone();
         std::thread::Builder::new()
             .name("xlb-dataplane".into())
             .spawn(move || {
@@ -83,7 +87,7 @@ impl DataplaneHandle {
                 match setup() {
                     Ok(started) => {
                         let _ = ready_tx.send(Ok(started));
-                        serve(dp, rx);
+                        serve(dp, rx, &busy);
                     }
                     Err(e) => {
                         // A fresh instance leaves nothing behind; an adopted one
@@ -99,7 +103,7 @@ impl DataplaneHandle {
             .context("starting the data plane thread")?;
         let attached =
             ready_rx.recv().map_err(|_| anyhow!("the data plane thread died while starting"))??;
-        Ok((DataplaneHandle { tx }, attached))
+        Ok((DataplaneHandle { tx, busy_since }, attached))
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T> {
@@ -162,6 +166,12 @@ impl DataplaneHandle {
         self.call(|r| Cmd::SetVlans(vlans, r)).await
     }
 
+    /// Unix ms when the worker began the command it is still running, or
+    /// None when it is idle: a liveness watchdog's input.
+    pub fn busy_since(&self) -> Option<u64> {
+        Some(self.busy_since.load(std::sync::atomic::Ordering::Relaxed)).filter(|&t| t != 0)
+    }
+
     /// Ends the thread; later calls fail. With `handover` the pins stay, so
     /// the program keeps running for the next instance to adopt; otherwise
     /// the pins are removed and the program detaches.
@@ -209,10 +219,12 @@ impl Faults {
     }
 }
 
-fn serve(mut dp: Dataplane, rx: mpsc::Receiver<Cmd>) {
+fn serve(mut dp: Dataplane, rx: mpsc::Receiver<Cmd>, busy: &std::sync::atomic::AtomicU64) {
+    use std::sync::atomic::Ordering::Relaxed;
     let mut faults = Faults::from_env();
     // Ends on Stop or when every handle is gone; dropping `dp` detaches.
     for cmd in rx {
+        busy.store(crate::provider::unix_ms().max(1), Relaxed);
         faults.maybe_stall();
         match cmd {
             Cmd::SetBackends(table, r) => {
@@ -260,6 +272,7 @@ fn serve(mut dp: Dataplane, rx: mpsc::Receiver<Cmd>) {
                 let _ = r.send(dp.set_vlans(&vlans));
             }
             Cmd::Stop(handover, r) => {
+                busy.store(0, Relaxed);
                 let res = if handover {
                     dp.release_for_handover();
                     Ok(())
@@ -272,5 +285,6 @@ fn serve(mut dp: Dataplane, rx: mpsc::Receiver<Cmd>) {
                 return;
             }
         }
+        busy.store(0, Relaxed);
     }
 }
