@@ -1848,3 +1848,28 @@ fn native_mode_treats_every_checksum_as_full() {
         lb.counters_moved(&[(Counter::XLB_CNT_FWD_TO_BACKEND, 1)]);
     });
 }
+
+#[test]
+fn nat_ports_follow_the_client_tuple() {
+    case(ONE, |lb| {
+        // The client's own port, when it lies in the NAT range and is free.
+        let inside = Tcp { src: (CLIENT, 20_123), ..from_client(80) };
+        lb.run(&inside.frame());
+        assert_eq!(lb.nat_port(inside.src), 20_123, "kept");
+        // Taken already (the same port from another client to the same
+        // backend): another one.
+        let other = Tcp { src: (Ipv4Addr::new(10, 0, 0, 9), 20_123), ..from_client(80) };
+        lb.run(&other.frame());
+        assert_ne!(lb.nat_port(other.src), 20_123);
+
+        // Outside the range: derived from the tuple, so the same tuple after
+        // its connection closed gets the same port again (the backend then
+        // sees the same 4-tuple and accepts it out of TIME_WAIT).
+        let syn = from_client(80);
+        lb.run(&syn.frame());
+        let port = lb.nat_port(syn.src);
+        lb.run(&Tcp { rst: true, ..syn.clone().ack() }.frame());
+        lb.run(&Tcp { seq: 5_000_000, ..syn.clone() }.frame());
+        assert_eq!(lb.nat_port(syn.src), port, "the reopened connection keeps its NAT port");
+    });
+}

@@ -132,7 +132,7 @@ static __always_inline struct flow *ct_create(const struct flow_key *key, const 
 	};
 	long err;
 
-	*why = nat_claim_port(&rev_key, &rev);
+	*why = nat_claim_port(&rev_key, &rev, key);
 	if (*why >= 0)
 		return NULL;
 	fwd.nat_sport = rev_key.dport;

@@ -6,31 +6,54 @@
 #include <linux/errno.h>
 #include <linux/in.h>
 #include "csum.h"
+#include "hash.h"
 #include "parsing.h"
 #include "xlb_maps.h"
 
 /*
  * Claims a NAT source port for a new connection by inserting its reverse
  * entry: the insert (BPF_NOEXIST) is the allocation, atomic across CPUs, and a
- * port is free again as soon as the GC removes the pair. Probes a bounded
- * number of random ports: unlike a linear run from a random start, random
- * probes do not cluster, so with a fraction p of the range in use a SYN fails
- * with probability p^XLB_NAT_PORT_TRIES. Returns -1 with rev_key->dport set,
- * or the counter of the reason it failed.
+ * port is free again as soon as the GC removes the pair.
+ *
+ * The first choice follows the client's tuple, as nf_nat does: its own
+ * source port when that lies in the range, else one derived from the tuple.
+ * A client that comes back on the same tuple (port reuse, a reopened closed
+ * connection) then reaches the backend on the same 4-tuple, which the
+ * backend's TCP accepts out of TIME_WAIT; a port picked at random could land
+ * on another tuple's TIME_WAIT and be answered with a stale ACK.
+ *
+ * After that, a bounded number of random ports: unlike a linear run from a
+ * random start, random probes do not cluster, so with a fraction p of the
+ * range in use a SYN fails with probability p^XLB_NAT_PORT_TRIES. Returns -1
+ * with rev_key->dport set, or the counter of the reason it failed.
  */
-static __always_inline int nat_claim_port(struct flow_key *rev_key, const struct flow *rev)
+static __always_inline int nat_claim_port(struct flow_key *rev_key, const struct flow *rev,
+					  const struct flow_key *client)
 {
 	__u32 min = config.nat_port_min;
 	__u32 max = config.nat_port_max;
-	__u32 span;
+	__u32 sport = bpf_ntohs(client->sport);
+	__u32 span, derived, first;
 	long err;
 	int i;
 
 	if (min == 0 || max < min)
 		return XLB_CNT_DROP_NAT_EXHAUSTED;
 	span = max - min + 1;
+	derived =
+		min +
+		jhash_3words(client->saddr, client->sport, rev_key->saddr, config.hash_seed) % span;
+	first = (sport >= min && sport <= max) ? sport : derived;
 	for (i = 0; i < XLB_NAT_PORT_TRIES; i++) {
-		rev_key->dport = bpf_htons(min + bpf_get_prandom_u32() % span);
+		__u32 port;
+
+		if (i == 0)
+			port = first;
+		else if (i == 1 && first != derived)
+			port = derived;
+		else
+			port = min + bpf_get_prandom_u32() % span;
+		rev_key->dport = bpf_htons(port);
 		err = bpf_map_update_elem(&conntrack, rev_key, rev, BPF_NOEXIST);
 		if (!err)
 			return -1;
