@@ -390,7 +390,7 @@ impl Interfaces {
         let want = plan_mode(facts);
         if want != h.mode && !(h.native_refused && want == XdpMode::Native) {
             // Native and generic XDP cannot share an interface: the switch
-            // leaves a gap of a few microseconds without XDP.
+            // leaves a gap of a few milliseconds without XDP.
             warn!(
                 interface = %h.name,
                 "{}: attached in {} mode (taken over from an earlier instance?), the plan is {want}: re-attaching", h.name, h.mode

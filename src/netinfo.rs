@@ -33,12 +33,7 @@ pub async fn default_route_addr() -> Result<(Iface, Ipv4Addr)> {
     let dump = RouteMessageBuilder::<Ipv4Addr>::new().build();
     let routes: Vec<RouteMessage> =
         nl.handle.route().get(dump).execute().try_collect().await.context("dumping IPv4 routes")?;
-    let route = routes
-        .iter()
-        .filter(|r| is_main_default(r))
-        .filter_map(|r| Some((route_oif(r)?, r)))
-        .min_by_key(|(_, r)| route_priority(r));
-    let Some((oif, route)) = route else {
+    let Some((oif, route)) = best_default(&routes) else {
         bail!("no IPv4 default route");
     };
     let iface = nl.link_by_index(oif).await?;
@@ -95,74 +90,11 @@ pub async fn iface_with_addr(addr: Ipv4Addr) -> Result<Option<Iface>> {
     }
 }
 
-/// The egress interface the kernel's main routing lookup picks to reach `dst` (RTM_GETROUTE
-/// with RTA_DST, like `ip route get`). A local `dst` gives the loopback interface.
-pub async fn route_iface(dst: Ipv4Addr) -> Result<Iface> {
-    let nl = Netlink::connect()?;
-    let query = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(dst, 32).build();
-    let mut replies = nl.handle.route().get(query).execute();
-    let route = match replies.try_next().await {
-        Ok(Some(route)) => route,
-        Ok(None) => bail!("no route to {dst}: empty reply"),
-        Err(e) if matches!(errno(&e), Some(nix::libc::ENETUNREACH | nix::libc::EHOSTUNREACH)) => {
-            bail!("no route to {dst}")
-        }
-        Err(e) => return Err(e).with_context(|| format!("route lookup for {dst}")),
-    };
-    let oif = route_oif(&route).ok_or_else(|| anyhow!("route to {dst} has no output interface"))?;
-    nl.link_by_index(oif).await.with_context(|| format!("output interface of the route to {dst}"))
-}
-
 /// Interface by name.
 pub async fn iface_by_name(name: &str) -> Result<Iface> {
     let nl = Netlink::connect()?;
     let request = nl.handle.link().get().match_name(name).execute();
     first_link(request, || format!("no interface named {name:?}")).await
-}
-
-/// A VLAN interface and the interface it sits on.
-#[derive(Debug, Clone, PartialEq)]
-pub struct VlanIface {
-    pub iface: Iface,
-    pub lower_index: u32,
-    pub vid: u16,
-}
-
-/// Interface by index.
-pub async fn iface_by_index(index: u32) -> Result<Iface> {
-    Netlink::connect()?.link_by_index(index).await
-}
-
-/// Every 802.1Q VLAN interface.
-pub async fn vlan_ifaces() -> Result<Vec<VlanIface>> {
-    use rtnetlink::packet_route::link::{InfoData, InfoVlan, LinkInfo};
-    let nl = Netlink::connect()?;
-    let links: Vec<LinkMessage> =
-        nl.handle.link().get().execute().try_collect().await.context("dumping interfaces")?;
-    let mut out = Vec::new();
-    for link in links {
-        let (mut name, mut lower, mut vid) = (None, None, None);
-        for a in &link.attributes {
-            match a {
-                LinkAttribute::IfName(n) => name = Some(n.clone()),
-                LinkAttribute::Link(l) => lower = Some(*l),
-                LinkAttribute::LinkInfo(infos) => {
-                    for i in infos {
-                        if let LinkInfo::Data(InfoData::Vlan(v)) = i {
-                            vid = v
-                                .iter()
-                                .find_map(|x| if let InfoVlan::Id(id) = x { Some(*id) } else { None });
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-        if let (Some(name), Some(lower), Some(vid)) = (name, lower, vid) {
-            out.push(VlanIface { iface: Iface { name, index: link.header.index }, lower_index: lower, vid });
-        }
-    }
-    Ok(out)
 }
 
 /// What XLB needs to know about an interface to serve it.
@@ -233,12 +165,17 @@ pub async fn default_route_iface() -> Result<Option<u32>> {
     let dump = RouteMessageBuilder::<Ipv4Addr>::new().build();
     let routes: Vec<RouteMessage> =
         nl.handle.route().get(dump).execute().try_collect().await.context("dumping IPv4 routes")?;
-    Ok(routes
+    Ok(best_default(&routes).map(|(oif, _)| oif))
+}
+
+/// The main table's IPv4 default route with the lowest metric, and its
+/// output interface.
+fn best_default(routes: &[RouteMessage]) -> Option<(u32, &RouteMessage)> {
+    routes
         .iter()
         .filter(|r| is_main_default(r))
-        .filter_map(|r| Some((route_oif(r)?, route_priority(r))))
-        .min_by_key(|(_, prio)| *prio)
-        .map(|(oif, _)| oif))
+        .filter_map(|r| Some((route_oif(r)?, r)))
+        .min_by_key(|(_, r)| route_priority(r))
 }
 
 /// The output interface index the kernel's routing picks for each address
@@ -623,25 +560,22 @@ mod tests {
     }
 
     #[test]
-    fn route_iface_follows_kernel_lookup() {
+    fn route_oifs_follow_kernel_lookup() {
         let ns = routed_ns();
         ns.run(|| async {
-            let connected = route_iface(ip4("10.88.0.5")).await.unwrap();
-            assert_eq!(connected.name, "d1");
-            assert_eq!(connected.index, ifindex("d1"));
-            assert_eq!(route_iface(ip4("10.77.0.9")).await.unwrap().name, "d0");
-            // Via the (better) default route.
-            assert_eq!(route_iface(ip4("192.0.2.1")).await.unwrap().name, "d0");
-            // A local address routes to loopback, as `ip route get` says.
-            assert_eq!(route_iface(ip4("10.88.0.1")).await.unwrap().name, "lo");
+            let dsts = [ip4("10.88.0.5"), ip4("10.77.0.9"), ip4("192.0.2.1"), ip4("10.88.0.1")];
+            let oifs = route_oifs(&dsts).await.unwrap();
+            // Connected, connected, via the (better) default route, and a
+            // local address routes to loopback, as `ip route get` says.
+            assert_eq!(oifs, [Some(ifindex("d1")), Some(ifindex("d0")), Some(ifindex("d0")), Some(1)]);
         });
 
         let bare = TestNs::new();
         bare.veth("d1", &["10.88.0.1/24"]);
         bare.run(|| async {
-            assert_eq!(route_iface(ip4("10.88.0.7")).await.unwrap().name, "d1");
-            let err = route_iface(ip4("192.0.2.1")).await.unwrap_err();
-            assert!(err.to_string().contains("no route to 192.0.2.1"), "{err:#}");
+            // No route: None for that address, the others still answered.
+            let oifs = route_oifs(&[ip4("10.88.0.7"), ip4("192.0.2.1")]).await.unwrap();
+            assert_eq!(oifs, [Some(ifindex("d1")), None]);
         });
     }
 

@@ -86,11 +86,6 @@ impl Triggers {
         })
     }
 
-    /// Whether the shutdown file exists now.
-    pub fn file_present(&self) -> bool {
-        self.file.exists()
-    }
-
     /// Waits for the next request while running.
     pub async fn next(&mut self) -> Request {
         let mut poll = tokio::time::interval(SHUTDOWN_FILE_POLL);

@@ -28,24 +28,21 @@ static __always_inline struct outcome verdict(__u32 action, __u32 counter)
 	return o;
 }
 
-/* The action that sends the frame back out of the interface it arrived on,
- * the way that interface delivers (struct iface). */
-static __always_inline __u32 bounce(struct xdp_md *ctx)
-{
-	__u32 ifindex = ctx->ingress_ifindex;
-	struct iface *i = bpf_map_lookup_elem(&ifaces, &ifindex);
-
-	if (i && i->tx == XLB_TX_REDIRECT)
-		return bpf_redirect_map(&tx_ports, ifindex, XDP_DROP);
-	return XDP_TX;
-}
-
 /* The ingress interface's entry, if XLB attached it (not in test runs). */
 static __always_inline const struct iface *ingress_iface(struct xdp_md *ctx)
 {
 	__u32 ifindex = ctx->ingress_ifindex;
 
 	return bpf_map_lookup_elem(&ifaces, &ifindex);
+}
+
+/* The action that sends the frame back out of the interface it arrived on,
+ * the way that interface delivers (`in`: its entry, see ingress_iface()). */
+static __always_inline __u32 bounce(struct xdp_md *ctx, const struct iface *in)
+{
+	if (in && in->tx == XLB_TX_REDIRECT)
+		return bpf_redirect_map(&tx_ports, ctx->ingress_ifindex, XDP_DROP);
+	return XDP_TX;
 }
 
 /* Whether the program runs in generic mode there: on an skb, which may be
@@ -131,7 +128,7 @@ static __always_inline struct outcome transmit(struct xdp_md *ctx, struct packet
 	__builtin_memcpy(pkt->eth->h_source, fib->smac, ETH_ALEN);
 
 	if (ifindex == ctx->ingress_ifindex)
-		return verdict(bounce(ctx), sent);
+		return verdict(bounce(ctx, in), sent);
 	return verdict(bpf_redirect_map(&tx_ports, ifindex, XDP_DROP), sent);
 }
 

@@ -41,7 +41,7 @@ static __always_inline struct outcome expired(struct xdp_md *ctx, struct packet 
 		return verdict(XDP_DROP, XLB_CNT_DROP_ICMP_LIMIT);
 	if (icmp_reply(ctx, pkt, XLB_ICMP_TIME_EXCEEDED, 0, 0))
 		return verdict(XDP_DROP, XLB_CNT_DROP_TTL);
-	return verdict(bounce(ctx), XLB_CNT_TTL_EXCEEDED);
+	return verdict(bounce(ctx, ingress_iface(ctx)), XLB_CNT_TTL_EXCEEDED);
 }
 
 /* A packet of ours too big for the egress link: a DF packet is answered like
@@ -55,7 +55,7 @@ static __always_inline struct outcome too_big(struct xdp_md *ctx, struct packet 
 		return verdict(XDP_DROP, XLB_CNT_DROP_ICMP_LIMIT);
 	if (icmp_reply(ctx, pkt, XLB_ICMP_DEST_UNREACH, XLB_ICMP_FRAG_NEEDED, mtu))
 		return verdict(XDP_DROP, XLB_CNT_DROP_FIB);
-	return verdict(bounce(ctx), XLB_CNT_FRAG_NEEDED);
+	return verdict(bounce(ctx, ingress_iface(ctx)), XLB_CNT_FRAG_NEEDED);
 }
 
 /* Sends a packet of a tracked connection on, rewritten to f's NAT tuple. The
@@ -108,7 +108,7 @@ static __always_inline struct outcome to_backend(struct xdp_md *ctx, struct pack
 		if (config.flags & XLB_F_DRAIN) {
 			if (syn_to_rst(ctx, pkt))
 				return verdict(XDP_DROP, XLB_CNT_DRAIN_RST);
-			return verdict(bounce(ctx), XLB_CNT_DRAIN_RST);
+			return verdict(bounce(ctx, ingress_iface(ctx)), XLB_CNT_DRAIN_RST);
 		}
 		be = pick_backend(key);
 		if (!be)
