@@ -312,6 +312,10 @@ fn one_drain_whatever_delivers_it(first: First, gap: Duration) {
         );
         assert!(took < Duration::from_millis(100), "probe {probe} took {took:?}");
     }
+    // XDP sent those RSTs: the node's own stack would refuse a SYN to the
+    // listen address too, so the counter is the proof.
+    let sent = wait_for(Duration::from_secs(2), || (counter(&status(&t.lb), "drain_rst") >= 3).then_some(()));
+    assert!(sent.is_some(), "XDP counted the RSTs: {}", status(&t.lb)["counters"]);
     let st = xlb.wait(Duration::from_secs(10)).expect("exits after shutdown_timeout");
     let exited = t0.elapsed();
     assert!(st.success(), "{}", xlb.log());
