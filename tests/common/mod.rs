@@ -126,11 +126,17 @@ pub const LISTEN: &str = "10.100.0.1";
 /// An XLB config for a Topology with `backends` backends, plus `extra` YAML
 /// lines. Its unique name is also the instance whose pins the run owns.
 pub fn lb_config(backends: usize, extra: &str) -> String {
+    static_config(LISTEN, (1..=backends).map(backend_ip), extra)
+}
+
+/// A uniquely named static config listening on `listen`:80, backends be1..
+/// at `ips` on :8080, plus `extra` YAML lines.
+pub fn static_config(listen: &str, ips: impl Iterator<Item = String>, extra: &str) -> String {
     let mut c = format!("name: {}\n", unique("xi"));
-    c += "listen: {ip: 10.100.0.1}\nports:\n  - {local_port: 80, remote_port: 8080}\n";
+    c += &format!("listen: {{ip: {listen}}}\nports:\n  - {{local_port: 80, remote_port: 8080}}\n");
     c += "provider:\n  static:\n    backends:\n";
-    for k in 1..=backends {
-        c += &format!("      - {{name: be{k}, ip: {}}}\n", backend_ip(k));
+    for (k, ip) in ips.enumerate() {
+        c += &format!("      - {{name: be{}, ip: {ip}}}\n", k + 1);
     }
     c + extra
 }
@@ -208,15 +214,7 @@ impl OneArmed {
 
     /// A static config for the first `n` backends, plus `extra` lines.
     pub fn config(&self, n: usize, extra: &str) -> String {
-        let mut c = format!("name: {}\n", unique("xi"));
-        c += &format!(
-            "listen: {{ip: {ONE_ARMED_LISTEN}}}\nports:\n  - {{local_port: 80, remote_port: 8080}}\n"
-        );
-        c += "provider:\n  static:\n    backends:\n";
-        for k in 1..=n {
-            c += &format!("      - {{name: be{k}, ip: {}}}\n", one_armed_backend_ip(k));
-        }
-        c + extra
+        static_config(ONE_ARMED_LISTEN, (1..=n).map(one_armed_backend_ip), extra)
     }
 }
 
@@ -241,17 +239,19 @@ impl XlbProcess {
     }
 
     pub fn start_binary(ns: &NsRef, config: &str, binary: &std::path::Path) -> XlbProcess {
-        let p = Self::spawn_binary(ns, config, binary);
+        Self::spawn_binary(ns, config, binary).ready(ns)
+    }
+
+    /// Waits (bounded) until /readyz answers 200 in `ns`.
+    fn ready(self, ns: &NsRef) -> XlbProcess {
         let lb = ns.clone();
         let ready = wait_for(Duration::from_secs(30), || {
             let lb = lb.clone();
             let code = lb.run(|| http_get("127.0.0.1:9090", "/readyz").map(|r| r.status));
             (code.ok() == Some(200)).then_some(())
         });
-        if ready.is_none() {
-            panic!("xlb did not become ready:\n{}", std::fs::read_to_string(&p.log).unwrap_or_default());
-        }
-        p
+        assert!(ready.is_some(), "xlb did not become ready:\n{}", self.log());
+        self
     }
 
     pub fn spawn(ns: &NsRef, config: &str) -> XlbProcess {
@@ -265,15 +265,7 @@ impl XlbProcess {
     /// Started with extra environment (the worker's fault hooks), and
     /// waited for like `start`.
     pub fn start_with_env(ns: &NsRef, config: &str, env: &[(&str, &str)]) -> XlbProcess {
-        let p = Self::spawn_with_env(ns, config, std::path::Path::new(env!("CARGO_BIN_EXE_xlb")), env);
-        let lb = ns.clone();
-        let ready = wait_for(Duration::from_secs(30), || {
-            let lb = lb.clone();
-            (lb.run(|| http_get("127.0.0.1:9090", "/readyz").map(|r| r.status)).ok() == Some(200))
-                .then_some(())
-        });
-        assert!(ready.is_some(), "xlb did not become ready:\n{}", p.log());
-        p
+        Self::spawn_with_env(ns, config, std::path::Path::new(env!("CARGO_BIN_EXE_xlb")), env).ready(ns)
     }
 
     pub fn spawn_with_env(
