@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize, Serializer};
 
 /// The dataplane keeps the port table in a fixed-size BPF array.
 pub const MAX_PORTS: usize = 8;
+/// XLB_MAX_SNAT in xlb_consts.h.
+pub const MAX_SNAT_IPS: usize = 16;
 pub const MAX_WEIGHT: u32 = 10_000;
 pub const MAX_SHUTDOWN_TIMEOUT: u64 = 86_400;
 pub const CONNTRACK_CAPACITY: RangeInclusive<u32> = 1..=50_000_000;
@@ -49,6 +51,13 @@ pub struct Config {
     pub admin: AdminConfig,
     pub interfaces: Option<Vec<String>>,
     pub snat_ip: Option<Ipv4Addr>,
+    /// A pool of source addresses backends see, one per client address by
+    /// hash: each multiplies the new connections per second a backend can
+    /// take (README "NAT ports"). Excludes snat_ip.
+    pub snat_ips: Option<Vec<Ipv4Addr>>,
+    /// New connections per second per backend the operator expects: XLB
+    /// warns at start when the NAT ports cannot sustain it.
+    pub expected_connection_rate: Option<u32>,
     #[serde(default)]
     pub nat_port_range: PortRange,
     #[serde(default = "default_conntrack_capacity")]
@@ -618,6 +627,18 @@ impl Config {
         }
         if let Some(ip) = self.snat_ip {
             unicast(ip, "snat_ip")?;
+        }
+        if let Some(pool) = &self.snat_ips {
+            ensure(self.snat_ip.is_none(), "snat_ips", "set with snat_ip; use one of the two")?;
+            let message = format!("has {} addresses; allowed 1..={MAX_SNAT_IPS}", pool.len());
+            ensure((1..=MAX_SNAT_IPS).contains(&pool.len()), "snat_ips", message)?;
+            for (i, ip) in pool.iter().enumerate() {
+                unicast(*ip, format!("snat_ips[{i}]"))?;
+            }
+            unique(pool, |i| format!("snat_ips[{i}]"))?;
+        }
+        if let Some(rate) = self.expected_connection_rate {
+            ensure(rate > 0, "expected_connection_rate", "is 0; omit the key or give a rate")?;
         }
         in_range(self.conntrack_capacity, CONNTRACK_CAPACITY, "conntrack_capacity")?;
         let size = self.maglev_table_size;
@@ -1294,6 +1315,22 @@ provider: {static: {backends: [{name: a, ip: 10.0.0.2}]}}
     rule! { snat_ip_unicast:
         reject |c| c.snat_ip = Some(Ipv4Addr::UNSPECIFIED) => "snat_ip", "not a unicast";
         accept |c| c.snat_ip = Some([10, 0, 0, 9].into());
+    }
+    rule! { snat_ips_pool:
+        reject |c| c.snat_ips = Some(vec![]) => "snat_ips", "allowed 1..=16";
+        reject |c| c.snat_ips = Some((1..=17).map(|i| Ipv4Addr::new(10, 0, 1, i)).collect())
+            => "snat_ips", "has 17 addresses";
+        reject |c| c.snat_ips = Some(vec![[10, 0, 0, 9].into(), Ipv4Addr::BROADCAST])
+            => "snat_ips[1]", "not a unicast";
+        reject |c| c.snat_ips = Some(vec![[10, 0, 0, 9].into(), [10, 0, 0, 9].into()])
+            => "snat_ips[1]", "repeats snat_ips[0]";
+        reject |c| { c.snat_ip = Some([10, 0, 0, 8].into()); c.snat_ips = Some(vec![[10, 0, 0, 9].into()]) }
+            => "snat_ips", "use one of the two";
+        accept |c| c.snat_ips = Some(vec![[10, 0, 0, 9].into(), [10, 0, 0, 10].into()]);
+    }
+    rule! { expected_connection_rate_positive:
+        reject |c| c.expected_connection_rate = Some(0) => "expected_connection_rate", "is 0";
+        accept |c| c.expected_connection_rate = Some(500);
     }
     rule! { conntrack_capacity_range:
         reject |c| c.conntrack_capacity = 0 => "conntrack_capacity", "allowed 1..=50000000";

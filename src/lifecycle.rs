@@ -30,7 +30,8 @@ const FIRST_SYNC_WAIT: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 struct Network {
     listen: Ipv4Addr,
-    snat: Ipv4Addr,
+    /// The SNAT pool: snat_ips, or snat_ip, or the listen address.
+    snat: Vec<Ipv4Addr>,
 }
 
 pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
@@ -55,10 +56,12 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
     let initial = provider.backends.borrow().clone();
     let net = resolve_network(&cfg).await?;
     check_nat_range(&cfg)?;
+    report_nat_capacity(&cfg, net.snat.len());
     let status = SharedStatus::default();
     status.update(|s| {
         s.listen = Some(net.listen);
-        s.snat = Some(net.snat);
+        s.snat = net.snat.first().copied();
+        s.snat_ips = net.snat.clone();
         s.conntrack_capacity = cfg.conntrack_capacity.into();
         s.ports = cfg
             .ports
@@ -83,7 +86,7 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
     };
     let service = Service {
         listen: net.listen,
-        snat: net.snat,
+        snat: net.snat.clone(),
         nat_ports: (cfg.nat_port_range.min, cfg.nat_port_range.max),
         ports: cfg.ports.iter().map(|p| (p.local_port, p.remote_port)).collect(),
         vlans: Vec::new(),
@@ -251,9 +254,16 @@ async fn resolve_network(cfg: &Config) -> Result<Network> {
             ip
         }
     };
-    let snat = cfg.snat_ip.unwrap_or(listen);
-    if snat != listen && netinfo::iface_with_addr(snat).await?.is_none() {
-        bail!("snat_ip {snat} is not an address on any local interface");
+    let snat = match (&cfg.snat_ips, cfg.snat_ip) {
+        (Some(pool), _) => pool.clone(),
+        (None, Some(ip)) => vec![ip],
+        (None, None) => vec![listen],
+    };
+    let key = if cfg.snat_ips.is_some() { "snat_ips" } else { "snat_ip" };
+    for &ip in &snat {
+        if ip != listen && netinfo::iface_with_addr(ip).await?.is_none() {
+            bail!("{key}: {ip} is not an address on any local interface");
+        }
     }
     // A listed interface must exist at start (a typo is a config error);
     // one that disappears later is re-attached when it comes back.
@@ -261,6 +271,27 @@ async fn resolve_network(cfg: &Config) -> Result<Network> {
         netinfo::iface_by_name(name).await?;
     }
     Ok(Network { listen, snat })
+}
+
+/// How many new connections per second one backend can take without a NAT
+/// port landing on that backend's TIME_WAIT: each connection the backend
+/// closes first holds its port for crate::sweep::TOMBSTONE_TTL (README "NAT
+/// ports"). Logged, and a warning when expected_connection_rate exceeds it.
+fn report_nat_capacity(cfg: &Config, snat_addrs: usize) {
+    let ports = u64::from(cfg.nat_port_range.max - cfg.nat_port_range.min) + 1;
+    let hold = crate::sweep::TOMBSTONE_TTL.as_secs();
+    let rate = ports * snat_addrs as u64 / hold;
+    info!(
+        "NAT capacity: {ports} ports x {snat_addrs} source address(es) / {hold}s hold = \
+         {rate} new connections per second per backend, when backends close first"
+    );
+    if let Some(want) = cfg.expected_connection_rate.filter(|&w| u64::from(w) > rate) {
+        warn!(
+            "expected_connection_rate {want}/s per backend exceeds what the NAT ports sustain \
+             ({rate}/s): add addresses to snat_ips or widen nat_port_range, or new connections \
+             will reuse ports a backend still holds in TIME_WAIT"
+        );
+    }
 }
 
 /// Replies arrive at snat:nat_port; if the kernel could hand the same port

@@ -65,6 +65,8 @@ pub struct Status {
     pub phase: Phase,
     pub listen: Option<Ipv4Addr>,
     pub snat: Option<Ipv4Addr>,
+    /// The whole SNAT pool (snat is its first address).
+    pub snat_ips: Vec<Ipv4Addr>,
     pub ports: Vec<PortStatus>,
     pub interfaces: Vec<InterfaceStatus>,
     pub backends: Vec<BackendStatus>,
@@ -100,6 +102,7 @@ impl Default for Status {
             phase: Phase::Starting,
             listen: None,
             snat: None,
+            snat_ips: Vec::new(),
             ports: Vec::new(),
             interfaces: Vec::new(),
             backends: Vec::new(),

@@ -16,6 +16,13 @@ use crate::status::SharedStatus;
 /// How long a closed connection (FIN both ways, or RST) keeps its entries:
 /// long enough for the last ACK and stray retransmissions.
 const CLOSED_TTL: Duration = Duration::from_secs(10);
+/// How long a closed connection whose backend closed first keeps its
+/// entries, and so its NAT port: the backend holds the 4-tuple in TIME_WAIT
+/// for 60 s (Linux's fixed TCP_TIMEWAIT_LEN), and a different client handed
+/// that port meanwhile would be answered with a stale ACK. The same client
+/// tuple reopens the pair at once (conntrack.h ct_reopen). 10 s of slack
+/// covers the sweep's own period and clock steps.
+pub const TOMBSTONE_TTL: Duration = Duration::from_secs(70);
 /// How long a connection whose handshake never completed keeps its entries:
 /// a SYN flood must not fill the table for orphan_ttl_secs.
 const HALF_OPEN_TTL: Duration = Duration::from_secs(30);
@@ -40,6 +47,7 @@ pub async fn sweep_loop(
             now_ns: crate::dataplane::now_ns(),
             idle_ns: orphan_ttl_secs.saturating_mul(1_000_000_000),
             closed_ns: CLOSED_TTL.as_nanos() as u64,
+            tombstone_ns: TOMBSTONE_TTL.as_nanos() as u64,
             half_open_ns: HALF_OPEN_TTL.as_nanos() as u64,
         };
         let gc = match dp.expire_flows(policy).await {

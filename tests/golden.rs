@@ -160,7 +160,7 @@ impl Lb {
             Dataplane::load(LoadOptions { conntrack_capacity, maglev_size: 251, pins: None }).unwrap();
         dp.set_service(&Service {
             listen: LISTEN,
-            snat: LISTEN,
+            snat: vec![LISTEN],
             nat_ports: NAT_PORTS,
             ports: vec![(80, 8080), (443, 8443)],
             vlans: vec![xlb::dataplane::Vlan { ifindex: far, lower_ifindex: ifindex, vid: 100 }],
@@ -183,7 +183,24 @@ impl Lb {
     }
 
     /// Asserts exactly these counters moved since the last call.
+    ///
+    /// A case that names none of the NAT port counters expects each new
+    /// connection's port derived from its tuple: the test client's ports lie
+    /// outside the NAT range and no two collide.
     fn counters_moved(&mut self, expected: &[(Counter, u64)]) {
+        const PORT_CHOICE: [Counter; 6] = [
+            Counter::XLB_CNT_NAT_PRESERVED,
+            Counter::XLB_CNT_NAT_DERIVED,
+            Counter::XLB_CNT_NAT_PROBED,
+            Counter::XLB_CNT_NAT_RECLAIMED,
+            Counter::XLB_CNT_NAT_COLLISION,
+            Counter::XLB_CNT_CT_REOPENED,
+        ];
+        let mut expected = expected.to_vec();
+        if !expected.iter().any(|(c, _)| PORT_CHOICE.contains(c)) {
+            let new = expected.iter().find(|(c, _)| *c == Counter::XLB_CNT_NEW_FLOW).map_or(0, |e| e.1);
+            expected.push((Counter::XLB_CNT_NAT_DERIVED, new));
+        }
         let now = self.dp.counters().unwrap();
         let delta = now.since(&self.seen);
         for (name, v) in delta.iter() {
@@ -618,7 +635,18 @@ fn connections_spread_over_backends_and_each_keeps_its_own() {
             let (ip, _) = checked_tcp(&out);
             assert_eq!(ip.destination, to[&sport], "flow {sport} stays on its backend");
         }
-        lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 200), (Counter::XLB_CNT_FWD_TO_BACKEND, 400)]);
+        // 200 ports derived from 200 tuples into a range of 1000: a few
+        // collide, and those take a random port.
+        let d = lb.dp.counters().unwrap().since(&lb.seen);
+        let (derived, probed) = (d.get(Counter::XLB_CNT_NAT_DERIVED), d.get(Counter::XLB_CNT_NAT_PROBED));
+        assert_eq!(derived + probed, 200);
+        lb.counters_moved(&[
+            (Counter::XLB_CNT_NEW_FLOW, 200),
+            (Counter::XLB_CNT_FWD_TO_BACKEND, 400),
+            (Counter::XLB_CNT_NAT_DERIVED, derived),
+            (Counter::XLB_CNT_NAT_PROBED, probed),
+            (Counter::XLB_CNT_NAT_COLLISION, d.get(Counter::XLB_CNT_NAT_COLLISION)),
+        ]);
     });
 }
 
@@ -674,6 +702,7 @@ fn closed_and_idle_flows_are_expired_in_pairs() {
             now_ns: now + 2_000_000_000,
             idle_ns: 300_000_000_000,
             closed_ns: 1_000_000_000,
+            tombstone_ns: 1_000_000_000,
             half_open_ns: 30_000_000_000,
         };
         let stats = lb.dp.expire_flows(&soon).unwrap();
@@ -704,6 +733,7 @@ fn rst_closes_a_flow() {
             now_ns: now + 2_000_000_000,
             idle_ns: 300_000_000_000,
             closed_ns: 1_000_000_000,
+            tombstone_ns: 1_000_000_000,
             half_open_ns: 30_000_000_000,
         };
         assert_eq!(lb.dp.expire_flows(&p).unwrap().closed, 1);
@@ -862,18 +892,27 @@ fn a_syn_after_the_connection_closed_starts_a_fresh_one() {
         let (action, _) = lb.run(&again.frame());
         assert!(action == XDP_TX || action == XDP_REDIRECT);
         let after = lb.dp.flows().unwrap();
-        assert_eq!(after.len(), 2, "the old pair was replaced, not added to");
-        let fresh = after.iter().find(|f| f.is_forward()).unwrap().flow;
-        assert_eq!(fresh.tcp_flags & 0x01, 0, "a new connection, without the old FIN");
-        assert_eq!(fresh.packets, 1);
+        assert_eq!(after.len(), 2, "the old pair was reopened, not added to");
+        let fresh = after.iter().find(|f| f.is_forward()).unwrap();
+        assert_eq!(fresh.flow.tcp_flags & 0x01, 0, "a new connection, without the old FIN");
+        assert_eq!(fresh.flow.packets, 1);
+        assert_eq!((fresh.nat().1 .0, fresh.nat().0 .1), (be, port), "same backend, same NAT port");
         lb.counters_moved(&[
             (Counter::XLB_CNT_NEW_FLOW, 2),
+            (Counter::XLB_CNT_NAT_DERIVED, 1),
+            (Counter::XLB_CNT_CT_REOPENED, 1),
             (Counter::XLB_CNT_FWD_TO_BACKEND, 3),
             (Counter::XLB_CNT_FWD_TO_CLIENT, 1),
         ]);
         // The replaced pair's traffic is kept for the control plane's
         // totals: no sweep saw it end.
-        let policy = GcPolicy { now_ns: 0, idle_ns: u64::MAX, closed_ns: u64::MAX, half_open_ns: u64::MAX };
+        let policy = GcPolicy {
+            now_ns: 0,
+            idle_ns: u64::MAX,
+            closed_ns: u64::MAX,
+            tombstone_ns: u64::MAX,
+            half_open_ns: u64::MAX,
+        };
         let retired = lb.dp.expire_flows(&policy).unwrap().retired;
         let t = retired.get(&be).copied().unwrap_or_default();
         assert_eq!((t.packets_to_backend, t.packets_to_client), (2, 1), "{retired:?}");
@@ -901,8 +940,11 @@ fn a_syn_on_a_reset_connection_starts_a_fresh_one() {
         lb.run(&syn.frame());
         let fwd = lb.dp.flows().unwrap().into_iter().find(|f| f.is_forward()).unwrap();
         assert_eq!(fwd.flow.packets, 1, "fresh entry after the backend's RST");
+        assert_eq!(fwd.nat().0 .1, port, "reopened in place");
         lb.counters_moved(&[
             (Counter::XLB_CNT_NEW_FLOW, 2),
+            (Counter::XLB_CNT_NAT_DERIVED, 1),
+            (Counter::XLB_CNT_CT_REOPENED, 1),
             (Counter::XLB_CNT_FWD_TO_BACKEND, 2),
             (Counter::XLB_CNT_FWD_TO_CLIENT, 1),
         ]);
@@ -1271,6 +1313,7 @@ fn half_open_connections_expire_early_established_ones_do_not() {
             now_ns: now + 31_000_000_000,
             idle_ns: 300_000_000_000,
             closed_ns: 10_000_000_000,
+            tombstone_ns: 10_000_000_000,
             half_open_ns: 30_000_000_000,
         };
         let stats = lb.dp.expire_flows(&p).unwrap();
@@ -1342,6 +1385,7 @@ fn a_sweep_reads_the_whole_table_and_deletes_no_open_connection() {
             now_ns: now + 11_000_000_000,
             idle_ns: 300_000_000_000,
             closed_ns: 10_000_000_000,
+            tombstone_ns: 10_000_000_000,
             half_open_ns: 30_000_000_000,
         };
         let stats = lb.dp.expire_flows(&p).unwrap();

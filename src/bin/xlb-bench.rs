@@ -324,7 +324,7 @@ struct Bench {
 fn normal_service() -> Service {
     Service {
         listen: LISTEN,
-        snat: LISTEN,
+        snat: vec![LISTEN],
         nat_ports: NAT_PORTS,
         ports: vec![(LOCAL_PORT, REMOTE_PORT)],
         vlans: vec![],
@@ -334,7 +334,7 @@ fn normal_service() -> Service {
 fn loop_service() -> Service {
     Service {
         listen: LOOP_LISTEN,
-        snat: LOOP_SNAT,
+        snat: vec![LOOP_SNAT],
         nat_ports: NAT_PORTS,
         ports: vec![(LOCAL_PORT, LOCAL_PORT)],
         vlans: vec![],
@@ -608,6 +608,7 @@ impl Bench {
             now_ns: xlb::dataplane::now_ns(),
             idle_ns: u64::MAX / 2,
             closed_ns: u64::MAX / 2,
+            tombstone_ns: u64::MAX / 2,
             half_open_ns: u64::MAX / 2,
         };
         let t = Instant::now();
@@ -980,6 +981,7 @@ fn run_dataplane(ns: &Netns, quick: bool) -> Result<Value> {
         now_ns: now + 11_000_000_000,
         idle_ns: 300_000_000_000,
         closed_ns: 10_000_000_000,
+        tombstone_ns: 10_000_000_000,
         half_open_ns: 30_000_000_000,
     };
     let gc = b.dp.expire_flows(&policy)?;
@@ -1001,7 +1003,13 @@ fn run_dataplane(ns: &Netns, quick: bool) -> Result<Value> {
     // Full expiry: every connection idle past its TTL, swept as the control
     // plane sweeps (repeatedly, until a sweep finds nothing).
     let t = Instant::now();
-    let policy = GcPolicy { now_ns: now + 3_600_000_000_000, idle_ns: 1, closed_ns: 1, half_open_ns: 1 };
+    let policy = GcPolicy {
+        now_ns: now + 3_600_000_000_000,
+        idle_ns: 1,
+        closed_ns: 1,
+        tombstone_ns: 1,
+        half_open_ns: 1,
+    };
     let (mut sweeps, mut expired) = (0u64, 0u64);
     while sweeps < 100_000 && t.elapsed() < Duration::from_secs(if quick { 30 } else { 120 }) {
         check_stop()?;

@@ -1,6 +1,10 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
-/* Connection tracking: exact 5-tuple keys, an entry per direction, created
- * and removed as a pair (removal is the control plane's GC). */
+/*
+ * Connection tracking: exact 5-tuple keys, an entry per direction. The data
+ * path creates pairs and reopens closed ones in place; only the control
+ * plane's sweep removes them, once a closed pair has held its NAT port long
+ * enough (a tombstone, see nat.h).
+ */
 #ifndef XLB_CONNTRACK_H
 #define XLB_CONNTRACK_H
 
@@ -18,20 +22,6 @@ static __always_inline void flow_key_of(struct flow_key *k, const struct packet 
 	k->proto = IPPROTO_TCP;
 }
 
-/* Per-direction accounting and the TCP state the GC reads (flags seen,
- * last activity). Two CPUs may touch one entry: counts are atomic, the
- * timestamp is last-writer-wins, flags are OR-ed in only when new. */
-static __always_inline void flow_touch(struct flow *f, const struct packet *pkt, __u64 now)
-{
-	__u32 flags = tcp_flags(pkt->tcp);
-
-	__sync_fetch_and_add(&f->packets, 1);
-	__sync_fetch_and_add(&f->bytes, pkt->len);
-	if ((f->tcp_flags & flags) != flags)
-		__sync_fetch_and_or(&f->tcp_flags, flags);
-	f->last_seen_ns = now;
-}
-
 /* The key of the entry for the other direction: the reverse of this entry's
  * rewritten tuple. */
 static __always_inline void flow_peer_key(struct flow_key *peer, const struct flow *f)
@@ -43,30 +33,88 @@ static __always_inline void flow_peer_key(struct flow_key *peer, const struct fl
 	peer->proto = IPPROTO_TCP;
 }
 
+/* Whether `peer` is the other half of the entry keyed `key`: a port taken
+ * over (nat.h) or a connection moved to another backend leaves an entry whose
+ * peer key finds someone else's entry. */
+static __always_inline int flow_pairs_with(const struct flow *peer, const struct flow_key *key)
+{
+	return peer->nat_daddr == key->saddr && peer->nat_dport == key->sport &&
+	       peer->nat_saddr == key->daddr && peer->nat_sport == key->dport;
+}
+
+/* The sequence number after this segment: its payload and FIN counted. */
+static __always_inline __u32 seq_after(const struct packet *pkt)
+{
+	__u32 len = bpf_ntohs(pkt->ip->tot_len) - pkt->ip->ihl * 4 - pkt->tcp->doff * 4;
+
+	return bpf_ntohl(pkt->tcp->seq) + len + 1;
+}
+
+/* The first FIN or RST of a direction: what the port's tombstone needs to
+ * know (who closed first, where the client's sequence ended) and whether the
+ * connection is now closed, marked on both entries so neither a SYN nor the
+ * sweep has to look at the other. Rare (once per connection and side), so
+ * the peer lookup is affordable here. */
+static __always_inline void ct_note_close(struct flow *f, const struct packet *pkt, __u32 flags)
+{
+	struct flow_key peer = {};
+	struct flow *p;
+	__u32 mine = 0, theirs = 0;
+
+	flow_peer_key(&peer, f);
+	p = bpf_map_lookup_elem(&conntrack, &peer);
+	if (flags & XLB_TCP_RST) {
+		mine |= XLB_CT_CLOSED;
+		theirs |= XLB_CT_CLOSED;
+	}
+	if ((flags & XLB_TCP_FIN) && p) {
+		if (!(p->tcp_flags & XLB_TCP_FIN)) {
+			mine |= XLB_CT_FIN_FIRST;
+		} else {
+			mine |= XLB_CT_CLOSED;
+			theirs |= XLB_CT_CLOSED;
+		}
+		if (f->dir == XLB_DIR_TO_BACKEND) {
+			p->fin_seq = seq_after(pkt);
+			theirs |= XLB_CT_FIN_SEQ;
+		}
+	}
+	if (mine)
+		__sync_fetch_and_or(&f->tcp_flags, mine);
+	if (p && theirs)
+		__sync_fetch_and_or(&p->tcp_flags, theirs);
+}
+
+/* Per-direction accounting and the TCP state the sweep reads (flags seen,
+ * last activity). Two CPUs may touch one entry: counts are atomic, the
+ * timestamp is last-writer-wins, flags are OR-ed in only when new. */
+static __always_inline void flow_touch(struct flow *f, const struct packet *pkt, __u64 now)
+{
+	__u32 flags = tcp_flags(pkt->tcp);
+
+	__sync_fetch_and_add(&f->packets, 1);
+	__sync_fetch_and_add(&f->bytes, pkt->len);
+	if ((f->tcp_flags & flags) != flags) {
+		if ((flags & ~f->tcp_flags) & (XLB_TCP_FIN | XLB_TCP_RST))
+			ct_note_close(f, pkt, flags & ~f->tcp_flags);
+		__sync_fetch_and_or(&f->tcp_flags, flags);
+	}
+	f->last_seen_ns = now;
+}
+
 /* Whether a connection is over (FIN both ways, or a RST either way): a new
  * SYN on its tuple then starts a new connection rather than resuming this
  * one. A half-closed connection may still be streaming: it is not over. */
 static __always_inline int ct_closed(const struct flow *f)
 {
-	struct flow_key peer = {};
-	struct flow *r;
-	__u32 back = 0;
-
-	flow_peer_key(&peer, f);
-	r = bpf_map_lookup_elem(&conntrack, &peer);
-	if (r)
-		back = r->tcp_flags;
-	if ((f->tcp_flags | back) & XLB_TCP_RST)
-		return 1;
-	return (f->tcp_flags & XLB_TCP_FIN) && (back & XLB_TCP_FIN);
+	return f->tcp_flags & XLB_CT_CLOSED;
 }
 
-/* Adds a forward entry's connection, about to be removed, to the retired
- * traffic of its backend. */
-static __always_inline void ct_retire(const struct flow *fwd, const struct flow_key *peer)
+/* Adds a connection about to be reopened or taken over to the retired
+ * traffic of its backend (the sweep never sees it end). */
+static __always_inline void ct_retire(const struct flow *fwd, const struct flow *rev)
 {
 	struct retired zero = {}, *r;
-	struct flow *rev = bpf_map_lookup_elem(&conntrack, peer);
 	__u32 backend = fwd->nat_daddr;
 
 	r = bpf_map_lookup_elem(&retired, &backend);
@@ -85,16 +133,62 @@ static __always_inline void ct_retire(const struct flow *fwd, const struct flow_
 	}
 }
 
-/* Removes both entries, forward first so the NAT port is never in use by
- * the client side once the reverse entry (the port's claim) is gone. */
-static __always_inline void ct_delete_pair(const struct flow_key *key, const struct flow *f)
+/* A fresh pair's entries for a connection from `key` to `be`. */
+static __always_inline void ct_pair_init(struct flow *fwd, struct flow *rev,
+					 struct flow_key *rev_key, const struct flow_key *key,
+					 const struct backend *be, __u16 remote_port, __u64 now)
 {
-	struct flow_key peer = {};
+	__u32 snat = snat_addr_for(key->saddr);
 
-	flow_peer_key(&peer, f);
-	ct_retire(f, &peer);
-	bpf_map_delete_elem(&conntrack, key);
-	bpf_map_delete_elem(&conntrack, &peer);
+	fwd->nat_saddr = snat;
+	fwd->nat_daddr = be->addr;
+	fwd->nat_dport = remote_port;
+	fwd->backend_id = be->id;
+	fwd->created_ns = now;
+	fwd->last_seen_ns = now;
+	fwd->dir = XLB_DIR_TO_BACKEND;
+
+	rev->nat_saddr = key->daddr;
+	rev->nat_daddr = key->saddr;
+	rev->nat_sport = key->dport;
+	rev->nat_dport = key->sport;
+	rev->backend_id = be->id;
+	rev->created_ns = now;
+	rev->last_seen_ns = now;
+	rev->dir = XLB_DIR_TO_CLIENT;
+
+	rev_key->saddr = be->addr;
+	rev_key->daddr = snat;
+	rev_key->sport = remote_port;
+	rev_key->proto = IPPROTO_TCP;
+}
+
+/* Claims a NAT port for rev (free ports first, then a tombstone that may be
+ * taken over, see nat.h): -1 with rev_key->dport set, or the drop counter. */
+static __always_inline int ct_claim(struct flow_key *rev_key, const struct flow *rev,
+				    const struct flow_key *key, __u32 syn_seq)
+{
+	__u16 spare = 0;
+	struct flow_key old_fwd = {};
+	struct flow *t, *of;
+	int why = nat_claim_port(rev_key, rev, key, syn_seq, &spare);
+
+	if (why < 0 || !spare)
+		return why;
+	rev_key->dport = spare;
+	t = bpf_map_lookup_elem(&conntrack, rev_key);
+	if (!t)
+		return why;
+	/* The old connection ends here for accounting; its forward entry is
+	 * left to the sweep, which sees it no longer pairs. */
+	flow_peer_key(&old_fwd, t);
+	of = bpf_map_lookup_elem(&conntrack, &old_fwd);
+	if (of && flow_pairs_with(t, &old_fwd))
+		ct_retire(of, t);
+	if (bpf_map_update_elem(&conntrack, rev_key, rev, BPF_EXIST))
+		return why;
+	count(XLB_CNT_NAT_RECLAIMED);
+	return -1;
 }
 
 /*
@@ -103,36 +197,14 @@ static __always_inline void ct_delete_pair(const struct flow_key *key, const str
  * Returns the forward entry, or NULL with *why set to the drop counter.
  */
 static __always_inline struct flow *ct_create(const struct flow_key *key, const struct backend *be,
-					      __u16 remote_port, __u64 now, int *why)
+					      __u16 remote_port, __u32 syn_seq, __u64 now, int *why)
 {
-	struct flow fwd = {
-		.nat_saddr = config.snat_addr,
-		.nat_daddr = be->addr,
-		.nat_dport = remote_port,
-		.backend_id = be->id,
-		.created_ns = now,
-		.last_seen_ns = now,
-		.dir = XLB_DIR_TO_BACKEND,
-	};
-	struct flow rev = {
-		.nat_saddr = key->daddr,
-		.nat_daddr = key->saddr,
-		.nat_sport = key->dport,
-		.nat_dport = key->sport,
-		.backend_id = be->id,
-		.created_ns = now,
-		.last_seen_ns = now,
-		.dir = XLB_DIR_TO_CLIENT,
-	};
-	struct flow_key rev_key = {
-		.saddr = be->addr,
-		.daddr = config.snat_addr,
-		.sport = remote_port,
-		.proto = IPPROTO_TCP,
-	};
+	struct flow fwd = {}, rev = {};
+	struct flow_key rev_key = {};
 	long err;
 
-	*why = nat_claim_port(&rev_key, &rev, key);
+	ct_pair_init(&fwd, &rev, &rev_key, key, be, remote_port, now);
+	*why = ct_claim(&rev_key, &rev, key, syn_seq);
 	if (*why >= 0)
 		return NULL;
 	fwd.nat_sport = rev_key.dport;
@@ -149,6 +221,51 @@ static __always_inline struct flow *ct_create(const struct flow_key *key, const 
 		count(XLB_CNT_NEW_FLOW);
 	}
 	*why = XLB_CNT_DROP_CT_FULL;
+	return bpf_map_lookup_elem(&conntrack, key);
+}
+
+/*
+ * A bare SYN on the tuple of a closed connection (the client reused its
+ * port): the pair is reopened in place, same backend and same NAT port, so
+ * the backend sees the same 4-tuple again, with a newer ISN and timestamp,
+ * and accepts it out of TIME_WAIT. Nothing is deleted: both entries are
+ * rewritten whole, the reverse one only if it still exists (BPF_EXIST), so a
+ * sweep that removed the pair a moment before cannot leave half of it. If
+ * the backend changed (it left the set) or the port's claim is gone, the
+ * forward entry moves to a newly claimed port and the old reverse entry
+ * stays behind as that port's tombstone.
+ */
+static __always_inline struct flow *ct_reopen(const struct flow_key *key, const struct flow *f,
+					      const struct backend *be, __u16 remote_port,
+					      __u32 syn_seq, __u64 now, int *why)
+{
+	struct flow fwd = {}, rev = {};
+	struct flow_key rev_key = {}, peer = {};
+	struct flow *r;
+
+	flow_peer_key(&peer, f);
+	r = bpf_map_lookup_elem(&conntrack, &peer);
+	if (r && !flow_pairs_with(r, key))
+		r = NULL;
+	ct_retire(f, r);
+	ct_pair_init(&fwd, &rev, &rev_key, key, be, remote_port, now);
+	if (r && f->nat_daddr == be->addr && f->nat_saddr == fwd.nat_saddr &&
+	    f->nat_dport == remote_port) {
+		fwd.nat_sport = f->nat_sport;
+		if (!bpf_map_update_elem(&conntrack, &peer, &rev, BPF_EXIST)) {
+			count(XLB_CNT_CT_REOPENED);
+			goto commit;
+		}
+	}
+	*why = ct_claim(&rev_key, &rev, key, syn_seq);
+	if (*why >= 0)
+		return NULL;
+	fwd.nat_sport = rev_key.dport;
+commit:
+	count(XLB_CNT_NEW_FLOW);
+	*why = XLB_CNT_DROP_CT_FULL;
+	if (bpf_map_update_elem(&conntrack, key, &fwd, BPF_ANY))
+		return NULL;
 	return bpf_map_lookup_elem(&conntrack, key);
 }
 

@@ -68,7 +68,7 @@ static __always_inline struct outcome icmp_error(struct xdp_md *ctx, struct pack
 	__u16 sport, dport;
 	struct flow *y;
 
-	if (ip->daddr != config.listen_addr && ip->daddr != config.snat_addr)
+	if (ip->daddr != config.listen_addr && !is_snat_addr(ip->daddr))
 		return verdict(XDP_PASS, XLB_CNT_PASS_NOT_TCP);
 	if (parse_icmp_quote(ctx, pkt, &q))
 		return verdict(XDP_PASS, XLB_CNT_PASS_NOT_TCP);

@@ -10,25 +10,75 @@
 #include "parsing.h"
 #include "xlb_maps.h"
 
+/* The source address backends see for a client: one of the SNAT pool,
+ * chosen by the client's address so all its connections share one. */
+static __always_inline __u32 snat_addr_for(__u32 client)
+{
+	__u32 n = config.nr_snat;
+
+	if (n <= 1)
+		return config.snat_addrs[0];
+	return config.snat_addrs[(jhash_3words(client, 0, 0, config.hash_seed) % n) &
+				 (XLB_MAX_SNAT - 1)];
+}
+
+/* Whether a packet to `addr` may be a backend's reply: one of the pool. */
+static __always_inline int is_snat_addr(__u32 addr)
+{
+	__u32 n = config.nr_snat;
+	int i;
+
+	for (i = 0; i < XLB_MAX_SNAT; i++) {
+		if (i >= n)
+			break;
+		if (config.snat_addrs[i] == addr)
+			return 1;
+	}
+	return 0;
+}
+
+/* Whether a client's SYN (sequence number `seq`) may take over the NAT port
+ * of the closed connection whose reverse entry is `t`. If the backend closed
+ * first it holds the old 4-tuple in TIME_WAIT, and accepts a new SYN on it
+ * only with a sequence number past the old connection's (and, with
+ * timestamps, a newer timestamp, which XLB cannot see): nf_nat's rule. The
+ * same client tuple, or a connection the backend did not close first (no
+ * TIME_WAIT on its side), may take it at once. */
+static __always_inline int nat_reclaimable(const struct flow *t, const struct flow_key *client,
+					   __u32 seq)
+{
+	if (!(t->tcp_flags & XLB_CT_CLOSED))
+		return 0;
+	if (t->nat_daddr == client->saddr && t->nat_dport == client->sport)
+		return 1;
+	if ((t->tcp_flags & (XLB_TCP_RST | XLB_CT_FIN_FIRST)) != XLB_CT_FIN_FIRST)
+		return 1;
+	return (t->tcp_flags & XLB_CT_FIN_SEQ) && (__s32)(seq - t->fin_seq) > 0;
+}
+
 /*
  * Claims a NAT source port for a new connection by inserting its reverse
- * entry: the insert (BPF_NOEXIST) is the allocation, atomic across CPUs, and a
- * port is free again as soon as the GC removes the pair.
+ * entry: the insert (BPF_NOEXIST) is the allocation, atomic across CPUs. A
+ * closed pair keeps its port (its tombstone) until the sweep removes it,
+ * long enough for a backend's TIME_WAIT when the backend closed first.
  *
  * The first choice follows the client's tuple, as nf_nat does: its own
  * source port when that lies in the range, else one derived from the tuple.
- * A client that comes back on the same tuple (port reuse, a reopened closed
- * connection) then reaches the backend on the same 4-tuple, which the
- * backend's TCP accepts out of TIME_WAIT; a port picked at random could land
- * on another tuple's TIME_WAIT and be answered with a stale ACK.
+ * A client that comes back on the same tuple then reaches the backend on the
+ * same 4-tuple, which the backend's TCP accepts out of TIME_WAIT; a port
+ * picked at random could land on another tuple's TIME_WAIT and be answered
+ * with a stale ACK.
  *
  * After that, a bounded number of random ports: unlike a linear run from a
  * random start, random probes do not cluster, so with a fraction p of the
- * range in use a SYN fails with probability p^XLB_NAT_PORT_TRIES. Returns -1
+ * range in use a SYN finds no free port with probability p^XLB_NAT_PORT_TRIES.
+ * Then, under that pressure, *spare is the first taken port seen whose
+ * tombstone this SYN may take over (nat_reclaimable), 0 if none. Returns -1
  * with rev_key->dport set, or the counter of the reason it failed.
  */
 static __always_inline int nat_claim_port(struct flow_key *rev_key, const struct flow *rev,
-					  const struct flow_key *client)
+					  const struct flow_key *client, __u32 syn_seq,
+					  __u16 *spare)
 {
 	__u32 min = config.nat_port_min;
 	__u32 max = config.nat_port_max;
@@ -45,20 +95,33 @@ static __always_inline int nat_claim_port(struct flow_key *rev_key, const struct
 		jhash_3words(client->saddr, client->sport, rev_key->saddr, config.hash_seed) % span;
 	first = (sport >= min && sport <= max) ? sport : derived;
 	for (i = 0; i < XLB_NAT_PORT_TRIES; i++) {
+		enum xlb_counter how = XLB_CNT_NAT_PROBED;
+		struct flow *t;
 		__u32 port;
 
-		if (i == 0)
+		if (i == 0) {
 			port = first;
-		else if (i == 1 && first != derived)
+			how = first == sport ? XLB_CNT_NAT_PRESERVED : XLB_CNT_NAT_DERIVED;
+		} else if (i == 1 && first != derived) {
 			port = derived;
-		else
+			how = XLB_CNT_NAT_DERIVED;
+		} else {
 			port = min + bpf_get_prandom_u32() % span;
+		}
 		rev_key->dport = bpf_htons(port);
 		err = bpf_map_update_elem(&conntrack, rev_key, rev, BPF_NOEXIST);
-		if (!err)
+		if (!err) {
+			count(how);
 			return -1;
+		}
 		if (err != -EEXIST)
 			return XLB_CNT_DROP_CT_FULL;
+		count(XLB_CNT_NAT_COLLISION);
+		if (*spare)
+			continue;
+		t = bpf_map_lookup_elem(&conntrack, rev_key);
+		if (t && nat_reclaimable(t, client, syn_seq))
+			*spare = rev_key->dport;
 	}
 	return XLB_CNT_DROP_NAT_EXHAUSTED;
 }

@@ -5,8 +5,9 @@
  *   classify -> client to listen_ip:local_port, or backend reply to
  *               snat_ip:nat_port? anything else passes untouched
  *   conntrack -> find the connection; a client SYN creates one (maglev
- *                picks the backend, the reverse entry claims a NAT port),
- *                or, while draining, is answered with a RST
+ *                picks the backend, the reverse entry claims a NAT port)
+ *                or reopens a closed one in place, or, while draining, is
+ *                answered with a RST
  *   route -> FIB lookup for the rewritten addresses; a packet too big for
  *            the egress link is answered with ICMP fragmentation needed
  *   NAT -> rewrite addresses and ports, fix checksums incrementally
@@ -80,8 +81,10 @@ static __always_inline struct outcome to_backend(struct xdp_md *ctx, struct pack
 						 const struct flow_key *key, __u16 remote_port)
 {
 	__u64 now = bpf_ktime_get_coarse_ns();
+	const struct backend *be;
 	struct flow *f;
-	int bare_syn;
+	__u32 seq;
+	int bare_syn, why;
 
 	if (pkt->ip->ttl <= 1)
 		return expired(ctx, pkt);
@@ -89,34 +92,32 @@ static __always_inline struct outcome to_backend(struct xdp_md *ctx, struct pack
 	bare_syn = (tcp_flags(pkt->tcp) &
 		    (XLB_TCP_SYN | XLB_TCP_ACK | XLB_TCP_RST | XLB_TCP_FIN)) == XLB_TCP_SYN;
 
-	/* A SYN on the tuple of a finished connection opens a new one (the
-	 * client reused its port); a retransmitted SYN of a live one does not. */
-	if (f && bare_syn && ct_closed(f)) {
-		ct_delete_pair(key, f);
-		f = NULL;
+	/* A packet of a tracked connection, a retransmitted SYN included. A
+	 * SYN on the tuple of a closed one opens a new connection (the client
+	 * reused its port), like a SYN without an entry. */
+	if (f && !(bare_syn && ct_closed(f)))
+		return nat_forward(ctx, pkt, f, now, XLB_CNT_FWD_TO_BACKEND);
+	/* Only a bare SYN opens a connection; anything else without an entry
+	 * belongs to no connection we know. */
+	if (!bare_syn)
+		return verdict(XDP_DROP, XLB_CNT_DROP_NO_FLOW);
+	/* Draining: refuse at once so the client retries elsewhere;
+	 * connections already tracked keep flowing above. */
+	if (config.flags & XLB_F_DRAIN) {
+		if (syn_to_rst(ctx, pkt))
+			return verdict(XDP_DROP, XLB_CNT_DRAIN_RST);
+		return verdict(bounce(ctx, ingress_iface(ctx)), XLB_CNT_DRAIN_RST);
 	}
-	if (!f) {
-		const struct backend *be;
-		int why;
-
-		/* Only a bare SYN opens a connection; anything else without an
-		 * entry belongs to no connection we know. */
-		if (!bare_syn)
-			return verdict(XDP_DROP, XLB_CNT_DROP_NO_FLOW);
-		/* Draining: refuse at once so the client retries elsewhere;
-		 * connections already tracked keep flowing below. */
-		if (config.flags & XLB_F_DRAIN) {
-			if (syn_to_rst(ctx, pkt))
-				return verdict(XDP_DROP, XLB_CNT_DRAIN_RST);
-			return verdict(bounce(ctx, ingress_iface(ctx)), XLB_CNT_DRAIN_RST);
-		}
-		be = pick_backend(key);
-		if (!be)
-			return verdict(XDP_DROP, XLB_CNT_DROP_NO_BACKEND);
-		f = ct_create(key, be, remote_port, now, &why);
-		if (!f)
-			return verdict(XDP_DROP, why);
-	}
+	be = pick_backend(key);
+	if (!be)
+		return verdict(XDP_DROP, XLB_CNT_DROP_NO_BACKEND);
+	seq = bpf_ntohl(pkt->tcp->seq);
+	if (f)
+		f = ct_reopen(key, f, be, remote_port, seq, now, &why);
+	else
+		f = ct_create(key, be, remote_port, seq, now, &why);
+	if (!f)
+		return verdict(XDP_DROP, why);
 	return nat_forward(ctx, pkt, f, now, XLB_CNT_FWD_TO_BACKEND);
 }
 
@@ -153,7 +154,7 @@ static __always_inline struct outcome handle(struct xdp_md *ctx, struct packet *
 		if (remote_port)
 			return to_backend(ctx, pkt, &key, remote_port);
 	}
-	if (key.daddr == config.snat_addr && in_nat_range(key.dport))
+	if (in_nat_range(key.dport) && is_snat_addr(key.daddr))
 		return to_client(ctx, pkt, &key);
 	return verdict(XDP_PASS, XLB_CNT_PASS_NOT_OURS);
 }

@@ -5,10 +5,13 @@
 
 /* Layout version of the maps a restarted XLB adopts from its pins
  * (struct flow_key, struct flow). Bump on any change to them. */
-#define XLB_ABI_VERSION 1
+#define XLB_ABI_VERSION 2
 
 /* Port mappings one listener can carry (the config schema allows 1..8). */
 #define XLB_MAX_PORTS 8
+
+/* Source addresses backends may see (snat_ips); a power of two. */
+#define XLB_MAX_SNAT 16
 
 /* Conntrack entries are pairs (forward + reverse), so the map holds twice
  * the configured connection capacity. The real size is set at load time. */
@@ -46,6 +49,11 @@
 /* NAT source-port allocation probes this many ports before giving up, so a
  * SYN costs a bounded number of map operations even in a crowded range. */
 #define XLB_NAT_PORT_TRIES 32
+
+/* Marks kept in struct flow.tcp_flags above the TCP flag bits. */
+#define XLB_CT_FIN_FIRST (1U << 8)  /* this direction sent the first FIN */
+#define XLB_CT_FIN_SEQ	 (1U << 9)  /* reverse entry: fin_seq is set */
+#define XLB_CT_CLOSED	 (1U << 10) /* FIN both ways or a RST: a SYN reopens it */
 
 /* Flow directions stored in struct flow.dir. */
 #define XLB_DIR_TO_BACKEND 1 /* client -> listen ip, rewritten to backend */

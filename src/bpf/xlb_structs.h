@@ -37,6 +37,12 @@ enum xlb_counter {
 	XLB_CNT_DROP_ICMP_LIMIT,     /* an ICMP answer over the rate limit: dropped */
 	XLB_CNT_ICMP_MTU_FLOOR,	     /* a translated MTU raised to the floor */
 	XLB_CNT_PASS_AGGREGATE,	     /* rewritten GRO/GSO aggregate: kernel forwards it */
+	XLB_CNT_NAT_PRESERVED,	     /* NAT port: the client's own */
+	XLB_CNT_NAT_DERIVED,	     /* NAT port: derived from the client tuple */
+	XLB_CNT_NAT_PROBED,	     /* NAT port: a random probe */
+	XLB_CNT_NAT_RECLAIMED,	     /* NAT port: a tombstone taken over (port pressure) */
+	XLB_CNT_NAT_COLLISION,	     /* a NAT port choice found taken: one more try */
+	XLB_CNT_CT_REOPENED,	     /* a closed connection's tuple reopened in place */
 	XLB_CNT_MAX,
 };
 
@@ -48,8 +54,10 @@ struct port_map {
 /* Runtime settings, written by the control plane through the skeleton's
  * .bss view. Word-sized fields are read once per packet. */
 struct xlb_config {
-	__u32 listen_addr;  /* clients connect to listen_addr:local_port */
-	__u32 snat_addr;    /* backends see connections from snat_addr:nat_port */
+	__u32 listen_addr; /* clients connect to listen_addr:local_port */
+	/* Backends see connections from one of snat_addrs:nat_port. */
+	__u32 snat_addrs[XLB_MAX_SNAT];
+	__u32 nr_snat;
 	__u16 nat_port_min; /* host byte order, inclusive */
 	__u16 nat_port_max; /* host byte order, inclusive */
 	__u32 nr_ports;
@@ -129,9 +137,14 @@ struct flow {
 	__u64 last_seen_ns; /* bpf_ktime_get_coarse_ns() */
 	__u64 packets;
 	__u64 bytes;
-	__u32 tcp_flags; /* OR of the TCP flags seen in this direction */
+	__u32 tcp_flags; /* OR of the TCP flags seen in this direction, XLB_CT_* */
 	__u8 dir;	 /* XLB_DIR_* */
 	__u8 pad[3];
+	/* Reverse entry, with XLB_CT_FIN_SEQ: the sequence number after the
+	 * client's FIN, which a backend in TIME_WAIT expects next (its
+	 * rcv_nxt). A SYN past it may take over the port (nat.h). */
+	__u32 fin_seq;
+	__u32 pad2;
 };
 
 #endif

@@ -10,6 +10,9 @@ use super::abi::{bytes, from_bytes, Flow, FlowKey, DIR_TO_BACKEND, DIR_TO_CLIENT
 
 const TCP_FIN: u32 = 0x01;
 const TCP_RST: u32 = 0x04;
+/// Marks in struct flow.tcp_flags (xlb_consts.h XLB_CT_*).
+const CT_FIN_FIRST: u32 = 1 << 8;
+const CT_CLOSED: u32 = 1 << 10;
 
 /// One conntrack entry, decoded.
 #[derive(Debug, Clone, Copy)]
@@ -52,6 +55,23 @@ pub fn peer_key(f: &Flow) -> FlowKey {
     }
 }
 
+/// Whether `peer` is the other half of the entry keyed `key`: a NAT port
+/// taken over, or a connection moved to another backend, leaves an entry
+/// whose peer key finds someone else's entry (conntrack.h flow_pairs_with).
+pub fn pairs_with(peer: &Flow, key: &FlowKey) -> bool {
+    peer.nat_daddr == key.saddr
+        && peer.nat_dport == key.sport
+        && peer.nat_saddr == key.daddr
+        && peer.nat_sport == key.dport
+}
+
+/// Whether the backend closed first, so it holds the 4-tuple in TIME_WAIT
+/// and the NAT port must stay reserved (the reverse entry is the port's
+/// tombstone). A reset ends TIME_WAIT: no hold then.
+fn backend_holds_time_wait(rev: &Flow) -> bool {
+    rev.tcp_flags & CT_FIN_FIRST != 0 && rev.tcp_flags & (CT_CLOSED | TCP_RST) == CT_CLOSED
+}
+
 /// A TCP connection's state as XLB sees it, from the flags seen each way.
 pub fn connection_state(fwd: &Flow, rev: Option<&Flow>) -> &'static str {
     let (f, r) = (fwd.tcp_flags, rev.map_or(0, |r| r.tcp_flags));
@@ -92,7 +112,7 @@ pub fn connections(all: &[FlowEntry], now_ns: u64) -> Vec<Connection> {
         .iter()
         .filter(|e| e.is_forward())
         .map(|e| {
-            let rev = by_key.get(bytes(&peer_key(&e.flow))).copied();
+            let rev = by_key.get(bytes(&peer_key(&e.flow))).copied().filter(|r| pairs_with(r, &e.key));
             let ((_, nat_port), backend) = e.nat();
             let last = rev.map_or(e.flow.last_seen_ns, |r| r.last_seen_ns.max(e.flow.last_seen_ns));
             Connection {
@@ -131,6 +151,10 @@ pub struct GcPolicy {
     pub idle_ns: u64,
     /// Closed connections (FIN both ways, or RST) after this long idle.
     pub closed_ns: u64,
+    /// Closed connections whose backend closed first, after this long idle:
+    /// their NAT port stays reserved while the backend holds the 4-tuple in
+    /// TIME_WAIT (60 s on Linux).
+    pub tombstone_ns: u64,
     /// Connections whose handshake never completed (a SYN flood, a dead
     /// backend) after this long idle.
     pub half_open_ns: u64,
@@ -281,11 +305,13 @@ pub(super) fn expire(map: &MapMut<'_>, p: &GcPolicy) -> Result<GcStats> {
     let idle_for = |f: &Flow| p.now_ns.saturating_sub(f.last_seen_ns);
     for e in all.iter().filter(|e| e.is_forward()) {
         let rk = peer_key(&e.flow);
-        let Some(rev) = by_key.get(bytes(&rk)) else {
+        let Some(rev) = by_key.get(bytes(&rk)).filter(|r| pairs_with(r, &e.key)) else {
             // A pair is created reverse-first, so a lone forward entry is a
-            // bug or a half-finished insert; give it the closed grace period.
-            // Its peer's absence is confirmed by key, never from the sweep.
-            if idle_for(&e.flow) > p.closed_ns && !exists(map, &rk) {
+            // half-finished insert, or its port was taken over (nat.h); give
+            // it the closed grace period. Its peer's absence is confirmed by
+            // key, never from the sweep's snapshot.
+            if idle_for(&e.flow) > p.closed_ns && !paired(map, &rk, &e.key) && unchanged(map, &e.key, &e.flow)
+            {
                 delete(map, &e.key)?;
                 stats.unpaired += 1;
             }
@@ -295,10 +321,11 @@ pub(super) fn expire(map: &MapMut<'_>, p: &GcPolicy) -> Result<GcStats> {
         let state = connection_state(&e.flow, Some(rev));
         let reset = state == "reset";
         let closed = reset || state == "closed";
+        let hold = if backend_holds_time_wait(rev) { p.tombstone_ns } else { p.closed_ns };
         let traffic = Traffic::of(&e.flow, rev);
         let backend = std::net::Ipv4Addr::from(e.flow.nat_daddr.to_ne_bytes());
         let b = stats.per_backend.entry(backend).or_default();
-        if closed && idle > p.closed_ns {
+        if closed && idle > hold {
             stats.closed += 1;
             if reset {
                 b.closed_rst += 1;
@@ -309,7 +336,7 @@ pub(super) fn expire(map: &MapMut<'_>, p: &GcPolicy) -> Result<GcStats> {
             stats.orphaned += 1;
             b.orphaned += 1;
         } else {
-            // Closed ones only wait out their grace period: not active.
+            // Closed ones only hold their port: not active.
             if !closed {
                 stats.active += 1;
                 b.active += 1;
@@ -319,8 +346,10 @@ pub(super) fn expire(map: &MapMut<'_>, p: &GcPolicy) -> Result<GcStats> {
             continue;
         }
         // The sweep judged a snapshot: if the connection moved since (a
-        // packet, or its tuple reused for a new one), leave it for next time.
-        if !unchanged(map, &e.key, &e.flow) {
+        // packet, or its tuple reopened for a new one), leave it for later.
+        // Each entry is taken out atomically and put back if it moved in the
+        // moment between: a SYN reopening the pair then keeps both halves.
+        if !unchanged(map, &e.key, &e.flow) || !take(map, &e.key, &e.flow)? {
             stats.active += 1;
             stats.backend_addrs.insert(backend);
             continue;
@@ -328,35 +357,66 @@ pub(super) fn expire(map: &MapMut<'_>, p: &GcPolicy) -> Result<GcStats> {
         b.removed.add(&traffic);
         // Forward first: once it is gone no client packet can use the NAT
         // port, and only then is the port freed with the reverse.
-        delete(map, &e.key)?;
-        delete(map, &rk)?;
+        take(map, &rk, rev)?;
     }
-    // Reverse entries whose forward entry is gone (insert raced, or a crash).
+    // Reverse entries whose forward entry is gone or moved on: a half-finished
+    // insert, a crash, or the tombstone of a connection that moved to another
+    // backend, which holds its port as long as a paired one would.
     for e in all.iter().filter(|e| e.flow.dir == DIR_TO_CLIENT) {
         let fk = peer_key(&e.flow);
-        if !by_key.contains_key(bytes(&fk)) && idle_for(&e.flow) > p.closed_ns && !exists(map, &fk) {
-            delete(map, &e.key)?;
+        if by_key.get(bytes(&fk)).is_some_and(|f| pairs_with(f, &e.key)) {
+            continue;
+        }
+        let hold = if backend_holds_time_wait(&e.flow) { p.tombstone_ns } else { p.closed_ns };
+        if idle_for(&e.flow) > hold && !paired(map, &fk, &e.key) && unchanged(map, &e.key, &e.flow) {
+            take(map, &e.key, &e.flow)?;
             stats.unpaired += 1;
         }
     }
     Ok(stats)
 }
 
-fn exists(map: &MapMut<'_>, key: &FlowKey) -> bool {
-    // On a failed lookup, assume it exists: never delete on doubt.
-    !matches!(map.lookup(bytes(key), MapFlags::ANY), Ok(None))
+/// Whether the entry keyed `key` exists and pairs with `with`. On a failed
+/// lookup, assume it does: never delete on doubt.
+fn paired(map: &MapMut<'_>, key: &FlowKey, with: &FlowKey) -> bool {
+    match map.lookup(bytes(key), MapFlags::ANY) {
+        Ok(Some(v)) => pairs_with(&from_bytes(&v), with),
+        Ok(None) => false,
+        Err(_) => true,
+    }
+}
+
+/// Removes an entry the sweep judged from `seen`, atomically; one that moved
+/// in the meantime is put back (the data path rewrites an entry whole when it
+/// reopens it). Whether the judged entry is gone.
+fn take(map: &MapMut<'_>, key: &FlowKey, seen: &Flow) -> Result<bool> {
+    let now: Flow = match map.lookup_and_delete(bytes(key)) {
+        Ok(Some(v)) => from_bytes(&v),
+        Ok(None) => return Ok(true),
+        Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => return Ok(true),
+        Err(e) => return Err(e).context("deleting a conntrack entry"),
+    };
+    if same(&now, seen) {
+        return Ok(true);
+    }
+    match map.update(bytes(key), bytes(&now), MapFlags::NO_EXIST) {
+        // Taken again by then: the newer entry stands.
+        Ok(()) | Err(_) => Ok(false),
+    }
 }
 
 fn unchanged(map: &MapMut<'_>, key: &FlowKey, seen: &Flow) -> bool {
     match map.lookup(bytes(key), MapFlags::ANY) {
-        Ok(Some(v)) => {
-            let now: Flow = from_bytes(&v);
-            now.created_ns == seen.created_ns
-                && now.nat_sport == seen.nat_sport
-                && now.last_seen_ns == seen.last_seen_ns
-        }
+        Ok(Some(v)) => same(&from_bytes(&v), seen),
         _ => false,
     }
+}
+
+fn same(now: &Flow, seen: &Flow) -> bool {
+    now.created_ns == seen.created_ns
+        && now.nat_sport == seen.nat_sport
+        && now.nat_daddr == seen.nat_daddr
+        && now.last_seen_ns == seen.last_seen_ns
 }
 
 fn delete(map: &MapMut<'_>, key: &FlowKey) -> Result<()> {

@@ -33,6 +33,12 @@ pub const ALL: &[(Counter, &str)] = &[
     (Counter::XLB_CNT_DROP_ICMP_LIMIT, "drop_icmp_ratelimit"),
     (Counter::XLB_CNT_ICMP_MTU_FLOOR, "icmp_mtu_floor"),
     (Counter::XLB_CNT_PASS_AGGREGATE, "pass_aggregate"),
+    (Counter::XLB_CNT_NAT_PRESERVED, "nat_port_preserved"),
+    (Counter::XLB_CNT_NAT_DERIVED, "nat_port_derived"),
+    (Counter::XLB_CNT_NAT_PROBED, "nat_port_probed"),
+    (Counter::XLB_CNT_NAT_RECLAIMED, "nat_port_reclaimed"),
+    (Counter::XLB_CNT_NAT_COLLISION, "nat_port_collision"),
+    (Counter::XLB_CNT_CT_REOPENED, "ct_reopened"),
 ];
 
 /// The stable name of a counter.

@@ -46,7 +46,8 @@ pub struct LoadOptions {
 #[derive(Debug, Clone)]
 pub struct Service {
     pub listen: Ipv4Addr,
-    pub snat: Ipv4Addr,
+    /// Source addresses backends see (1..=16), one per client by hash.
+    pub snat: Vec<Ipv4Addr>,
     /// Inclusive NAT source-port range.
     pub nat_ports: (u16, u16),
     /// (local_port, remote_port) pairs.
@@ -254,7 +255,11 @@ impl Dataplane {
         ensure!(s.nat_ports.0 > 0 && s.nat_ports.0 <= s.nat_ports.1, "bad NAT port range");
         let cfg = self.config_mut();
         cfg.listen_addr = u32::from_ne_bytes(s.listen.octets());
-        cfg.snat_addr = u32::from_ne_bytes(s.snat.octets());
+        ensure!(!s.snat.is_empty() && s.snat.len() <= cfg.snat_addrs.len(), "1 to 16 SNAT addresses");
+        for (slot, ip) in cfg.snat_addrs.iter_mut().zip(s.snat.iter()) {
+            *slot = u32::from_ne_bytes(ip.octets());
+        }
+        cfg.nr_snat = s.snat.len() as u32;
         cfg.nat_port_min = s.nat_ports.0;
         cfg.nat_port_max = s.nat_ports.1;
         for (slot, &(local, remote)) in cfg.ports.iter_mut().zip(s.ports.iter()) {
