@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
-use crate::dataplane::{GcStats, Traffic};
+use crate::dataplane::{GcStats, RetiredFlows, Traffic};
 use crate::provider::Backend;
 use crate::status::BackendStatus;
 
@@ -16,16 +16,30 @@ pub struct BackendTotals {
     pub backend: Option<Backend>,
     active: u64,
     live: Traffic,
+    /// Connections the sweeps removed, by how they ended.
     closed_fin: u64,
     closed_rst: u64,
     orphaned: u64,
+    /// Closed connections the last sweep found still holding their port.
+    held: Closed,
+    /// What status and metrics show as closed: removed + held + retired,
+    /// never less than shown before (a pair reopened between the reading of
+    /// `retired` and the walk is briefly in neither).
+    closed_reported: Closed,
     /// Traffic of connections that have ended.
     ended: Traffic,
     /// What status and metrics show: never less than shown before.
     reported: Traffic,
-    /// The data path's retired traffic for this backend as last read
+    /// The data path's retired connections for this backend as last read
     /// (cumulative), to add only what is new.
-    retired_seen: Traffic,
+    retired_seen: RetiredFlows,
+}
+
+/// Closed connections by how they ended.
+#[derive(Debug, Default, Clone, Copy)]
+struct Closed {
+    fin: u64,
+    rst: u64,
 }
 
 impl BackendTotals {
@@ -45,6 +59,11 @@ impl BackendTotals {
         r.bytes_to_client = r.bytes_to_client.max(now.bytes_to_client);
         r.packets_to_backend = r.packets_to_backend.max(now.packets_to_backend);
         r.packets_to_client = r.packets_to_client.max(now.packets_to_client);
+        let c = &mut self.closed_reported;
+        let fin = self.closed_fin + self.held.fin + self.retired_seen.closed_fin;
+        let rst = self.closed_rst + self.held.rst + self.retired_seen.closed_rst;
+        c.fin = c.fin.max(fin);
+        c.rst = c.rst.max(rst);
         fell
     }
 }
@@ -78,8 +97,8 @@ pub fn backend_status(
                 weight: b.weight,
                 state,
                 connections_active: t.active,
-                connections_closed_fin: t.closed_fin,
-                connections_closed_rst: t.closed_rst,
+                connections_closed_fin: t.closed_reported.fin,
+                connections_closed_rst: t.closed_reported.rst,
                 connections_orphaned: t.orphaned,
                 traffic,
             })
@@ -96,6 +115,7 @@ pub fn fold_sweep(totals: &Totals, gc: &GcStats) {
     for t in totals.values_mut() {
         t.active = 0;
         t.live = Default::default();
+        t.held = Closed::default();
     }
     for (addr, f) in &gc.per_backend {
         let t = totals.entry(*addr).or_default();
@@ -104,12 +124,13 @@ pub fn fold_sweep(totals: &Totals, gc: &GcStats) {
         t.closed_fin += f.closed_fin;
         t.closed_rst += f.closed_rst;
         t.orphaned += f.orphaned;
+        t.held = Closed { fin: f.held_fin, rst: f.held_rst };
         t.ended.add(&f.removed);
     }
     // Pairs the data path replaced ended too: their final traffic counts.
     for (addr, r) in &gc.retired {
         let t = totals.entry(*addr).or_default();
-        t.ended.add(&r.since(&t.retired_seen));
+        t.ended.add(&r.traffic.since(&t.retired_seen.traffic));
         t.retired_seen = *r;
     }
     for (addr, t) in totals.iter_mut() {
@@ -148,7 +169,7 @@ mod accounting_tests {
 #[cfg(test)]
 mod fold_tests {
     use super::*;
-    use crate::dataplane::BackendFlows;
+    use crate::dataplane::{BackendFlows, RetiredFlows};
 
     fn bytes(b: u64) -> Traffic {
         Traffic { bytes_to_backend: b, ..Default::default() }
@@ -168,9 +189,10 @@ mod fold_tests {
         // sweep; its successor has 50 so far.
         let mut gc = GcStats::default();
         gc.per_backend.insert(be, BackendFlows { active: 1, live: bytes(50), ..Default::default() });
-        gc.retired.insert(be, bytes(400));
+        gc.retired.insert(be, RetiredFlows { closed_fin: 1, traffic: bytes(400), ..Default::default() });
         fold_sweep(&totals, &gc);
         assert_eq!(shown(), 450, "the replaced pair's 400 plus the live 50");
+        assert_eq!(totals.lock().unwrap()[&be].closed_reported.fin, 1, "it counts as closed");
         // The retired reading is cumulative: the same reading adds nothing.
         fold_sweep(&totals, &gc);
         assert_eq!(shown(), 450);

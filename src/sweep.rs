@@ -16,6 +16,15 @@ use crate::status::SharedStatus;
 /// How long a closed connection (FIN both ways, or RST) keeps its entries:
 /// long enough for the last ACK and stray retransmissions.
 const CLOSED_TTL: Duration = Duration::from_secs(10);
+/// CLOSED_TTL, or XLB_CLOSED_TTL_SECS (tests: a short one shows that the
+/// tombstones, not the closed grace period, keep ports off TIME_WAIT).
+fn closed_ttl() -> Duration {
+    std::env::var("XLB_CLOSED_TTL_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(CLOSED_TTL, Duration::from_secs)
+}
+
 /// How long a closed connection whose backend closed first keeps its
 /// entries, and so its NAT port: the backend holds the 4-tuple in TIME_WAIT
 /// for 60 s (Linux's fixed TCP_TIMEWAIT_LEN), and a different client handed
@@ -46,7 +55,7 @@ pub async fn sweep_loop(
         let policy = GcPolicy {
             now_ns: crate::dataplane::now_ns(),
             idle_ns: orphan_ttl_secs.saturating_mul(1_000_000_000),
-            closed_ns: CLOSED_TTL.as_nanos() as u64,
+            closed_ns: closed_ttl().as_nanos() as u64,
             tombstone_ns: TOMBSTONE_TTL.as_nanos() as u64,
             half_open_ns: HALF_OPEN_TTL.as_nanos() as u64,
         };

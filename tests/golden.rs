@@ -914,7 +914,7 @@ fn a_syn_after_the_connection_closed_starts_a_fresh_one() {
             half_open_ns: u64::MAX,
         };
         let retired = lb.dp.expire_flows(&policy).unwrap().retired;
-        let t = retired.get(&be).copied().unwrap_or_default();
+        let t = retired.get(&be).copied().unwrap_or_default().traffic;
         assert_eq!((t.packets_to_backend, t.packets_to_client), (2, 1), "{retired:?}");
         let fin = Tcp { fin: true, ..syn.clone().ack() };
         assert_eq!(t.bytes_to_backend, (syn.frame().len() + fin.frame().len()) as u64);

@@ -125,6 +125,8 @@ static __always_inline void ct_retire(const struct flow *fwd, const struct flow 
 			return;
 	}
 	r->connections += 1;
+	if ((fwd->tcp_flags | (rev ? rev->tcp_flags : 0)) & XLB_TCP_RST)
+		r->connections_reset += 1;
 	r->bytes_to_backend += fwd->bytes;
 	r->packets_to_backend += fwd->packets;
 	if (rev) {

@@ -126,16 +126,66 @@ static __always_inline int nat_claim_port(struct flow_key *rev_key, const struct
 	return XLB_CNT_DROP_NAT_EXHAUSTED;
 }
 
-/* Whether the TCP checksum is a seed left to offload (csum.h): only an skb
- * can carry one (generic mode), recognised by its value. A full checksum
- * equal to the seed by chance (1 in 65536) is updated as a seed: that
- * segment is lost and retransmitted with other timestamps. */
-static __always_inline int tcp_csum_is_seed(const struct packet *pkt)
+/*
+ * Whether the TCP segment at `tcp_off` in the frame, `len` bytes (at most
+ * XLB_CSUM_VERIFY_MAX), carries a valid full checksum: the one's-complement
+ * sum of pseudo-header (`pseudo`, folded) and segment is 0xffff. A global
+ * function, so the verifier checks its loop once, not on every path into it.
+ */
+__attribute__((noinline)) int xlb_tcp_csum_verifies(struct xdp_md *ctx, __u32 tcp_off, __u32 len,
+						    __u32 pseudo)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u64 sum = pseudo;
+	__u32 off = 0;
+	__u8 *p;
+	int i;
+
+	if (tcp_off > 128 || len > XLB_CSUM_VERIFY_MAX)
+		return 0;
+	p = (__u8 *)data + tcp_off;
+	for (i = 0; i < XLB_CSUM_VERIFY_MAX / 4; i++) {
+		if (off + 4 > len)
+			break;
+		if ((void *)(p + off + 4) > data_end)
+			return 0;
+		sum += *(__u16 *)(p + off) + *(__u16 *)(p + off + 2);
+		off += 4;
+	}
+	for (i = 0; i < 3; i++) {
+		if (off >= len || off > XLB_CSUM_VERIFY_MAX)
+			break;
+		if ((void *)(p + off + 1) > data_end)
+			return 0;
+		/* Words as they sit in memory: an even offset is the low byte. */
+		sum += (off & 1) ? (__u64)p[off] << 8 : p[off];
+		off++;
+	}
+	return csum_fold(sum) == 0xffff;
+}
+
+/*
+ * Whether the TCP checksum is a seed left to offload (csum.h): only an skb
+ * can carry one (generic mode), recognised by its value. A full checksum can
+ * equal the seed by chance (1 in 65536 segments: at 100k connections a
+ * second, a lost handshake every second), so a segment of up to
+ * XLB_CSUM_VERIFY_MAX bytes whose checksum looks like a seed is summed: if
+ * it verifies as a full checksum, it is one. Longer ones are GRO aggregates,
+ * which the kernel leaves as seeds. A seed that also verifies as a full
+ * checksum (again 1 in 65536, and only from senders that offload) is
+ * updated as a full one: that segment is lost and sent again.
+ */
+static __always_inline int tcp_csum_is_seed(struct xdp_md *ctx, const struct packet *pkt)
 {
 	const struct iphdr *ip = pkt->ip;
 	__u16 len = bpf_ntohs(ip->tot_len) - ip->ihl * 4;
+	__u16 seed = csum_pseudo4(ip->saddr, ip->daddr, IPPROTO_TCP, len);
+	__u32 tcp_off = (void *)pkt->tcp - (void *)(long)ctx->data;
 
-	return pkt->tcp->check == csum_pseudo4(ip->saddr, ip->daddr, IPPROTO_TCP, len);
+	if (pkt->tcp->check != seed)
+		return 0;
+	return len > XLB_CSUM_VERIFY_MAX || !xlb_tcp_csum_verifies(ctx, tcp_off, len, seed);
 }
 
 /* Rewrites addresses and ports to the flow's NAT tuple; both checksums are

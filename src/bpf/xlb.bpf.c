@@ -72,7 +72,7 @@ static __always_inline struct outcome nat_forward(struct xdp_md *ctx, struct pac
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
 		return too_big(ctx, pkt, fib.mtu_result);
 	flow_touch(f, pkt, now);
-	nat_rewrite(pkt, f, is_generic(in) && tcp_csum_is_seed(pkt));
+	nat_rewrite(pkt, f, is_generic(in) && tcp_csum_is_seed(ctx, pkt));
 	return transmit(ctx, pkt, rc, &fib, in, sent);
 }
 

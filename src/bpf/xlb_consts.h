@@ -50,6 +50,10 @@
  * SYN costs a bounded number of map operations even in a crowded range. */
 #define XLB_NAT_PORT_TRIES 32
 
+/* In generic mode, a TCP checksum that looks like an offload seed is
+ * verified as a full one on segments up to this long (nat.h). */
+#define XLB_CSUM_VERIFY_MAX 1536
+
 /* Marks kept in struct flow.tcp_flags above the TCP flag bits. */
 #define XLB_CT_FIN_FIRST (1U << 8)  /* this direction sent the first FIN */
 #define XLB_CT_FIN_SEQ	 (1U << 9)  /* reverse entry: fin_seq is set */

@@ -99,15 +99,16 @@ struct backend {
 	__u32 id; /* the control plane's index, for per-backend accounting */
 };
 
-/* Traffic of connections the data path itself removed (a SYN reusing the
- * tuple of a closed one), per backend address: the control plane never sees
- * those end, so it adds these to its totals. */
+/* Connections the data path itself ended for good (a SYN reopening a closed
+ * pair, or taking its port over), per backend address: the control plane's
+ * sweep never sees those end, so it adds these to its totals. */
 struct retired {
 	__u64 connections;
 	__u64 bytes_to_backend;
 	__u64 packets_to_backend;
 	__u64 bytes_to_client;
 	__u64 packets_to_client;
+	__u64 connections_reset; /* of `connections`, those that ended by a RST */
 };
 
 /* Exact 5-tuple: no lossy hashing of keys. */

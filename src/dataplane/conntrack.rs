@@ -180,7 +180,16 @@ pub struct GcStats {
     /// Per backend address, since load: the traffic of connections the data
     /// path removed itself (a SYN reusing a closed tuple), which no sweep
     /// saw end.
-    pub retired: HashMap<std::net::Ipv4Addr, Traffic>,
+    pub retired: HashMap<std::net::Ipv4Addr, RetiredFlows>,
+}
+
+/// Connections of one backend the data path ended itself (reopened or taken
+/// over; cumulative since load): ended by FIN and by RST, and their traffic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetiredFlows {
+    pub closed_fin: u64,
+    pub closed_rst: u64,
+    pub traffic: Traffic,
 }
 
 /// Traffic of one backend's connections as one sweep saw them.
@@ -193,6 +202,10 @@ pub struct BackendFlows {
     /// Connections removed by this sweep, by how they ended.
     pub closed_fin: u64,
     pub closed_rst: u64,
+    /// Closed connections still in the table (holding their NAT port), by
+    /// how they ended: closed, though not yet removed.
+    pub held_fin: u64,
+    pub held_rst: u64,
     pub orphaned: u64,
     /// Final bytes/packets of the connections this sweep removed.
     pub removed: Traffic,
@@ -337,7 +350,11 @@ pub(super) fn expire(map: &MapMut<'_>, p: &GcPolicy) -> Result<GcStats> {
             b.orphaned += 1;
         } else {
             // Closed ones only hold their port: not active.
-            if !closed {
+            if reset {
+                b.held_rst += 1;
+            } else if closed {
+                b.held_fin += 1;
+            } else {
                 stats.active += 1;
                 b.active += 1;
                 stats.backend_addrs.insert(backend);

@@ -21,7 +21,7 @@ use libbpf_rs::{MapCore, MapFlags, ProgramInput};
 pub use abi::{BackendSlot, Flow, FlowKey};
 pub use conntrack::{
     pinned_connections, read_all as read_conntrack, BackendFlows, Connection, FlowEntry, GcPolicy, GcStats,
-    Traffic,
+    RetiredFlows, Traffic,
 };
 pub use counters::{counter_name, Counter, Counters};
 pub use worker::{DataplaneHandle, Started};
@@ -575,7 +575,7 @@ impl Dataplane {
 
     /// Traffic of the connections the data path removed itself, per
     /// backend, since load (summed over CPUs).
-    fn retired(&self) -> Result<HashMap<Ipv4Addr, Traffic>> {
+    fn retired(&self) -> Result<HashMap<Ipv4Addr, RetiredFlows>> {
         let map = &self.skel.maps.retired;
         let mut out = HashMap::new();
         for key in map.keys() {
@@ -583,10 +583,12 @@ impl Dataplane {
             else {
                 continue;
             };
-            let mut t = Traffic::default();
+            let mut t = RetiredFlows::default();
             for v in &per_cpu {
                 let r: abi::Retired = abi::from_bytes(v);
-                t.add(&Traffic {
+                t.closed_rst += r.connections_reset;
+                t.closed_fin += r.connections - r.connections_reset;
+                t.traffic.add(&Traffic {
                     bytes_to_backend: r.bytes_to_backend,
                     packets_to_backend: r.packets_to_backend,
                     bytes_to_client: r.bytes_to_client,
