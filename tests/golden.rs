@@ -10,7 +10,8 @@ use std::net::Ipv4Addr;
 
 use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, Ipv4Options, TcpHeader};
 use xlb::dataplane::{
-    Bounce, Counter, Counters, Dataplane, GcPolicy, LoadOptions, Service, Transmit, XdpMode,
+    Bounce, Counter, Counters, Dataplane, FlowEntry, GcPolicy, LoadOptions, Service, Traffic, Transmit,
+    XdpMode,
 };
 
 const XDP_DROP: u32 = 1;
@@ -154,24 +155,34 @@ impl Lb {
     }
 
     fn with_capacity(backends: &[Ipv4Addr], conntrack_capacity: u32) -> Lb {
+        Lb::load(backends, conntrack_capacity, NAT_PORTS, &[LISTEN])
+    }
+
+    /// A program whose NAT source ports are `nat_ports`: a range of one
+    /// port puts every second connection to a backend under port pressure.
+    fn with_nat_ports(backends: &[Ipv4Addr], nat_ports: (u16, u16)) -> Lb {
+        Lb::load(backends, 1024, nat_ports, &[LISTEN])
+    }
+
+    /// A program whose backends see clients from the SNAT pool `snat`.
+    fn with_snat(backends: &[Ipv4Addr], snat: &[Ipv4Addr]) -> Lb {
+        Lb::load(backends, 1024, NAT_PORTS, snat)
+    }
+
+    fn load(backends: &[Ipv4Addr], conntrack_capacity: u32, nat_ports: (u16, u16), snat: &[Ipv4Addr]) -> Lb {
         let ifindex = nix::net::if_::if_nametoindex("g0").unwrap();
         let far = nix::net::if_::if_nametoindex("g1").unwrap();
         let mut dp =
             Dataplane::load(LoadOptions { conntrack_capacity, maglev_size: 251, pins: None }).unwrap();
         dp.set_service(&Service {
             listen: LISTEN,
-            snat: vec![LISTEN],
-            nat_ports: NAT_PORTS,
+            snat: snat.to_vec(),
+            nat_ports,
             ports: vec![(80, 8080), (443, 8443)],
             vlans: vec![xlb::dataplane::Vlan { ifindex: far, lower_ifindex: ifindex, vid: 100 }],
         })
         .unwrap();
-        let table: Vec<_> = (0..251)
-            .map(|i| {
-                (!backends.is_empty()).then(|| (backends[i % backends.len()], (i % backends.len()) as u32))
-            })
-            .collect();
-        dp.set_backends(&table).unwrap();
+        dp.set_backends(&maglev_table(backends)).unwrap();
         // g1 becomes a redirect target; g0 stays free for test runs.
         dp.attach("g1", far).unwrap();
         let seen = dp.counters().unwrap();
@@ -211,6 +222,25 @@ impl Lb {
             assert_eq!(v, want, "counter {name}");
         }
         self.seen = now;
+    }
+
+    /// `counters_moved` for a case that opens `new_flow` connections whose
+    /// derived ports may collide (more than two in one range): each port is
+    /// derived or, after collisions, probed.
+    fn counters_moved_opening(&mut self, expected: &[(Counter, u64)]) {
+        let d = self.dp.counters().unwrap().since(&self.seen);
+        let new = expected.iter().find(|(c, _)| *c == Counter::XLB_CNT_NEW_FLOW).map_or(0, |e| e.1);
+        let (derived, probed) = (d.get(Counter::XLB_CNT_NAT_DERIVED), d.get(Counter::XLB_CNT_NAT_PROBED));
+        let collisions = d.get(Counter::XLB_CNT_NAT_COLLISION);
+        assert_eq!(derived + probed, new, "every new connection's port derived or probed");
+        assert!(collisions >= probed, "a port is probed only after a collision");
+        let mut expected = expected.to_vec();
+        expected.extend([
+            (Counter::XLB_CNT_NAT_DERIVED, derived),
+            (Counter::XLB_CNT_NAT_PROBED, probed),
+            (Counter::XLB_CNT_NAT_COLLISION, collisions),
+        ]);
+        self.counters_moved(&expected);
     }
 
     /// The NAT source port of the one connection from `client`.
@@ -255,9 +285,22 @@ fn case(backends: &'static [Ipv4Addr], f: impl FnOnce(&mut Lb) + Send + 'static)
 
 /// `case`, after shell commands `setup` ran in the namespace.
 fn case_in(setup: &str, backends: &'static [Ipv4Addr], f: impl FnOnce(&mut Lb) + Send + 'static) {
+    case_on(setup, move || Lb::new(backends), f);
+}
+
+/// `case_in` on the program `lb` loads (one of Lb's constructors).
+fn case_on(setup: &str, lb: impl FnOnce() -> Lb + Send + 'static, f: impl FnOnce(&mut Lb) + Send + 'static) {
     let ns = golden_ns();
     ns.exec(setup);
-    ns.run(move || f(&mut Lb::new(backends)));
+    ns.run(move || f(&mut lb()));
+}
+
+/// A maglev table of 251 slots spread over `backends` (ids: their index),
+/// empty without backends.
+fn maglev_table(backends: &[Ipv4Addr]) -> Vec<Option<(Ipv4Addr, u32)>> {
+    (0..251)
+        .map(|i| (!backends.is_empty()).then(|| (backends[i % backends.len()], (i % backends.len()) as u32)))
+        .collect()
 }
 
 const ONE: &[Ipv4Addr] = &[BACKEND];
@@ -1859,6 +1902,45 @@ fn a_checksum_left_to_offload_stays_a_seed_for_the_new_addresses_in_generic_mode
 }
 
 #[test]
+fn a_full_checksum_that_equals_the_seed_by_chance_is_still_updated_as_full_in_generic_mode() {
+    case(ONE, |lb| {
+        let g0 = lb.ifindex;
+        assert_eq!(lb.dp.attach_as("g0", g0, XdpMode::Generic).unwrap(), XdpMode::Generic);
+        let syn = from_client(80);
+        lb.run(&syn.frame());
+        let port = lb.nat_port(syn.src);
+        lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 1), (Counter::XLB_CNT_FWD_TO_BACKEND, 1)]);
+        // A segment whose correct full checksum happens to equal the seed
+        // value (1 segment in 65536 does): found by trying the last two
+        // payload bytes. Taken for a seed, its ports would be left out of the
+        // update and the backend would drop it as corrupt.
+        let tcp_len = 20 + 20;
+        let want_csum = seed(CLIENT, LISTEN, tcp_len);
+        let data = (0..=u16::MAX)
+            .map(|w| {
+                let mut payload = b"GET / HTTP/1.0\r\n\r\n".to_vec();
+                payload.extend_from_slice(&w.to_be_bytes());
+                Tcp { payload, ..syn.clone().ack() }
+            })
+            .find(|d| d.frame()[TCP_CSUM] == want_csum.to_be_bytes())
+            .expect("a payload whose full checksum is the seed");
+        let (action, out) = lb.run(&data.frame());
+        assert_eq!(action, XDP_TX);
+        let want = Tcp {
+            smac: LB_MAC,
+            dmac: BACKEND_MAC,
+            src: (LISTEN, port),
+            dst: (BACKEND, 8080),
+            ttl: 63,
+            ..data.clone()
+        };
+        assert_eq!(out, want.frame(), "rewritten with a correct full checksum");
+        checked_tcp(&out);
+        lb.counters_moved(&[(Counter::XLB_CNT_FWD_TO_BACKEND, 1)]);
+    });
+}
+
+#[test]
 fn native_mode_treats_every_checksum_as_full() {
     case(ONE, |lb| {
         let syn = from_client(80);
@@ -1915,5 +1997,840 @@ fn nat_ports_follow_the_client_tuple() {
         lb.run(&Tcp { rst: true, ..syn.clone().ack() }.frame());
         lb.run(&Tcp { seq: 5_000_000, ..syn.clone() }.frame());
         assert_eq!(lb.nat_port(syn.src), port, "the reopened connection keeps its NAT port");
+    });
+}
+
+// NAT port choice, closed connections reopened in place, tombstones and
+// their takeover under port pressure, the SNAT pool.
+
+const SEC: u64 = 1_000_000_000;
+
+/// A second client on g0, with its own neighbour entry where a case's setup
+/// adds `other_client_neigh()`.
+const OTHER_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 3);
+const OTHER_CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 3];
+
+fn other_client_neigh() -> String {
+    format!("ip neigh add {OTHER_CLIENT} lladdr {} dev g0 nud permanent", mac(OTHER_CLIENT_MAC))
+}
+
+/// A NAT range of one port: a second connection to a backend must take a
+/// closed pair's port over or be refused.
+const ONE_PORT: (u16, u16) = (20000, 20000);
+
+/// TCP flag bits and XLB's marks as struct flow.tcp_flags holds them.
+const FIN: u32 = 0x01;
+const SYN: u32 = 0x02;
+const RST: u32 = 0x04;
+const ACK: u32 = 0x10;
+const CT_FIN_FIRST: u32 = 1 << 8;
+const CT_FIN_SEQ: u32 = 1 << 9;
+const CT_CLOSED: u32 = 1 << 10;
+
+/// The sequence number after the FIN `close` has the client send (seq 1019,
+/// 3 bytes of data): what a backend in TIME_WAIT expects next.
+const CLIENT_FIN_END: u32 = 1019 + 3 + 1;
+
+/// The MAC of a test host (SNAT pool clients: 02:00:00:00:03:nn).
+fn mac_of(host: Ipv4Addr) -> [u8; 6] {
+    match host {
+        CLIENT => CLIENT_MAC,
+        OTHER_CLIENT => OTHER_CLIENT_MAC,
+        BACKEND => BACKEND_MAC,
+        FAR_BACKEND => FAR_BACKEND_MAC,
+        h if pool_clients().contains(&h) => [2, 0, 0, 0, 3, h.octets()[3]],
+        h => panic!("no MAC for {h}"),
+    }
+}
+
+/// The MAC XLB sends from towards `host`: g1's for the far backend.
+fn lb_mac_to(host: Ipv4Addr) -> [u8; 6] {
+    if host == FAR_BACKEND {
+        LB1_MAC
+    } else {
+        LB_MAC
+    }
+}
+
+/// A client's SYN to port 80 from `src`.
+fn client_syn(src: (Ipv4Addr, u16)) -> Tcp {
+    Tcp { smac: mac_of(src.0), src, ..from_client(80) }
+}
+
+/// An ACK from `backend` to the NAT port `port` of `snat`.
+fn from_backend_to(backend: Ipv4Addr, snat: Ipv4Addr, port: u16) -> Tcp {
+    Tcp {
+        smac: mac_of(backend),
+        src: (backend, 8080),
+        dst: (snat, port),
+        syn: false,
+        ack: true,
+        seq: 5000,
+        ..from_client(80)
+    }
+}
+
+/// An ACK from `backend` to the NAT port `port` of the listen address (the
+/// one SNAT address of Lb's other constructors).
+fn from_backend(backend: Ipv4Addr, port: u16) -> Tcp {
+    from_backend_to(backend, LISTEN, port)
+}
+
+/// Client segment `t` as XLB sends it to `backend`, from `nat_src`.
+fn natted_to_backend(t: &Tcp, nat_src: (Ipv4Addr, u16), backend: Ipv4Addr) -> Tcp {
+    Tcp {
+        smac: lb_mac_to(backend),
+        dmac: mac_of(backend),
+        src: nat_src,
+        dst: (backend, 8080),
+        ttl: t.ttl - 1,
+        ..t.clone()
+    }
+}
+
+/// Backend segment `t` as XLB sends it to `client` (who connected to port 80).
+fn natted_to_client(t: &Tcp, client: (Ipv4Addr, u16)) -> Tcp {
+    Tcp { smac: LB_MAC, dmac: mac_of(client.0), src: (LISTEN, 80), dst: client, ttl: t.ttl - 1, ..t.clone() }
+}
+
+/// Runs `t` and asserts XLB sends exactly `want` on (by XDP_TX, or by
+/// redirect to g1).
+fn expect_sent(lb: &Lb, t: &Tcp, want: &Tcp, what: &str) {
+    let (action, out) = lb.run(&t.frame());
+    let how = if want.smac == LB1_MAC { XDP_REDIRECT } else { XDP_TX };
+    assert_eq!(action, how, "{what}: action");
+    assert_eq!(out, want.frame(), "{what}: frame");
+    checked_tcp(&out);
+}
+
+/// Runs `t` and asserts XLB drops it as it came.
+fn expect_dropped(lb: &Lb, t: &Tcp, what: &str) {
+    let (action, out) = lb.run(&t.frame());
+    assert_eq!(action, XDP_DROP, "{what}: action");
+    assert_eq!(out, t.frame(), "{what}: nothing rewritten");
+}
+
+/// The request `open` has the client send after the handshake.
+fn request(syn: &Tcp) -> Tcp {
+    Tcp { seq: syn.seq + 1, ..syn.clone().ack() }
+}
+
+/// Opens a connection with `syn` to `backend` (SYN, the backend's SYN-ACK,
+/// a request from the client), checking every frame XLB sends on; returns
+/// its NAT port. Counters: new_flow 1, fwd_to_backend 2, fwd_to_client 1.
+fn open(lb: &mut Lb, syn: &Tcp, backend: Ipv4Addr) -> u16 {
+    let (action, out) = lb.run(&syn.frame());
+    let port = lb.nat_port(syn.src);
+    let want = natted_to_backend(syn, (LISTEN, port), backend);
+    assert_eq!(action, if want.smac == LB1_MAC { XDP_REDIRECT } else { XDP_TX }, "SYN: action");
+    assert_eq!(out, want.frame(), "SYN");
+    let synack = Tcp { syn: true, ..from_backend(backend, port) };
+    expect_sent(lb, &synack, &natted_to_client(&synack, syn.src), "SYN-ACK");
+    let req = request(syn);
+    expect_sent(lb, &req, &natted_to_backend(&req, (LISTEN, port), backend), "request");
+    port
+}
+
+/// The client's FIN of `close`: 3 bytes of data, ending at CLIENT_FIN_END.
+fn client_fin(syn: &Tcp) -> Tcp {
+    Tcp { fin: true, seq: 1019, payload: b"bye".to_vec(), ..syn.clone().ack() }
+}
+
+/// Closes a connection `open` opened: FIN both ways, the backend's first
+/// when `backend_first`. Counters: fwd_to_backend 1, fwd_to_client 1.
+fn close(lb: &mut Lb, syn: &Tcp, backend: Ipv4Addr, port: u16, backend_first: bool) {
+    let fin = client_fin(syn);
+    let back_fin = Tcp { fin: true, seq: 5001, ..from_backend(backend, port) };
+    let client_closes =
+        |lb: &Lb| expect_sent(lb, &fin, &natted_to_backend(&fin, (LISTEN, port), backend), "client FIN");
+    let backend_closes =
+        |lb: &Lb| expect_sent(lb, &back_fin, &natted_to_client(&back_fin, syn.src), "backend FIN");
+    if backend_first {
+        backend_closes(lb);
+        client_closes(lb);
+    } else {
+        client_closes(lb);
+        backend_closes(lb);
+    }
+}
+
+/// The entry keyed (src, dst), if there is one.
+fn entry(lb: &Lb, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Option<FlowEntry> {
+    lb.dp.flows().unwrap().into_iter().find(|e| e.src() == src && e.dst() == dst)
+}
+
+/// The forward entry of `client`'s connection to port 80.
+fn fwd_of(lb: &Lb, client: (Ipv4Addr, u16)) -> FlowEntry {
+    entry(lb, client, (LISTEN, 80)).expect("forward entry")
+}
+
+/// The reverse entry holding NAT port `port` of the listen address at `backend`.
+fn rev_of(lb: &Lb, backend: Ipv4Addr, port: u16) -> FlowEntry {
+    entry(lb, (backend, 8080), (LISTEN, port)).expect("reverse entry")
+}
+
+/// The whole conntrack table, comparable.
+fn table(lb: &Lb) -> Vec<String> {
+    let mut t: Vec<String> = lb.dp.flows().unwrap().iter().map(|e| format!("{e:?}")).collect();
+    t.sort();
+    t
+}
+
+/// Sweeps of these cases: closed pairs go after 10 s idle, pairs the
+/// backend closed first after 70 s; nothing open expires.
+fn sweep_at(now: u64, after_secs: u64) -> GcPolicy {
+    GcPolicy {
+        now_ns: now + after_secs * SEC,
+        idle_ns: 600 * SEC,
+        closed_ns: 10 * SEC,
+        tombstone_ns: 70 * SEC,
+        half_open_ns: 300 * SEC,
+    }
+}
+
+/// The retired traffic so far, per backend (read by a sweep that removes
+/// nothing).
+fn retired(lb: &Lb) -> std::collections::HashMap<Ipv4Addr, Traffic> {
+    let keep = GcPolicy {
+        now_ns: 0,
+        idle_ns: u64::MAX,
+        closed_ns: u64::MAX,
+        tombstone_ns: u64::MAX,
+        half_open_ns: u64::MAX,
+    };
+    lb.dp.expire_flows(&keep).unwrap().retired.into_iter().map(|(a, r)| (a, r.traffic)).collect()
+}
+
+/// The traffic `open` and `close` send on each way, as conntrack counts it
+/// (frame lengths).
+fn open_close_traffic(syn: &Tcp, backend: Ipv4Addr, port: u16) -> Traffic {
+    let to_backend = [syn.frame(), request(syn).frame(), client_fin(syn).frame()];
+    let to_client = [
+        Tcp { syn: true, ..from_backend(backend, port) }.frame(),
+        Tcp { fin: true, seq: 5001, ..from_backend(backend, port) }.frame(),
+    ];
+    Traffic {
+        bytes_to_backend: to_backend.iter().map(|f| f.len() as u64).sum(),
+        packets_to_backend: 3,
+        bytes_to_client: to_client.iter().map(|f| f.len() as u64).sum(),
+        packets_to_client: 2,
+    }
+}
+
+#[test]
+fn a_client_port_in_the_nat_range_is_kept_and_a_second_client_on_it_gets_the_derived_port() {
+    case_in(&other_client_neigh(), ONE, |lb| {
+        let first = client_syn((CLIENT, 20_123));
+        expect_sent(lb, &first, &natted_to_backend(&first, (LISTEN, 20_123), BACKEND), "first SYN");
+        lb.counters_moved(&[
+            (Counter::XLB_CNT_NEW_FLOW, 1),
+            (Counter::XLB_CNT_FWD_TO_BACKEND, 1),
+            (Counter::XLB_CNT_NAT_PRESERVED, 1),
+        ]);
+
+        // Another address, the same port, the same backend: its own port is
+        // taken (one collision), the one derived from its tuple is next.
+        let second = client_syn((OTHER_CLIENT, 20_123));
+        let (action, out) = lb.run(&second.frame());
+        assert_eq!(action, XDP_TX);
+        let port = lb.nat_port(second.src);
+        assert_ne!(port, 20_123);
+        assert!((NAT_PORTS.0..=NAT_PORTS.1).contains(&port), "NAT port {port} in range");
+        assert_eq!(out, natted_to_backend(&second, (LISTEN, port), BACKEND).frame());
+        let d = lb.dp.counters().unwrap().since(&lb.seen);
+        if d.get(Counter::XLB_CNT_NAT_PROBED) == 0 {
+            lb.counters_moved(&[
+                (Counter::XLB_CNT_NEW_FLOW, 1),
+                (Counter::XLB_CNT_FWD_TO_BACKEND, 1),
+                (Counter::XLB_CNT_NAT_COLLISION, 1),
+                (Counter::XLB_CNT_NAT_DERIVED, 1),
+            ]);
+        } else {
+            // 1 in 1000 (by the seed): the derived port is 20123 too, and
+            // collides as well; a random one then.
+            let collisions = d.get(Counter::XLB_CNT_NAT_COLLISION);
+            assert!(collisions >= 2, "{collisions} collisions");
+            lb.counters_moved(&[
+                (Counter::XLB_CNT_NEW_FLOW, 1),
+                (Counter::XLB_CNT_FWD_TO_BACKEND, 1),
+                (Counter::XLB_CNT_NAT_COLLISION, collisions),
+                (Counter::XLB_CNT_NAT_PROBED, 1),
+            ]);
+        }
+
+        // Each NAT port answers its own client.
+        for (client, port) in [(first.src, 20_123), (second.src, port)] {
+            let reply = Tcp { syn: true, ..from_backend(BACKEND, port) };
+            expect_sent(lb, &reply, &natted_to_client(&reply, client), "SYN-ACK");
+        }
+        lb.counters_moved(&[(Counter::XLB_CNT_FWD_TO_CLIENT, 2)]);
+    });
+}
+
+#[test]
+fn a_syn_after_the_backend_closed_first_reopens_the_pair_in_place() {
+    case(ONE, |lb| {
+        let syn = from_client(80);
+        let port = open(lb, &syn, BACKEND);
+        close(lb, &syn, BACKEND, port, true);
+        lb.counters_moved(&[
+            (Counter::XLB_CNT_NEW_FLOW, 1),
+            (Counter::XLB_CNT_FWD_TO_BACKEND, 3),
+            (Counter::XLB_CNT_FWD_TO_CLIENT, 2),
+        ]);
+        // The backend's FIN came first and the client's FIN ended at
+        // CLIENT_FIN_END: marked on the entries.
+        let (fwd, rev) = (fwd_of(lb, syn.src), rev_of(lb, BACKEND, port));
+        assert_eq!(
+            fwd.flow.tcp_flags,
+            SYN | ACK | FIN | CT_CLOSED,
+            "forward flags {:#x}",
+            fwd.flow.tcp_flags
+        );
+        assert_eq!(
+            rev.flow.tcp_flags,
+            SYN | ACK | FIN | CT_FIN_FIRST | CT_FIN_SEQ | CT_CLOSED,
+            "reverse flags {:#x}",
+            rev.flow.tcp_flags
+        );
+        assert_eq!(rev.flow.fin_seq, CLIENT_FIN_END);
+
+        // The client reuses its port: same backend, same NAT port, so the
+        // backend sees its TIME_WAIT 4-tuple again, with a newer ISN.
+        let again = Tcp { seq: 5_000_000, ..syn.clone() };
+        expect_sent(lb, &again, &natted_to_backend(&again, (LISTEN, port), BACKEND), "new SYN");
+        lb.counters_moved(&[
+            (Counter::XLB_CNT_NEW_FLOW, 1),
+            (Counter::XLB_CNT_CT_REOPENED, 1),
+            (Counter::XLB_CNT_FWD_TO_BACKEND, 1),
+        ]);
+        assert_eq!(lb.dp.flows().unwrap().len(), 2, "rewritten in place, nothing added");
+        let (fwd, rev) = (fwd_of(lb, syn.src), rev_of(lb, BACKEND, port));
+        assert_eq!(fwd.nat(), ((LISTEN, port), (BACKEND, 8080)));
+        assert_eq!(
+            (fwd.flow.tcp_flags, fwd.flow.packets, fwd.flow.fin_seq),
+            (SYN, 1, 0),
+            "fresh forward entry"
+        );
+        assert_eq!(rev.nat(), ((LISTEN, 80), syn.src));
+        assert_eq!(
+            (rev.flow.tcp_flags, rev.flow.packets, rev.flow.fin_seq),
+            (0, 0, 0),
+            "fresh reverse entry"
+        );
+
+        // And it works both ways.
+        let synack = Tcp { syn: true, seq: 9000, ..from_backend(BACKEND, port) };
+        expect_sent(lb, &synack, &natted_to_client(&synack, syn.src), "SYN-ACK");
+        lb.counters_moved(&[(Counter::XLB_CNT_FWD_TO_CLIENT, 1)]);
+    });
+}
+
+#[test]
+fn a_pair_the_backend_closed_first_holds_its_port_for_tombstone_ns_others_go_after_closed_ns() {
+    case(ONE, |lb| {
+        let held = client_syn((CLIENT, 40000));
+        let client_closed = client_syn((CLIENT, 40001));
+        let backend_reset = client_syn((CLIENT, 40002));
+        let client_reset = client_syn((CLIENT, 40003));
+        let mut ports = vec![];
+        for syn in [&held, &client_closed, &backend_reset, &client_reset] {
+            ports.push(open(lb, syn, BACKEND));
+        }
+        close(lb, &held, BACKEND, ports[0], true);
+        close(lb, &client_closed, BACKEND, ports[1], false);
+        let rst = Tcp { rst: true, ack: false, seq: 5001, ..from_backend(BACKEND, ports[2]) };
+        expect_sent(lb, &rst, &natted_to_client(&rst, backend_reset.src), "backend RST");
+        let rst = Tcp { syn: false, rst: true, seq: 1019, ..client_reset.clone() };
+        expect_sent(lb, &rst, &natted_to_backend(&rst, (LISTEN, ports[3]), BACKEND), "client RST");
+        lb.counters_moved_opening(&[
+            (Counter::XLB_CNT_NEW_FLOW, 4),
+            (Counter::XLB_CNT_FWD_TO_BACKEND, 8 + 2 + 1),
+            (Counter::XLB_CNT_FWD_TO_CLIENT, 4 + 2 + 1),
+        ]);
+        let rev = |i: usize| rev_of(lb, BACKEND, ports[i]).flow.tcp_flags;
+        assert_eq!(
+            rev(0) & (CT_FIN_FIRST | CT_CLOSED | RST),
+            CT_FIN_FIRST | CT_CLOSED,
+            "backend closed first"
+        );
+        assert_eq!(rev(1) & (CT_FIN_FIRST | CT_CLOSED | RST), CT_CLOSED, "client closed first");
+        assert_eq!(rev(2) & (CT_CLOSED | RST), CT_CLOSED | RST, "reset by the backend");
+        assert_eq!(rev(3) & (CT_CLOSED | RST), CT_CLOSED, "reset by the client");
+
+        // Past closed_ns: all but the backend-closed-first pair go; that one
+        // holds its port, and is not an open connection.
+        let now = xlb::dataplane::now_ns();
+        let stats = lb.dp.expire_flows(&sweep_at(now, 11)).unwrap();
+        assert_eq!((stats.closed, stats.orphaned, stats.unpaired, stats.active), (3, 0, 0, 0));
+        let b = stats.per_backend[&BACKEND];
+        assert_eq!((b.closed_fin, b.closed_rst, b.orphaned, b.active), (1, 2, 0, 0));
+        assert!(stats.backend_addrs.is_empty(), "no open connection: {:?}", stats.backend_addrs);
+        let left = lb.dp.flows().unwrap();
+        assert_eq!(left.len(), 2, "the held pair only: {left:?}");
+        assert!(
+            entry(lb, held.src, (LISTEN, 80)).is_some()
+                && entry(lb, (BACKEND, 8080), (LISTEN, ports[0])).is_some()
+        );
+
+        // Still there just before tombstone_ns, gone after.
+        let stats = lb.dp.expire_flows(&sweep_at(now, 69)).unwrap();
+        assert_eq!((stats.closed, stats.orphaned, stats.unpaired, stats.active), (0, 0, 0, 0));
+        assert_eq!(lb.dp.flows().unwrap().len(), 2);
+        let stats = lb.dp.expire_flows(&sweep_at(now, 71)).unwrap();
+        assert_eq!((stats.closed, stats.orphaned, stats.unpaired, stats.active), (1, 0, 0, 0));
+        assert_eq!(stats.per_backend[&BACKEND].closed_fin, 1);
+        assert_eq!(stats.per_backend[&BACKEND].removed, open_close_traffic(&held, BACKEND, ports[0]));
+        assert!(lb.dp.flows().unwrap().is_empty());
+        lb.counters_moved(&[]);
+    });
+}
+
+/// A case on a program with one backend and a NAT range of one port, the
+/// other client's neighbour known.
+fn one_port_case(f: impl FnOnce(&mut Lb) + Send + 'static) {
+    case_on(&other_client_neigh(), || Lb::with_nat_ports(ONE, ONE_PORT), f);
+}
+
+/// With one NAT port: the client's connection, opened and closed (the
+/// backend first when `backend_first`), holding port 20000.
+fn one_port_closed(lb: &mut Lb, backend_first: bool) -> Tcp {
+    let syn = from_client(80);
+    let port = open(lb, &syn, BACKEND);
+    assert_eq!(port, ONE_PORT.0);
+    close(lb, &syn, BACKEND, port, backend_first);
+    lb.counters_moved(&[
+        (Counter::XLB_CNT_NEW_FLOW, 1),
+        (Counter::XLB_CNT_FWD_TO_BACKEND, 3),
+        (Counter::XLB_CNT_FWD_TO_CLIENT, 2),
+    ]);
+    syn
+}
+
+/// Every one of XLB_NAT_PORT_TRIES choices of a one-port range collides.
+const ONE_PORT_COLLISIONS: u64 = 32;
+
+#[test]
+fn a_syn_not_past_the_old_fin_cannot_take_over_a_port_the_backend_holds_in_time_wait() {
+    one_port_case(|lb| {
+        one_port_closed(lb, true);
+        let before = table(lb);
+        // Another client (the same port number, another address): the
+        // backend's TIME_WAIT would take its SYN for an old duplicate.
+        for (what, seq) in [
+            ("at the old FIN's end", CLIENT_FIN_END),
+            ("before it", CLIENT_FIN_END - 1),
+            ("half the sequence space away", CLIENT_FIN_END.wrapping_add(1 << 31)),
+        ] {
+            let syn = Tcp { seq, ..client_syn((OTHER_CLIENT, 40000)) };
+            expect_dropped(lb, &syn, what);
+            lb.counters_moved(&[
+                (Counter::XLB_CNT_DROP_NAT_EXHAUSTED, 1),
+                (Counter::XLB_CNT_NAT_COLLISION, ONE_PORT_COLLISIONS),
+            ]);
+            assert_eq!(table(lb), before, "{what}: the closed pair untouched");
+        }
+        assert!(retired(lb).is_empty(), "nothing retired");
+    });
+}
+
+#[test]
+fn a_syn_past_the_old_fin_takes_over_the_port_and_the_stale_forward_entry_is_swept() {
+    one_port_case(|lb| {
+        let old = one_port_closed(lb, true);
+        let port = ONE_PORT.0;
+        let syn = Tcp { seq: CLIENT_FIN_END + 1, ..client_syn((OTHER_CLIENT, 40000)) };
+        expect_sent(
+            lb,
+            &syn,
+            &natted_to_backend(&syn, (LISTEN, port), BACKEND),
+            "SYN on the taken-over port",
+        );
+        lb.counters_moved(&[
+            (Counter::XLB_CNT_NEW_FLOW, 1),
+            (Counter::XLB_CNT_FWD_TO_BACKEND, 1),
+            (Counter::XLB_CNT_NAT_COLLISION, ONE_PORT_COLLISIONS),
+            (Counter::XLB_CNT_NAT_RECLAIMED, 1),
+        ]);
+        // The port now answers the new client.
+        let rev = rev_of(lb, BACKEND, port);
+        assert_eq!(rev.nat(), ((LISTEN, 80), syn.src));
+        assert_eq!(rev.flow.tcp_flags, 0, "a fresh reverse entry");
+        let synack = Tcp { syn: true, seq: 9000, ..from_backend(BACKEND, port) };
+        expect_sent(lb, &synack, &natted_to_client(&synack, syn.src), "SYN-ACK to the new client");
+        lb.counters_moved(&[(Counter::XLB_CNT_FWD_TO_CLIENT, 1)]);
+        // The old connection ended there for accounting.
+        let r = retired(lb);
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(r[&BACKEND], open_close_traffic(&old, BACKEND, port));
+
+        // The old client's forward entry no longer pairs: it stays for
+        // closed_ns, then the sweep removes it; the new pair stays.
+        assert_eq!(lb.dp.flows().unwrap().len(), 3);
+        let now = xlb::dataplane::now_ns();
+        let stats = lb.dp.expire_flows(&sweep_at(now, 9)).unwrap();
+        assert_eq!((stats.closed, stats.orphaned, stats.unpaired, stats.active), (0, 0, 0, 1));
+        assert!(entry(lb, old.src, (LISTEN, 80)).is_some(), "held for closed_ns");
+        let stats = lb.dp.expire_flows(&sweep_at(now, 11)).unwrap();
+        assert_eq!((stats.closed, stats.orphaned, stats.unpaired, stats.active), (0, 0, 1, 1));
+        assert!(entry(lb, old.src, (LISTEN, 80)).is_none(), "the stale forward entry is gone");
+        assert_eq!(fwd_of(lb, syn.src).nat(), ((LISTEN, port), (BACKEND, 8080)));
+        assert_eq!(rev_of(lb, BACKEND, port).nat(), ((LISTEN, 80), syn.src));
+        assert_eq!(lb.dp.flows().unwrap().len(), 2);
+        assert_eq!(retired(lb)[&BACKEND], open_close_traffic(&old, BACKEND, port), "retired once");
+    });
+}
+
+#[test]
+fn a_port_with_no_time_wait_behind_it_is_taken_over_whatever_the_sequence() {
+    one_port_case(|lb| {
+        // The client closed first: the backend holds no TIME_WAIT.
+        let first = one_port_closed(lb, false);
+        let port = ONE_PORT.0;
+        assert_eq!(rev_of(lb, BACKEND, port).flow.tcp_flags & CT_FIN_FIRST, 0);
+        let second = Tcp { seq: 7, ..client_syn((OTHER_CLIENT, 40000)) };
+        expect_sent(lb, &second, &natted_to_backend(&second, (LISTEN, port), BACKEND), "second client");
+        lb.counters_moved(&[
+            (Counter::XLB_CNT_NEW_FLOW, 1),
+            (Counter::XLB_CNT_FWD_TO_BACKEND, 1),
+            (Counter::XLB_CNT_NAT_COLLISION, ONE_PORT_COLLISIONS),
+            (Counter::XLB_CNT_NAT_RECLAIMED, 1),
+        ]);
+        assert_eq!(retired(lb)[&BACKEND], open_close_traffic(&first, BACKEND, port));
+
+        // The backend closes first, then resets: a reset ends TIME_WAIT.
+        let synack = Tcp { syn: true, ..from_backend(BACKEND, port) };
+        expect_sent(lb, &synack, &natted_to_client(&synack, second.src), "SYN-ACK");
+        let back_fin = Tcp { fin: true, seq: 5001, ..from_backend(BACKEND, port) };
+        expect_sent(lb, &back_fin, &natted_to_client(&back_fin, second.src), "backend FIN");
+        let back_rst = Tcp { rst: true, ack: false, seq: 5002, ..from_backend(BACKEND, port) };
+        expect_sent(lb, &back_rst, &natted_to_client(&back_rst, second.src), "backend RST");
+        lb.counters_moved(&[(Counter::XLB_CNT_FWD_TO_CLIENT, 3)]);
+        let rev = rev_of(lb, BACKEND, port).flow.tcp_flags;
+        assert_eq!(rev & (CT_FIN_FIRST | CT_CLOSED | RST), CT_FIN_FIRST | CT_CLOSED | RST, "{rev:#x}");
+        // A third client, its sequence number anywhere.
+        let third = Tcp { seq: 0, ..client_syn((CLIENT, 40001)) };
+        expect_sent(lb, &third, &natted_to_backend(&third, (LISTEN, port), BACKEND), "third client");
+        lb.counters_moved(&[
+            (Counter::XLB_CNT_NEW_FLOW, 1),
+            (Counter::XLB_CNT_FWD_TO_BACKEND, 1),
+            (Counter::XLB_CNT_NAT_COLLISION, ONE_PORT_COLLISIONS),
+            (Counter::XLB_CNT_NAT_RECLAIMED, 1),
+        ]);
+        let reply = from_backend(BACKEND, port);
+        expect_sent(lb, &reply, &natted_to_client(&reply, third.src), "reply to the third client");
+        lb.counters_moved(&[(Counter::XLB_CNT_FWD_TO_CLIENT, 1)]);
+    });
+}
+
+#[test]
+fn an_open_connections_port_is_never_taken_over() {
+    one_port_case(|lb| {
+        let syn = from_client(80);
+        let port = open(lb, &syn, BACKEND);
+        lb.counters_moved(&[
+            (Counter::XLB_CNT_NEW_FLOW, 1),
+            (Counter::XLB_CNT_FWD_TO_BACKEND, 2),
+            (Counter::XLB_CNT_FWD_TO_CLIENT, 1),
+        ]);
+        let other = Tcp { seq: CLIENT_FIN_END + 1_000_000, ..client_syn((OTHER_CLIENT, 40000)) };
+        let before = table(lb);
+        expect_dropped(lb, &other, "established");
+        lb.counters_moved(&[
+            (Counter::XLB_CNT_DROP_NAT_EXHAUSTED, 1),
+            (Counter::XLB_CNT_NAT_COLLISION, ONE_PORT_COLLISIONS),
+        ]);
+        assert_eq!(table(lb), before);
+
+        // Half-closed by the client, its FIN's end recorded: the backend may
+        // still be sending, the port is not free.
+        let fin = client_fin(&syn);
+        expect_sent(lb, &fin, &natted_to_backend(&fin, (LISTEN, port), BACKEND), "client FIN");
+        lb.counters_moved(&[(Counter::XLB_CNT_FWD_TO_BACKEND, 1)]);
+        let rev = rev_of(lb, BACKEND, port).flow;
+        assert_eq!((rev.tcp_flags & (CT_FIN_SEQ | CT_CLOSED), rev.fin_seq), (CT_FIN_SEQ, CLIENT_FIN_END));
+        let before = table(lb);
+        expect_dropped(lb, &other, "half-closed");
+        lb.counters_moved(&[
+            (Counter::XLB_CNT_DROP_NAT_EXHAUSTED, 1),
+            (Counter::XLB_CNT_NAT_COLLISION, ONE_PORT_COLLISIONS),
+        ]);
+        assert_eq!(table(lb), before);
+        // Its own client still gets through on it.
+        let data = Tcp { seq: 1001, ..syn.clone().ack() };
+        expect_sent(lb, &data, &natted_to_backend(&data, (LISTEN, port), BACKEND), "data");
+        lb.counters_moved(&[(Counter::XLB_CNT_FWD_TO_BACKEND, 1)]);
+        assert!(retired(lb).is_empty());
+    });
+}
+
+/// A SNAT pool of four addresses, none of them the listen address (nor
+/// assigned in the namespace: backends only send replies to them).
+const POOL: [Ipv4Addr; 4] = [
+    Ipv4Addr::new(10, 0, 0, 21),
+    Ipv4Addr::new(10, 0, 0, 22),
+    Ipv4Addr::new(10, 0, 0, 23),
+    Ipv4Addr::new(10, 0, 0, 24),
+];
+
+/// Sixteen clients on g0, 10.0.0.100-115.
+fn pool_clients() -> Vec<Ipv4Addr> {
+    (100..116).map(|i| Ipv4Addr::new(10, 0, 0, i)).collect()
+}
+
+fn pool_clients_neigh() -> String {
+    pool_clients()
+        .iter()
+        .map(|c| format!("ip neigh add {c} lladdr {} dev g0 nud permanent", mac(mac_of(*c))))
+        .collect::<Vec<_>>()
+        .join(" && ")
+}
+
+#[test]
+fn snat_pool_gives_each_client_one_address_and_replies_to_any_of_it_come_back() {
+    case_on(
+        &pool_clients_neigh(),
+        || Lb::with_snat(ONE, &POOL),
+        |lb| {
+            let mut used = std::collections::HashMap::new();
+            let mut conns = vec![];
+            for client in pool_clients() {
+                for sport in [40000, 40001, 40002] {
+                    let syn = client_syn((client, sport));
+                    let (action, out) = lb.run(&syn.frame());
+                    assert_eq!(action, XDP_TX, "{client}:{sport}");
+                    let fwd = fwd_of(lb, syn.src);
+                    let (snat, port) = fwd.nat().0;
+                    assert!(POOL.contains(&snat), "{snat} from the pool");
+                    assert_eq!(
+                        out,
+                        natted_to_backend(&syn, (snat, port), BACKEND).frame(),
+                        "{client}:{sport}"
+                    );
+                    assert_eq!(*used.entry(client).or_insert(snat), snat, "{client}: one SNAT address");
+                    conns.push((syn.src, snat, port));
+                }
+            }
+            lb.counters_moved_opening(&[
+                (Counter::XLB_CNT_NEW_FLOW, 48),
+                (Counter::XLB_CNT_FWD_TO_BACKEND, 48),
+            ]);
+            let spread: std::collections::HashSet<_> = used.values().collect();
+            assert!(spread.len() >= 2, "16 clients over {} SNAT address(es)", spread.len());
+
+            // A reply to each (address, port) goes back to its own client.
+            for &(client, snat, port) in &conns {
+                let reply = Tcp { syn: true, ..from_backend_to(BACKEND, snat, port) };
+                expect_sent(lb, &reply, &natted_to_client(&reply, client), "reply");
+            }
+            lb.counters_moved(&[(Counter::XLB_CNT_FWD_TO_CLIENT, 48)]);
+
+            // A pool address and NAT port without an entry, and the listen
+            // address (not in this pool): not ours.
+            let taken: Vec<(Ipv4Addr, u16)> = conns.iter().map(|&(_, s, p)| (s, p)).collect();
+            let free = (NAT_PORTS.0..).find(|p| !taken.contains(&(POOL[0], *p))).unwrap();
+            for stranger in [from_backend_to(BACKEND, POOL[0], free), from_backend(BACKEND, conns[0].2)] {
+                let (action, out) = lb.run(&stranger.frame());
+                assert_eq!(action, XDP_PASS);
+                assert_eq!(out, stranger.frame());
+                lb.counters_moved(&[(Counter::XLB_CNT_PASS_NOT_OURS, 1)]);
+            }
+        },
+    );
+}
+
+#[test]
+fn a_closed_connection_whose_backend_left_reopens_on_the_new_one_and_leaves_a_tombstone() {
+    case(ONE, |lb| {
+        let syn = from_client(80);
+        let old_port = open(lb, &syn, BACKEND);
+        close(lb, &syn, BACKEND, old_port, true);
+        lb.counters_moved(&[
+            (Counter::XLB_CNT_NEW_FLOW, 1),
+            (Counter::XLB_CNT_FWD_TO_BACKEND, 3),
+            (Counter::XLB_CNT_FWD_TO_CLIENT, 2),
+        ]);
+        let tombstone = rev_of(lb, BACKEND, old_port);
+
+        // The backend leaves; the far backend is all there is.
+        lb.dp.set_backends(&maglev_table(&[FAR_BACKEND])).unwrap();
+        let again = Tcp { seq: 5_000_000, ..syn.clone() };
+        let (action, out) = lb.run(&again.frame());
+        assert_eq!(action, XDP_REDIRECT);
+        let port = lb.nat_port(syn.src);
+        assert_eq!(out, natted_to_backend(&again, (LISTEN, port), FAR_BACKEND).frame());
+        // A new port claim at the new backend, not a reopening.
+        lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 1), (Counter::XLB_CNT_FWD_TO_BACKEND, 1)]);
+        assert_eq!(retired(lb)[&BACKEND], open_close_traffic(&syn, BACKEND, old_port));
+        let synack = Tcp { syn: true, seq: 9000, ..from_backend(FAR_BACKEND, port) };
+        expect_sent(lb, &synack, &natted_to_client(&synack, syn.src), "SYN-ACK from the far backend");
+        lb.counters_moved(&[(Counter::XLB_CNT_FWD_TO_CLIENT, 1)]);
+        // The old backend's reverse entry stays, as it was: the tombstone.
+        assert_eq!(lb.dp.flows().unwrap().len(), 3);
+        assert_eq!(format!("{:?}", rev_of(lb, BACKEND, old_port)), format!("{tombstone:?}"));
+        assert_eq!(fwd_of(lb, syn.src).nat(), ((LISTEN, port), (FAR_BACKEND, 8080)));
+
+        // The backend closed first: the tombstone stays for tombstone_ns.
+        let now = xlb::dataplane::now_ns();
+        let stats = lb.dp.expire_flows(&sweep_at(now, 11)).unwrap();
+        assert_eq!((stats.closed, stats.orphaned, stats.unpaired, stats.active), (0, 0, 0, 1));
+        assert_eq!(lb.dp.flows().unwrap().len(), 3);
+        let stats = lb.dp.expire_flows(&sweep_at(now, 71)).unwrap();
+        assert_eq!((stats.closed, stats.orphaned, stats.unpaired, stats.active), (0, 0, 1, 1));
+        assert!(entry(lb, (BACKEND, 8080), (LISTEN, old_port)).is_none(), "the tombstone is gone");
+        assert_eq!(lb.dp.flows().unwrap().len(), 2, "the new connection stays");
+        assert_eq!(rev_of(lb, FAR_BACKEND, port).nat(), ((LISTEN, 80), syn.src));
+        assert_eq!(stats.backend_addrs.iter().copied().collect::<Vec<_>>(), vec![FAR_BACKEND]);
+    });
+}
+
+#[test]
+fn a_syn_refused_for_want_of_a_port_retires_nothing() {
+    one_port_case(|lb| {
+        let first = one_port_closed(lb, true);
+        let port = ONE_PORT.0;
+        // The backend leaves, and another client holds the far backend's
+        // only port.
+        lb.dp.set_backends(&maglev_table(&[FAR_BACKEND])).unwrap();
+        let other = client_syn((OTHER_CLIENT, 40000));
+        open(lb, &other, FAR_BACKEND);
+        lb.counters_moved(&[
+            (Counter::XLB_CNT_NEW_FLOW, 1),
+            (Counter::XLB_CNT_FWD_TO_BACKEND, 2),
+            (Counter::XLB_CNT_FWD_TO_CLIENT, 1),
+        ]);
+        let before = table(lb);
+        // The first client comes back: no port for it at the far backend.
+        // Refused, and again when it retransmits; its closed pair stays as
+        // it was, for the sweep to account.
+        for what in ["SYN", "retransmitted SYN"] {
+            let again = Tcp { seq: 5_000_000, ..first.clone() };
+            expect_dropped(lb, &again, what);
+            lb.counters_moved(&[
+                (Counter::XLB_CNT_DROP_NAT_EXHAUSTED, 1),
+                (Counter::XLB_CNT_NAT_COLLISION, ONE_PORT_COLLISIONS),
+            ]);
+            assert_eq!(table(lb), before, "{what}: nothing changed");
+            let r = retired(lb);
+            assert!(r.is_empty(), "{what}: retired {r:?}");
+        }
+        let now = xlb::dataplane::now_ns();
+        let stats = lb.dp.expire_flows(&sweep_at(now, 71)).unwrap();
+        assert_eq!((stats.closed, stats.active), (1, 1));
+        assert_eq!(stats.per_backend[&BACKEND].removed, open_close_traffic(&first, BACKEND, port));
+    });
+}
+
+#[test]
+fn a_client_whose_port_was_taken_over_is_not_retired_again_when_it_comes_back() {
+    one_port_case(|lb| {
+        let first = one_port_closed(lb, true);
+        let port = ONE_PORT.0;
+        let second = Tcp { seq: CLIENT_FIN_END + 1, ..client_syn((OTHER_CLIENT, 40000)) };
+        assert_eq!(open(lb, &second, BACKEND), port);
+        close(lb, &second, BACKEND, port, false);
+        lb.counters_moved(&[
+            (Counter::XLB_CNT_NEW_FLOW, 1),
+            (Counter::XLB_CNT_FWD_TO_BACKEND, 3),
+            (Counter::XLB_CNT_FWD_TO_CLIENT, 2),
+            (Counter::XLB_CNT_NAT_COLLISION, ONE_PORT_COLLISIONS),
+            (Counter::XLB_CNT_NAT_RECLAIMED, 1),
+        ]);
+        assert_eq!(retired(lb)[&BACKEND], open_close_traffic(&first, BACKEND, port));
+
+        // The first client comes back on its tuple (its stale forward entry
+        // not swept yet) and takes the port over from the second, which
+        // closed first.
+        let again = Tcp { seq: 5_000_000, ..first.clone() };
+        expect_sent(lb, &again, &natted_to_backend(&again, (LISTEN, port), BACKEND), "first client again");
+        lb.counters_moved(&[
+            (Counter::XLB_CNT_NEW_FLOW, 1),
+            (Counter::XLB_CNT_FWD_TO_BACKEND, 1),
+            (Counter::XLB_CNT_NAT_COLLISION, ONE_PORT_COLLISIONS),
+            (Counter::XLB_CNT_NAT_RECLAIMED, 1),
+        ]);
+        // Each connection retired once.
+        let mut want = open_close_traffic(&first, BACKEND, port);
+        want.add(&open_close_traffic(&second, BACKEND, port));
+        assert_eq!(retired(lb)[&BACKEND], want);
+    });
+}
+
+#[test]
+fn taking_over_a_tombstone_left_by_a_move_retires_no_live_connection() {
+    one_port_case(|lb| {
+        // Closed by the client first: its port may be taken at once.
+        let first = one_port_closed(lb, false);
+        let port = ONE_PORT.0;
+        // The backend leaves: the client's next connection goes to the far
+        // backend, and the old reverse entry stays as port 20000's tombstone.
+        lb.dp.set_backends(&maglev_table(&[FAR_BACKEND])).unwrap();
+        let again = Tcp { seq: 5_000_000, ..first.clone() };
+        expect_sent(lb, &again, &natted_to_backend(&again, (LISTEN, port), FAR_BACKEND), "moved");
+        let data = Tcp { seq: 5_000_001, ..first.clone().ack() };
+        expect_sent(lb, &data, &natted_to_backend(&data, (LISTEN, port), FAR_BACKEND), "data");
+        lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 1), (Counter::XLB_CNT_FWD_TO_BACKEND, 2)]);
+        let before = retired(lb);
+        assert_eq!(before.len(), 1, "{before:?}");
+        assert_eq!(before[&BACKEND], open_close_traffic(&first, BACKEND, port));
+
+        // The backend comes back, and another client takes the tombstone's
+        // port over: the old connection was retired when it moved, the
+        // client's connection to the far backend is live.
+        lb.dp.set_backends(&maglev_table(&[BACKEND])).unwrap();
+        let other = client_syn((OTHER_CLIENT, 40000));
+        expect_sent(lb, &other, &natted_to_backend(&other, (LISTEN, port), BACKEND), "takeover");
+        lb.counters_moved(&[
+            (Counter::XLB_CNT_NEW_FLOW, 1),
+            (Counter::XLB_CNT_FWD_TO_BACKEND, 1),
+            (Counter::XLB_CNT_NAT_COLLISION, ONE_PORT_COLLISIONS),
+            (Counter::XLB_CNT_NAT_RECLAIMED, 1),
+        ]);
+        assert_eq!(retired(lb), before, "nothing more retired");
+        // The live connection is untouched.
+        expect_sent(lb, &data, &natted_to_backend(&data, (LISTEN, port), FAR_BACKEND), "data again");
+        lb.counters_moved(&[(Counter::XLB_CNT_FWD_TO_BACKEND, 1)]);
+    });
+}
+
+#[test]
+fn a_client_back_at_its_old_backend_takes_its_own_tombstone_over_at_once() {
+    one_port_case(|lb| {
+        let syn = one_port_closed(lb, true);
+        let port = ONE_PORT.0;
+        // The backend leaves: the client's next connection goes to the far
+        // backend, leaving port 20000's tombstone at the first; it closes.
+        lb.dp.set_backends(&maglev_table(&[FAR_BACKEND])).unwrap();
+        let moved = Tcp { seq: 5_000_000, ..syn.clone() };
+        assert_eq!(open(lb, &moved, FAR_BACKEND), port);
+        close(lb, &moved, FAR_BACKEND, port, false);
+        lb.counters_moved(&[
+            (Counter::XLB_CNT_NEW_FLOW, 1),
+            (Counter::XLB_CNT_FWD_TO_BACKEND, 3),
+            (Counter::XLB_CNT_FWD_TO_CLIENT, 2),
+        ]);
+        assert_eq!(lb.dp.flows().unwrap().len(), 3, "two pairs' worth: the tombstone and the moved pair");
+
+        // The backend comes back and the client with it. Its own tuple's
+        // tombstone is taken over whatever the sequence number: the backend
+        // sees the very 4-tuple it holds in TIME_WAIT.
+        lb.dp.set_backends(&maglev_table(&[BACKEND])).unwrap();
+        let back = Tcp { seq: CLIENT_FIN_END - 100, ..syn.clone() };
+        expect_sent(lb, &back, &natted_to_backend(&back, (LISTEN, port), BACKEND), "back at the backend");
+        lb.counters_moved(&[
+            (Counter::XLB_CNT_NEW_FLOW, 1),
+            (Counter::XLB_CNT_FWD_TO_BACKEND, 1),
+            (Counter::XLB_CNT_NAT_COLLISION, ONE_PORT_COLLISIONS),
+            (Counter::XLB_CNT_NAT_RECLAIMED, 1),
+        ]);
+        let rev = rev_of(lb, BACKEND, port);
+        assert_eq!((rev.nat(), rev.flow.tcp_flags), (((LISTEN, 80), syn.src), 0), "a fresh reverse entry");
+        assert_eq!(fwd_of(lb, syn.src).nat(), ((LISTEN, port), (BACKEND, 8080)));
+        let synack = Tcp { syn: true, seq: 9000, ..from_backend(BACKEND, port) };
+        expect_sent(lb, &synack, &natted_to_client(&synack, syn.src), "SYN-ACK");
+        lb.counters_moved(&[(Counter::XLB_CNT_FWD_TO_CLIENT, 1)]);
+        // The far backend's reverse entry is left alone, a tombstone now.
+        assert_eq!(lb.dp.flows().unwrap().len(), 3);
+        assert_eq!(rev_of(lb, FAR_BACKEND, port).nat(), ((LISTEN, 80), syn.src));
     });
 }

@@ -64,8 +64,8 @@ static __always_inline void ct_note_close(struct flow *f, const struct packet *p
 	flow_peer_key(&peer, f);
 	p = bpf_map_lookup_elem(&conntrack, &peer);
 	if (flags & XLB_TCP_RST) {
-		mine |= XLB_CT_CLOSED;
-		theirs |= XLB_CT_CLOSED;
+		mine |= XLB_CT_CLOSED | XLB_CT_RESET;
+		theirs |= XLB_CT_CLOSED | XLB_CT_RESET;
 	}
 	if ((flags & XLB_TCP_FIN) && p) {
 		if (!(p->tcp_flags & XLB_TCP_FIN)) {
@@ -125,7 +125,7 @@ static __always_inline void ct_retire(const struct flow *fwd, const struct flow 
 			return;
 	}
 	r->connections += 1;
-	if ((fwd->tcp_flags | (rev ? rev->tcp_flags : 0)) & XLB_TCP_RST)
+	if (fwd->tcp_flags & XLB_CT_RESET)
 		r->connections_reset += 1;
 	r->bytes_to_backend += fwd->bytes;
 	r->packets_to_backend += fwd->packets;
@@ -185,10 +185,10 @@ static __always_inline int ct_claim(struct flow_key *rev_key, const struct flow 
 	 * left to the sweep, which sees it no longer pairs. */
 	flow_peer_key(&old_fwd, t);
 	of = bpf_map_lookup_elem(&conntrack, &old_fwd);
-	if (of && flow_pairs_with(t, &old_fwd))
-		ct_retire(of, t);
 	if (bpf_map_update_elem(&conntrack, rev_key, rev, BPF_EXIST))
 		return why;
+	if (of && flow_pairs_with(of, rev_key))
+		ct_retire(of, t);
 	count(XLB_CNT_NAT_RECLAIMED);
 	return -1;
 }
@@ -241,15 +241,19 @@ static __always_inline struct flow *ct_reopen(const struct flow_key *key, const 
 					      const struct backend *be, __u16 remote_port,
 					      __u32 syn_seq, __u64 now, int *why)
 {
-	struct flow fwd = {}, rev = {};
+	struct flow fwd = {}, rev = {}, old_fwd = *f, old_rev = {};
 	struct flow_key rev_key = {}, peer = {};
 	struct flow *r;
 
+	/* The old connection's final traffic, read before either entry is
+	 * rewritten, and retired once a new one has replaced it. Without its
+	 * reverse entry (its port was taken over) it was retired then. */
 	flow_peer_key(&peer, f);
 	r = bpf_map_lookup_elem(&conntrack, &peer);
-	if (r && !flow_pairs_with(r, key))
+	if (r && flow_pairs_with(r, key))
+		old_rev = *r;
+	else
 		r = NULL;
-	ct_retire(f, r);
 	ct_pair_init(&fwd, &rev, &rev_key, key, be, remote_port, now);
 	if (r && f->nat_daddr == be->addr && f->nat_saddr == fwd.nat_saddr &&
 	    f->nat_dport == remote_port) {
@@ -264,6 +268,8 @@ static __always_inline struct flow *ct_reopen(const struct flow_key *key, const 
 		return NULL;
 	fwd.nat_sport = rev_key.dport;
 commit:
+	if (r)
+		ct_retire(&old_fwd, &old_rev);
 	count(XLB_CNT_NEW_FLOW);
 	*why = XLB_CNT_DROP_CT_FULL;
 	if (bpf_map_update_elem(&conntrack, key, &fwd, BPF_ANY))

@@ -51,7 +51,7 @@ static __always_inline int nat_reclaimable(const struct flow *t, const struct fl
 		return 0;
 	if (t->nat_daddr == client->saddr && t->nat_dport == client->sport)
 		return 1;
-	if ((t->tcp_flags & (XLB_TCP_RST | XLB_CT_FIN_FIRST)) != XLB_CT_FIN_FIRST)
+	if ((t->tcp_flags & (XLB_CT_RESET | XLB_CT_FIN_FIRST)) != XLB_CT_FIN_FIRST)
 		return 1;
 	return (t->tcp_flags & XLB_CT_FIN_SEQ) && (__s32)(seq - t->fin_seq) > 0;
 }

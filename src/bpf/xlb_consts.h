@@ -58,6 +58,7 @@
 #define XLB_CT_FIN_FIRST (1U << 8)  /* this direction sent the first FIN */
 #define XLB_CT_FIN_SEQ	 (1U << 9)  /* reverse entry: fin_seq is set */
 #define XLB_CT_CLOSED	 (1U << 10) /* FIN both ways or a RST: a SYN reopens it */
+#define XLB_CT_RESET	 (1U << 11) /* a RST either way (no TIME_WAIT is left) */
 
 /* Flow directions stored in struct flow.dir. */
 #define XLB_DIR_TO_BACKEND 1 /* client -> listen ip, rewritten to backend */

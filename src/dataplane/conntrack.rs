@@ -13,6 +13,7 @@ const TCP_RST: u32 = 0x04;
 /// Marks in struct flow.tcp_flags (xlb_consts.h XLB_CT_*).
 const CT_FIN_FIRST: u32 = 1 << 8;
 const CT_CLOSED: u32 = 1 << 10;
+const CT_RESET: u32 = 1 << 11;
 
 /// One conntrack entry, decoded.
 #[derive(Debug, Clone, Copy)]
@@ -69,7 +70,7 @@ pub fn pairs_with(peer: &Flow, key: &FlowKey) -> bool {
 /// and the NAT port must stay reserved (the reverse entry is the port's
 /// tombstone). A reset ends TIME_WAIT: no hold then.
 fn backend_holds_time_wait(rev: &Flow) -> bool {
-    rev.tcp_flags & CT_FIN_FIRST != 0 && rev.tcp_flags & (CT_CLOSED | TCP_RST) == CT_CLOSED
+    rev.tcp_flags & CT_FIN_FIRST != 0 && rev.tcp_flags & (CT_CLOSED | CT_RESET) == CT_CLOSED
 }
 
 /// A TCP connection's state as XLB sees it, from the flags seen each way.
