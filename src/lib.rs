@@ -11,6 +11,7 @@ pub mod ifaces;
 pub mod inspect;
 pub mod lifecycle;
 pub mod netinfo;
+pub mod nexthops;
 pub mod provider;
 pub mod reload;
 pub mod status;

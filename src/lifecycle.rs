@@ -143,6 +143,7 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
         status.clone(),
     ));
     let interfaces = tokio::spawn(ifaces.run(set_rx.clone(), in_use_rx));
+    let nexthops = tokio::spawn(crate::nexthops::invalidate_loop(dp.clone()));
     let totals = crate::accounting::Totals::default();
     let sweep = tokio::spawn(crate::sweep::sweep_loop(
         dp.clone(),
@@ -177,6 +178,7 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
                 stats.abort();
                 sweep.abort();
                 interfaces.abort();
+                nexthops.abort();
                 dp.stop(true).await?;
                 admin.abort();
                 return Ok(());

@@ -202,14 +202,28 @@ pub async fn route_oifs(dsts: &[Ipv4Addr]) -> Result<Vec<Option<u32>>> {
 /// route of the namespace changes (rtnetlink multicast). The messages
 /// themselves are not parsed: a change means "look again".
 pub fn changes() -> Result<impl Stream<Item = ()> + Unpin> {
-    use futures::StreamExt;
     use rtnetlink::MulticastGroup;
-    let (conn, handle, messages) = rtnetlink::new_multicast_connection(&[
+    events(&[MulticastGroup::Link, MulticastGroup::Ipv4Ifaddr, MulticastGroup::Ipv4Route])
+}
+
+/// `changes`, and also neighbours, routing rules and nexthop objects: all
+/// that can change where bpf_fib_lookup() sends a packet.
+pub fn forwarding_changes() -> Result<impl Stream<Item = ()> + Unpin> {
+    use rtnetlink::MulticastGroup;
+    events(&[
         MulticastGroup::Link,
         MulticastGroup::Ipv4Ifaddr,
         MulticastGroup::Ipv4Route,
+        MulticastGroup::Neigh,
+        MulticastGroup::Ipv4Rule,
+        MulticastGroup::Nexthop,
     ])
-    .context("subscribing to rtnetlink events")?;
+}
+
+fn events(groups: &[rtnetlink::MulticastGroup]) -> Result<impl Stream<Item = ()> + Unpin> {
+    use futures::StreamExt;
+    let (conn, handle, messages) =
+        rtnetlink::new_multicast_connection(groups).context("subscribing to rtnetlink events")?;
     let task = tokio::spawn(conn);
     // The connection task lives as long as the stream: it ends with it.
     let guard = Netlink { handle, task };

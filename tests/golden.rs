@@ -214,7 +214,13 @@ impl Lb {
         }
         let now = self.dp.counters().unwrap();
         let delta = now.since(&self.seen);
+        let cache_checked = expected.iter().any(|(c, _)| *c == Counter::XLB_CNT_NEXTHOP_MISS);
         for (name, v) in delta.iter() {
+            // How often the route cache missed is a cost, not an outcome: only
+            // the cases about the cache check it.
+            if name == "nexthop_miss" && !cache_checked {
+                continue;
+            }
             let want = expected
                 .iter()
                 .find(|(c, _)| xlb::dataplane::counter_name(*c) == name)
@@ -1475,6 +1481,40 @@ fn assert_icmp_fields(out: &[u8], from: Ipv4Addr, to: Ipv4Addr, type_code: [u8; 
     assert_eq!(&out[34 + 4..34 + 6], &[0, 0], "unused");
     assert_eq!(&out[34 + 6..34 + 8], &mtu.to_be_bytes(), "next-hop MTU");
     assert!(checksums_valid(out), "IP and ICMP checksums");
+}
+
+#[test]
+fn next_hops_come_from_the_cache_until_a_change_makes_them_stale() {
+    case(ONE, |lb| {
+        let syn = from_client(80);
+        lb.run(&syn.frame());
+        let port = lb.nat_port(syn.src);
+        lb.counters_moved(&[
+            (Counter::XLB_CNT_NEW_FLOW, 1),
+            (Counter::XLB_CNT_FWD_TO_BACKEND, 1),
+            (Counter::XLB_CNT_NEXTHOP_MISS, 1),
+        ]);
+        let data = syn.clone().ack();
+        let natted = |dmac| {
+            Tcp { smac: LB_MAC, dmac, src: (LISTEN, port), dst: (BACKEND, 8080), ttl: 63, ..data.clone() }
+                .frame()
+        };
+        // Hit: the same answer, no FIB lookup.
+        assert_eq!(lb.run(&data.frame()).1, natted(BACKEND_MAC));
+        lb.counters_moved(&[(Counter::XLB_CNT_FWD_TO_BACKEND, 1), (Counter::XLB_CNT_NEXTHOP_MISS, 0)]);
+        // The backend's MAC changes: until the control plane says so, the
+        // cache still answers (which proves the answer came from it)...
+        const MOVED_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x0b];
+        common::sh(&format!("ip neigh replace {BACKEND} lladdr {} dev g0 nud permanent", mac(MOVED_MAC)));
+        assert_eq!(lb.run(&data.frame()).1, natted(BACKEND_MAC));
+        lb.counters_moved(&[(Counter::XLB_CNT_FWD_TO_BACKEND, 1), (Counter::XLB_CNT_NEXTHOP_MISS, 0)]);
+        // ... and a new generation sends the next packet to the new MAC.
+        lb.dp.invalidate_nexthops();
+        assert_eq!(lb.run(&data.frame()).1, natted(MOVED_MAC));
+        lb.counters_moved(&[(Counter::XLB_CNT_FWD_TO_BACKEND, 1), (Counter::XLB_CNT_NEXTHOP_MISS, 1)]);
+        assert_eq!(lb.run(&data.frame()).1, natted(MOVED_MAC));
+        lb.counters_moved(&[(Counter::XLB_CNT_FWD_TO_BACKEND, 1), (Counter::XLB_CNT_NEXTHOP_MISS, 0)]);
+    });
 }
 
 #[test]

@@ -59,16 +59,50 @@ static __always_inline int is_aggregate(const struct iface *in, const struct pac
 	return is_generic(in) && in->mtu && bpf_ntohs(pkt->ip->tot_len) > in->mtu;
 }
 
-/* The next hop of a packet from saddr to daddr as it arrived: returns the
- * bpf_fib_lookup() code with fib filled in. The egress MTU is checked,
- * except for a packet bigger than its own ingress link: an aggregate of
- * segments (GRO, or GSO from a local sender) that the stack splits again on
- * the way out, possible in generic mode only. */
-static __always_inline long route(struct xdp_md *ctx, struct packet *pkt, __u32 saddr, __u32 daddr,
-				  const struct iface *in, struct bpf_fib_lookup *fib)
+/* Caches a successful lookup (`fib` answered for `k`, asked at generation
+ * `gen`) with the route's MTU, which the FIB only reports for a packet too
+ * big for it: asked again with the largest size. */
+static __always_inline void nexthop_learn(struct xdp_md *ctx, const struct nexthop_key *k,
+					  const struct bpf_fib_lookup *fib, __u32 gen, __u64 now)
 {
+	struct bpf_fib_lookup probe = {
+		.family = AF_INET,
+		.tos = fib->tos,
+		.l4_protocol = fib->l4_protocol,
+		.tot_len = 0xffff,
+		.ipv4_src = k->saddr,
+		.ipv4_dst = k->daddr,
+		.ifindex = k->ifindex,
+	};
+	struct nexthop nh = {
+		.ifindex = fib->ifindex,
+		.mtu = 0xffff,
+		.gen = gen,
+		.expires_ns = now + XLB_NEXTHOP_TTL_NS,
+	};
+
+	if (bpf_fib_lookup(ctx, &probe, sizeof(probe), 0) == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		nh.mtu = probe.mtu_result;
+	__builtin_memcpy(nh.smac, fib->smac, ETH_ALEN);
+	__builtin_memcpy(nh.dmac, fib->dmac, ETH_ALEN);
+	bpf_map_update_elem(&nexthops, k, &nh, BPF_ANY);
+}
+
+/* The next hop of a packet from saddr to daddr as it arrived: returns the
+ * bpf_fib_lookup() code with fib filled in, from the `nexthops` cache when
+ * it holds a current answer. The egress MTU is checked, except for a packet
+ * bigger than its own ingress link: an aggregate of segments (GRO, or GSO
+ * from a local sender) that the stack splits again on the way out, possible
+ * in generic mode only. */
+static __always_inline long route(struct xdp_md *ctx, struct packet *pkt, __u32 saddr, __u32 daddr,
+				  const struct iface *in, struct bpf_fib_lookup *fib, __u64 now)
+{
+	struct nexthop_key k = { .saddr = saddr, .daddr = daddr, .ifindex = pkt->l3_ifindex };
 	struct iphdr *ip = pkt->ip;
 	__u16 len = bpf_ntohs(ip->tot_len);
+	__u32 gen = config.nexthop_gen;
+	struct nexthop *nh;
+	long rc;
 
 	fib->family = AF_INET;
 	fib->tos = ip->tos;
@@ -77,7 +111,23 @@ static __always_inline long route(struct xdp_md *ctx, struct packet *pkt, __u32 
 	fib->ipv4_src = saddr;
 	fib->ipv4_dst = daddr;
 	fib->ifindex = pkt->l3_ifindex;
-	return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
+
+	nh = bpf_map_lookup_elem(&nexthops, &k);
+	if (nh && nh->gen == gen && now < nh->expires_ns) {
+		if (fib->tot_len > nh->mtu) {
+			fib->mtu_result = nh->mtu;
+			return BPF_FIB_LKUP_RET_FRAG_NEEDED;
+		}
+		fib->ifindex = nh->ifindex;
+		__builtin_memcpy(fib->smac, nh->smac, ETH_ALEN);
+		__builtin_memcpy(fib->dmac, nh->dmac, ETH_ALEN);
+		return BPF_FIB_LKUP_RET_SUCCESS;
+	}
+	count(XLB_CNT_NEXTHOP_MISS);
+	rc = bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS)
+		nexthop_learn(ctx, &k, fib, gen, now);
+	return rc;
 }
 
 /* Sends a packet whose next hop route() found (rc, fib); `sent` is the
@@ -137,7 +187,8 @@ static __always_inline struct outcome forward(struct xdp_md *ctx, struct packet 
 {
 	struct bpf_fib_lookup fib = {};
 	const struct iface *in = ingress_iface(ctx);
-	long rc = route(ctx, pkt, pkt->ip->saddr, pkt->ip->daddr, in, &fib);
+	long rc = route(ctx, pkt, pkt->ip->saddr, pkt->ip->daddr, in, &fib,
+			bpf_ktime_get_coarse_ns());
 
 	return transmit(ctx, pkt, rc, &fib, in, sent);
 }

@@ -67,7 +67,7 @@ static __always_inline struct outcome nat_forward(struct xdp_md *ctx, struct pac
 {
 	struct bpf_fib_lookup fib = {};
 	const struct iface *in = ingress_iface(ctx);
-	long rc = route(ctx, pkt, f->nat_saddr, f->nat_daddr, in, &fib);
+	long rc = route(ctx, pkt, f->nat_saddr, f->nat_daddr, in, &fib, now);
 
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
 		return too_big(ctx, pkt, fib.mtu_result);

@@ -43,6 +43,12 @@
  * churning Kubernetes service cannot fill it. */
 #define XLB_MAX_RETIRED 65536
 
+/* Routes cached (struct nexthop): an LRU, so millions of clients only cost
+ * lookups, never memory. An entry is used for at most XLB_NEXTHOP_TTL_NS
+ * even if no netlink change was seen, so a missed event heals itself. */
+#define XLB_NEXTHOP_CACHE  65536
+#define XLB_NEXTHOP_TTL_NS 1000000000ULL
+
 /* VLAN interfaces XLB can send tagged frames for. */
 #define XLB_MAX_VLANS 256
 

@@ -75,6 +75,15 @@ struct {
 	__type(value, struct icmp_bucket);
 } icmp_budget SEC(".maps");
 
+/* Next hops as bpf_fib_lookup() found them (forward.h route()): most packets
+ * take a hash lookup instead of a FIB walk. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, XLB_NEXTHOP_CACHE);
+	__type(key, struct nexthop_key);
+	__type(value, struct nexthop);
+} nexthops SEC(".maps");
+
 /* VLAN interfaces on attached interfaces (see struct vlan_tag_key): a
  * tagged frame is ours only on a known VLAN, and leaves through XDP only
  * tagged for a VLAN on the same wire. */

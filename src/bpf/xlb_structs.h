@@ -43,6 +43,7 @@ enum xlb_counter {
 	XLB_CNT_NAT_RECLAIMED,	     /* NAT port: a tombstone taken over (port pressure) */
 	XLB_CNT_NAT_COLLISION,	     /* a NAT port choice found taken: one more try */
 	XLB_CNT_CT_REOPENED,	     /* a closed connection's tuple reopened in place */
+	XLB_CNT_NEXTHOP_MISS,	     /* a route looked up in the FIB, not the cache */
 	XLB_CNT_MAX,
 };
 
@@ -66,6 +67,9 @@ struct xlb_config {
 	__u32 maglev_active; /* 0 or 1: which half is live */
 	__u32 flags;	     /* XLB_F_* */
 	__u32 hash_seed;
+	/* Bumped by the control plane on every link, address, route or
+	 * neighbour change: cached next hops of an older one are stale. */
+	__u32 nexthop_gen;
 };
 
 /* How a frame leaves by the interface it arrived on. XDP_TX is the fast
@@ -91,6 +95,23 @@ struct vlan_tag_key {
 	__u32 lower_ifindex;
 	__u16 vid;
 	__u16 pad;
+};
+
+/* A route as bpf_fib_lookup() is asked it (the `nexthops` cache). */
+struct nexthop_key {
+	__u32 saddr;
+	__u32 daddr;
+	__u32 ifindex; /* where the packet arrived (its L3 interface) */
+};
+
+/* bpf_fib_lookup()'s answer for a nexthop_key, with the path MTU. */
+struct nexthop {
+	__u32 ifindex; /* egress */
+	__u32 mtu;     /* the route's, as the FIB checks it */
+	__u8 smac[6];
+	__u8 dmac[6];
+	__u32 gen;	  /* config.nexthop_gen when it was looked up */
+	__u64 expires_ns; /* bpf_ktime_get_coarse_ns() */
 };
 
 /* One maglev slot: the backend that owns it. addr == 0 means empty. */

@@ -39,6 +39,7 @@ pub const ALL: &[(Counter, &str)] = &[
     (Counter::XLB_CNT_NAT_RECLAIMED, "nat_port_reclaimed"),
     (Counter::XLB_CNT_NAT_COLLISION, "nat_port_collision"),
     (Counter::XLB_CNT_CT_REOPENED, "ct_reopened"),
+    (Counter::XLB_CNT_NEXTHOP_MISS, "nexthop_miss"),
 ];
 
 /// The stable name of a counter.

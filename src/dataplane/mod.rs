@@ -321,6 +321,15 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Starts a new generation of the route cache: the program looks every
+    /// next hop up again (a link, address, route or neighbour changed).
+    pub fn invalidate_nexthops(&mut self) {
+        let gen = &mut self.config_mut().nexthop_gen;
+        let v = gen.wrapping_add(1);
+        // SAFETY: as in set_backends.
+        unsafe { std::ptr::write_volatile(gen, v) };
+    }
+
     /// Sets or clears the drain flag (new SYNs answered with RST).
     pub fn set_drain(&mut self, on: bool) {
         let flags = &mut self.config_mut().flags;

@@ -27,6 +27,7 @@ enum Cmd {
     Counters(Reply<Counters>),
     Expire(GcPolicy, Reply<GcStats>),
     Drain(bool, Reply<()>),
+    InvalidateNexthops(Reply<()>),
     FlowsActive(Reply<u64>),
     Stop(bool, Reply<()>),
     Attach(String, u32, XdpMode, Reply<XdpMode>),
@@ -126,6 +127,11 @@ impl DataplaneHandle {
 
     pub async fn set_drain(&self, on: bool) -> Result<()> {
         self.call(|r| Cmd::Drain(on, r)).await
+    }
+
+    /// Makes every cached next hop stale (see crate::nexthops).
+    pub async fn invalidate_nexthops(&self) -> Result<()> {
+        self.call(Cmd::InvalidateNexthops).await
     }
 
     /// Open connections right now (closed ones waiting out their grace
@@ -238,6 +244,10 @@ fn serve(mut dp: Dataplane, rx: mpsc::Receiver<Cmd>, busy: &std::sync::atomic::A
             }
             Cmd::Drain(on, r) => {
                 dp.set_drain(on);
+                let _ = r.send(Ok(()));
+            }
+            Cmd::InvalidateNexthops(r) => {
+                dp.invalidate_nexthops();
                 let _ = r.send(Ok(()));
             }
             Cmd::FlowsActive(r) => {
