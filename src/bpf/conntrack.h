@@ -86,20 +86,25 @@ static __always_inline void ct_note_close(struct flow *f, const struct packet *p
 }
 
 /* Per-direction accounting and the TCP state the sweep reads (flags seen,
- * last activity). Two CPUs may touch one entry: counts are atomic, the
- * timestamp is last-writer-wins, flags are OR-ed in only when new. */
+ * last activity), with as few writes to the shared entry as possible. One
+ * direction of a connection is one queue's, so one CPU's, at a time: plain
+ * adds, no locked instructions (two CPUs on one direction at the same moment
+ * could lose a count, never corrupt an entry). The timestamp moves only in
+ * XLB_LAST_SEEN_STEP_NS steps, far below any expiry; flags are OR-ed in,
+ * atomically, only when new: they are also written for the other side. */
 static __always_inline void flow_touch(struct flow *f, const struct packet *pkt, __u64 now)
 {
 	__u32 flags = tcp_flags(pkt->tcp);
 
-	__sync_fetch_and_add(&f->packets, 1);
-	__sync_fetch_and_add(&f->bytes, pkt->len);
+	f->packets += 1;
+	f->bytes += pkt->len;
 	if ((f->tcp_flags & flags) != flags) {
 		if ((flags & ~f->tcp_flags) & (XLB_TCP_FIN | XLB_TCP_RST))
 			ct_note_close(f, pkt, flags & ~f->tcp_flags);
 		__sync_fetch_and_or(&f->tcp_flags, flags);
 	}
-	f->last_seen_ns = now;
+	if (now - f->last_seen_ns >= XLB_LAST_SEEN_STEP_NS)
+		f->last_seen_ns = now;
 }
 
 /* Whether a connection is over (FIN both ways, or a RST either way): a new

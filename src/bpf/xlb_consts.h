@@ -60,6 +60,10 @@
  * verified as a full one on segments up to this long (nat.h). */
 #define XLB_CSUM_VERIFY_MAX 1536
 
+/* A connection's last activity is recorded to this precision: the sweep's
+ * shortest expiry is 10 s, and a store per packet dirties the entry. */
+#define XLB_LAST_SEEN_STEP_NS 100000000ULL
+
 /* Marks kept in struct flow.tcp_flags above the TCP flag bits. */
 #define XLB_CT_FIN_FIRST (1U << 8)  /* this direction sent the first FIN */
 #define XLB_CT_FIN_SEQ	 (1U << 9)  /* reverse entry: fin_seq is set */
