@@ -35,17 +35,34 @@ static __always_inline void csum_replace4(__u16 *check, __u32 from, __u32 to)
 	*check = ~csum_fold(sum);
 }
 
+/* The difference rewriting the word pair `from` to `to` makes to a sum
+ * (~m + m'), unfolded: several add up, and one sum fixes both the IP and
+ * the TCP checksum (csum_apply, csum_seed_apply). */
+static __always_inline __u64 csum_diff4(__u32 from, __u32 to)
+{
+	return (__u16) ~(from & 0xffff) + (__u16) ~(from >> 16) + (to & 0xffff) + (to >> 16);
+}
+
+static __always_inline __u64 csum_diff2(__u16 from, __u16 to)
+{
+	return (__u16)~from + to;
+}
+
+/* HC' = ~(~HC + diff), diff from csum_diff4/csum_diff2. */
+static __always_inline void csum_apply(__u16 *check, __u64 diff)
+{
+	*check = ~csum_fold((__u16) ~*check + diff);
+}
+
 /* A TCP checksum the sender left to offload (the kernel's CHECKSUM_PARTIAL)
  * is a seed: the field holds the folded pseudo-header sum, not a complement,
  * and the device sums the segment into it on the way out. Changing an
  * address changes the seed by the same difference: the RFC 1624 update with
- * the complement taken before and after. Ports are not in the seed. */
-static __always_inline void csum_seed_replace4(__u16 *seed, __u32 from, __u32 to)
+ * the complement taken before and after, which is adding the difference.
+ * Ports are not in the seed. */
+static __always_inline void csum_seed_apply(__u16 *seed, __u64 diff)
 {
-	__u16 c = ~*seed;
-
-	csum_replace4(&c, from, to);
-	*seed = ~c;
+	*seed = csum_fold(*seed + diff);
 }
 
 /* The folded IPv4 pseudo-header sum: what a seed holds. */

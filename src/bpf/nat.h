@@ -189,24 +189,21 @@ static __always_inline int tcp_csum_is_seed(struct xdp_md *ctx, const struct pac
 }
 
 /* Rewrites addresses and ports to the flow's NAT tuple; both checksums are
- * fixed incrementally (the TCP one covers the pseudo-header addresses), a
- * TCP seed (`seed`, see tcp_csum_is_seed) as a seed. */
+ * fixed incrementally from one difference of the addresses (the TCP one
+ * covers them in its pseudo-header), a TCP seed (`seed`, see
+ * tcp_csum_is_seed) as a seed, which holds no ports. */
 static __always_inline void nat_rewrite(struct packet *pkt, const struct flow *f, int seed)
 {
 	struct iphdr *ip = pkt->ip;
 	struct tcphdr *tcp = pkt->tcp;
+	__u64 addrs = csum_diff4(ip->saddr, f->nat_saddr) + csum_diff4(ip->daddr, f->nat_daddr);
 
-	csum_replace4(&ip->check, ip->saddr, f->nat_saddr);
-	csum_replace4(&ip->check, ip->daddr, f->nat_daddr);
-	if (seed) {
-		csum_seed_replace4(&tcp->check, ip->saddr, f->nat_saddr);
-		csum_seed_replace4(&tcp->check, ip->daddr, f->nat_daddr);
-	} else {
-		csum_replace4(&tcp->check, ip->saddr, f->nat_saddr);
-		csum_replace4(&tcp->check, ip->daddr, f->nat_daddr);
-		csum_replace2(&tcp->check, tcp->source, f->nat_sport);
-		csum_replace2(&tcp->check, tcp->dest, f->nat_dport);
-	}
+	csum_apply(&ip->check, addrs);
+	if (seed)
+		csum_seed_apply(&tcp->check, addrs);
+	else
+		csum_apply(&tcp->check, addrs + csum_diff2(tcp->source, f->nat_sport) +
+						csum_diff2(tcp->dest, f->nat_dport));
 	ip->saddr = f->nat_saddr;
 	ip->daddr = f->nat_daddr;
 	tcp->source = f->nat_sport;
