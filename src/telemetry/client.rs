@@ -155,12 +155,16 @@ pub fn summary(base: &str, doc: &Value, ready: &str, now_unix_ms: u64) -> String
         .flatten()
         .map(|p| format!("{}->{}", n(p, "local_port"), n(p, "remote_port")))
         .collect();
+    // The whole pool when there is one (older servers send `snat` only).
+    let pool: Vec<&str> =
+        doc["snat_ips"].as_array().into_iter().flatten().filter_map(|v| v.as_str()).collect();
+    let snat = if pool.len() > 1 { pool.join(", ") } else { s(doc, "snat").to_string() };
     let _ = writeln!(
         out,
         "listen       {}  ports {}  snat {}",
         s(doc, "listen"),
         if ports.is_empty() { "-".to_string() } else { ports.join(", ") },
-        s(doc, "snat")
+        snat
     );
 
     let ifaces: Vec<String> = doc["interfaces"]
