@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # `make bench`: XLB against the node's own routing (direct), the kernel's NAT
 # (nftables DNAT+SNAT, as kube-proxy does it), HAProxy (TCP mode) and nginx
-# (stream proxy) on one machine, in the same run, interleaved over rounds;
-# then the data path's own cost, the 1M-connection scale test and the control
-# plane (target/release/xlb-bench). The method is in bench/README.md.
+# (stream proxy) on one machine, in the same run, interleaved over rounds,
+# in three modes (keep-alive; connection per request; connection per
+# request from 200 client addresses); then the data path's own cost, the
+# 1M-connection scale test and the control plane (target/release/xlb-bench).
+# The method is in bench/README.md.
 #
 #   BENCH_QUICK=1        a smoke run of about a minute (asserts no speed;
 #                        fails only when the harness breaks)
@@ -161,12 +163,21 @@ log "topology: $CL, $LB, $P-be1, $P-be2"
 scripts/topology.sh down "$P"
 scripts/topology.sh up "$P" 2
 nsx "$LB" sysctl -qw net.ipv4.ip_forward=1
-# Each NAT/proxy peer gets its own source address towards the backends
-# (XLB's is the listen address). The backends close first and keep
-# TIME_WAIT for 60 s, so peers sharing one source address would run into
-# each other's TIME_WAIT tuples with unrelated sequence numbers and lose
-# SYNs; with separate addresses each peer meets only its own.
-for a in 10.99.0.11 10.99.0.12 10.99.0.13; do nsx "$LB" ip addr add "$a/32" dev lo; done
+# Each NAT/proxy peer gets its own source addresses towards the backends.
+# The backends close first and keep TIME_WAIT for 60 s, so peers sharing
+# one source address would run into each other's TIME_WAIT tuples with
+# unrelated sequence numbers and lose SYNs; with separate addresses each
+# peer meets only its own. The two NATs (XLB, nftables) get a pool of 16
+# each: with 200 client addresses (mode many) every new client tuple needs
+# a port the backend holds in no TIME_WAIT, and one address has about 320
+# of those per second per backend (README "NAT ports"). The proxies open
+# their own connections, whose timestamps the backends accept out of
+# TIME_WAIT: one address each.
+for a in 10.99.0.12 10.99.0.13; do nsx "$LB" ip addr add "$a/32" dev lo; done
+for i in $(seq 1 16); do
+	nsx "$LB" ip addr add "10.99.1.$i/32" dev lo
+	nsx "$LB" ip addr add "10.99.2.$i/32" dev lo
+done
 # Direct: the client routes to the backends through the node (its own IP
 # forwarding, no XDP, no NAT).
 for k in 1 2; do nsx "$CL" ip route add "10.10$k.0.0/24" via 10.100.0.1; done
@@ -175,6 +186,12 @@ for k in 1 2; do nsx "$CL" ip route add "10.10$k.0.0/24" via 10.100.0.1; done
 # service address; without reuse, connect() soon searches the whole port
 # range for every connection and the client, not the balancer, is measured.
 nsx "$CL" sysctl -qw net.ipv4.tcp_tw_reuse=1
+# The `many` mode's 200 client addresses (xlb-bench connect binds each
+# connection to the next): on the client's link, so the node routes the
+# replies to them as to 10.100.0.2 (direct: the backends' default route is
+# the node; the NAT and proxy peers answer from the listen address).
+for i in $(seq 30 229); do echo "addr add 10.100.0.$i/24 dev eth0"; done | nsx "$CL" ip -batch -
+MANY_SOURCES=10.100.0.30-229
 
 mkdir -p "$work/www"
 chmod 755 "$work" "$work/www" # nginx workers run unprivileged
@@ -235,6 +252,7 @@ provider:
       - name: be2
         ip: 10.102.0.2
 shutdown_timeout: 0
+snat_ips: [$(seq -s ', ' -f '10.99.1.%g' 1 16)]
 admin:
   address: 127.0.0.1
   port: 9090
@@ -282,7 +300,7 @@ peer_up() {
 	nftables)
 		# kube-proxy's nftables mode, reduced to one service: DNAT to a
 		# random endpoint (numgen), SNAT towards the backends (kube-proxy
-		# masquerades to the node's address; here the peer's own address).
+		# masquerades to the node's address; here the peer's own pool).
 		nsx "$LB" nft -f - <<EOF
 table ip $NFT_TABLE {
 	chain prerouting {
@@ -291,7 +309,7 @@ table ip $NFT_TABLE {
 	}
 	chain postrouting {
 		type nat hook postrouting priority srcnat; policy accept;
-		ip daddr { 10.101.0.2, 10.102.0.2 } tcp dport 8080 counter snat to 10.99.0.11
+		ip daddr { 10.101.0.2, 10.102.0.2 } tcp dport 8080 counter snat to 10.99.2.1-10.99.2.16
 	}
 }
 EOF
@@ -386,9 +404,24 @@ prog_stats() { # run_time_ns run_cnt of XLB's program
 }
 
 # Two wrk processes (one thread, half the connections each): for direct one
-# per backend, for the balancers both at the listen address.
+# per backend, for the balancers both at the listen address. Mode `many`:
+# one xlb-bench connect process instead (wrk cannot bind source addresses),
+# $CONNS closed-loop connections from the 200 client addresses, a new
+# connection per request over the same targets, the backend closing first;
+# it writes the same report line as wrk.
 run_wrk() { # peer mode seconds outprefix
 	local peer=$1 mode=$2 secs=$3 out=$4 i=0 url hdr=() pids=()
+	if [ "$mode" = many ]; then
+		local targets=()
+		for url in $(peer_urls "$peer"); do
+			url=${url#http://} url=${url%%/*}
+			[[ $url == *:* ]] || url=$url:80
+			targets+=(--target "$url")
+		done
+		nsx "$CL" "$XLB_BENCH" connect "${targets[@]}" --sources "$MANY_SOURCES" --conns "$CONNS" \
+			--secs "$secs" >"$out.0" 2>&1 || die "xlb-bench connect failed: $(cat "$out.0")"
+		return 0
+	fi
 	[ "$mode" = close ] && hdr=(-H "Connection: close")
 	for url in $(peer_urls "$peer"); do
 		nsx "$CL" wrk -t1 -c"$HALF" -d"${secs}s" --timeout 2s "${hdr[@]}" \
@@ -399,6 +432,12 @@ run_wrk() { # peer mode seconds outprefix
 	for i in "${pids[@]}"; do wait "$i" || die "wrk failed: $(cat "$out".*)"; done
 }
 
+# The client namespace's TCP counters: Tcp (/proc/net/snmp) and TcpExt
+# (/proc/net/netstat, for TCPSynRetrans), names and values lines.
+client_tcp() {
+	nsx "$CL" grep -h -e '^Tcp:' -e '^TcpExt:' /proc/net/snmp /proc/net/netstat
+}
+
 measure() { # peer mode round
 	local peer=$1 mode=$2 round=$3 out=$work/r$3-$1-$2
 	[ "$WARM" = 0 ] || run_wrk "$peer" "$mode" "$WARM" "$out.warm"
@@ -407,12 +446,12 @@ measure() { # peer mode round
 	cpu0=$(head -1 /proc/stat)
 	lb0=$(lb_ticks)
 	x0=$(prog_stats)
-	tcp0=$(nsx "$CL" grep '^Tcp:' /proc/net/snmp | tr '\n' ' ')
+	tcp0=$(client_tcp)
 	run_wrk "$peer" "$mode" "$DUR" "$out"
 	cpu1=$(head -1 /proc/stat)
 	lb1=$(lb_ticks)
 	x1=$(prog_stats)
-	tcp1=$(nsx "$CL" grep '^Tcp:' /proc/net/snmp | tr '\n' ' ')
+	tcp1=$(client_tcp)
 	# Connections the backends hold in TIME_WAIT (they close first).
 	tw=$(for k in 1 2; do nsx "$P-be$k" ss -Htan state time-wait; done | wc -l)
 	tw="$tw $(nsx "$CL" ss -Htan state time-wait | wc -l) $(nsx "$LB" ss -Htan state time-wait | wc -l)"
@@ -420,12 +459,19 @@ measure() { # peer mode round
 		"$out".[0-9] >>"$work/runs.jsonl" <<'EOF'
 import json, sys
 peer, mode, rnd, dur, cpu0, cpu1, lb0, lb1, x0, x1, load, tcp0, tcp1, tw, *files = sys.argv[1:]
-def tcp(line):
-    t = line.split()
-    half = len(t) // 2
-    return dict(zip(t[1:half], map(int, t[half + 1:])))
+def tcp(text):
+    # "Tcp: names" / "Tcp: values" then "TcpExt: names" / "TcpExt: values"
+    out, names = {}, {}
+    for line in text.splitlines():
+        proto, _, rest = line.partition(":")
+        if proto in names:
+            out.update(zip(names.pop(proto), map(int, rest.split())))
+        else:
+            names[proto] = rest.split()
+    return out
 t0, t1 = tcp(tcp0), tcp(tcp1)
-client_tcp = {k: t1[k] - t0[k] for k in ("ActiveOpens", "AttemptFails", "EstabResets", "RetransSegs", "OutRsts")}
+client_tcp = {k: t1[k] - t0[k] for k in ("ActiveOpens", "AttemptFails", "EstabResets", "RetransSegs", "OutRsts",
+                                        "TCPSynRetrans")}
 wrk = []
 for f in files:
     line = next((l for l in open(f) if l.startswith("XLBBENCH ")), None)
@@ -441,7 +487,7 @@ print(json.dumps({"peer": peer, "mode": mode, "round": int(rnd), "duration_s": i
     "client_time_wait": int(tw.split()[1]), "lb_time_wait": int(tw.split()[2]), "wrk": wrk}))
 EOF
 	local last
-	last=$(tail -1 "$work/runs.jsonl" | jq -r '[([.wrk[].requests] | add), ([.wrk[].errors[]] | add), .client_tcp.RetransSegs] | "\(.[0]) requests, \(.[1]) errors, \(.[2]) client retransmits"')
+	last=$(tail -1 "$work/runs.jsonl" | jq -r '[([.wrk[].requests] | add), ([.wrk[].errors[]] | add), .client_tcp.TCPSynRetrans, .client_tcp.RetransSegs] | "\(.[0]) requests, \(.[1]) errors, \(.[2]) client SYN retransmits, \(.[3]) retransmits"')
 	log "  round $round $peer $mode: $last"
 	[ "$(tail -1 "$work/runs.jsonl" | jq '[.wrk[].requests] | add')" -gt 0 ] || die "$peer $mode: no request answered"
 }
@@ -450,7 +496,7 @@ EOF
 : >"$work/runs.jsonl"
 : >"$work/xlb-proof.jsonl"
 if part traffic; then
-	log "traffic: peers [$PEERS], $ROUNDS round(s) x {keepalive, close} x ${DUR}s, $CONNS connections"
+	log "traffic: peers [$PEERS], $ROUNDS round(s) x {keepalive, close, many} x ${DUR}s, $CONNS connections"
 	read -r -a peers <<<"$PEERS"
 	for round in $(seq "$ROUNDS"); do
 		# Rotate the order each round so no peer always runs first or last.
@@ -461,6 +507,7 @@ if part traffic; then
 			peer_up "$peer"
 			measure "$peer" keepalive "$round"
 			measure "$peer" close "$round"
+			measure "$peer" many "$round"
 			peer_down "$peer"
 			if [ "$peer" = xlb ]; then
 				# Proof that the traffic went through XDP: the program rewrote

@@ -14,6 +14,10 @@
 //!   and 10,000 backends (diff + Maglev build + map write), and the cost of
 //!   reading the counters.
 //!
+//! `xlb-bench connect --target IP:PORT ... --sources A.B.C.X-Y --conns N
+//! --secs S` is the load generator of the bench's `many` mode: connection
+//! per request from many client addresses (load.rs).
+//!
 //! `xlb-bench hold-stats --secs N` keeps the kernel's BPF run-time statistics
 //! on (BPF_ENABLE_STATS, reference counted: they turn off when this exits)
 //! for at most N seconds, so the traffic rounds can read the attached
@@ -45,6 +49,8 @@ use serde_json::{json, Value};
 use xlb::balancer::BackendSet;
 use xlb::dataplane::{Counter, Counters, Dataplane, Flow, FlowKey, GcPolicy, LoadOptions, Service};
 use xlb::provider::Backend;
+
+mod load;
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -87,10 +93,13 @@ fn main() {
         Some("dataplane") => dataplane_cmd(&args[1..]),
         Some("hold-stats") => hold_stats(&args[1..]),
         Some("spin") => spin_cmd(&args[1..]),
+        Some("connect") => load::connect_cmd(&args[1..]),
         _ => {
             eprintln!(
                 "usage: xlb-bench dataplane --out FILE [--quick]\n       xlb-bench hold-stats --secs N\n       \
-                 xlb-bench spin --case established|reply|syn|synchain|pass --secs N   (for perf record -p)"
+                 xlb-bench spin --case established|reply|syn|synchain|pass --secs N   (for perf record -p)\n       \
+                 {}",
+                load::USAGE
             );
             std::process::exit(2);
         }
