@@ -244,8 +244,8 @@ def targets(table, rat, dp):
         s = dp["scale"]
         mib = s["all_maps_memlock_full_bytes"]["total"] / 2**20
         add(f"{s['connections']:,} connections in maps", "<= 200 MiB" if s["connections"] >= 10**6 else
-            "(quick run: scaled)", f"{mib:.0f} MiB ({s['bytes_per_connection_memlock']:.0f} B/connection "
-            "+ the empty table)", mib <= 200 * s["connections"] / 10**6)
+            "(quick run: scaled)", f"{mib:.0f} MiB ({s['conntrack_memlock_full_bytes'] / s['connections']:.0f} B/connection, "
+            "reserved at load)", mib <= 200 * s["connections"] / 10**6)
     return rows
 
 
@@ -384,8 +384,8 @@ def md_report(doc):
         opened = ", ".join("{:,} at {:,.0f}/s".format(f["opened"], f["syns_per_sec"]) for f in dp["fills"])
         w(f"- Opened by SYNs through the program: {opened} (one test-run syscall each).")
         w(f"- Memory (the kernel's memlock accounting of the maps): conntrack {s['conntrack_memlock_full_bytes'] / 2**20:.1f} MiB "
-          f"full, {s['conntrack_memlock_empty_bytes'] / 2**20:.1f} MiB empty (hash buckets), "
-          f"{s['bytes_per_connection_memlock']:.0f} bytes per connection (two entries); all maps "
+          f"full, {s['conntrack_memlock_empty_bytes'] / 2**20:.1f} MiB empty (reserved at load: the map is preallocated), "
+          f"{s['conntrack_memlock_full_bytes'] / s['connections']:.0f} bytes per connection (two entries, the buckets included); all maps "
           f"{s['all_maps_memlock_full_bytes']['total'] / 2**20:.1f} MiB. Machine slab+percpu grew by "
           f"{s['kernel_slab_percpu_delta_kb'] / 1024:.0f} MiB (noisy cross-check).")
         w(f"- Lookups at that size: established {fmt(lv['loop'].get('established', {}).get('median'))} ns (loop), "
@@ -562,15 +562,15 @@ def findings(doc):
             out.append(
                 f"**Established packets cost {min(est):.0f}–{max(est):.0f} ns, "
                 f"{min(r for _, r in est_f):.1f}–{max(r for _, r in est_f):.1f}x a passed packet, not <= 2x.** "
-                + (f"Profile: the FIB lookup and its helpers take {fib:.0f}% (`bpf_fib_lookup` on every packet), "
-                   f"the conntrack hash lookup {hashp:.0f}%, the program's own instructions {body}% (two atomic adds "
-                   "on the shared entry per packet, packets and bytes, plus an atomic OR when new flags show), the rest is the "
-                   "test-run loop. " if e else "")
+                + (f"Profile: hash map lookups take {hashp:.0f}% (the conntrack entry, the route cache, the "
+                   "ingress interface's entry; hashing the 16-byte flow key alone is `htab_map_hash`), the FIB "
+                   f"{fib:.0f}% (the route cache answers), the program's own instructions {body}%, the rest is the "
+                   "devmap redirect and the test-run loop. " if e else "")
                 + (f"A passed packet costs {ps:.0f} ns and a non-SYN without a flow (parse + one hash miss) "
                    f"{nf:.0f} ns, so forwarding a found connection costs the rest. " if nf and ps else "")
-                + "To approach 2x the floor: resolve the next hop once per connection (or per backend, from the control "
-                "plane) instead of per packet, count per CPU instead of with atomics in the shared entry, and "
-                "update last-seen coarsely.")
+                + "The per-packet atomics and the per-packet FIB lookup are gone; what is left is about three hash "
+                "lookups per packet. To approach 2x the floor: the next hop kept in the connection's own entry "
+                "(no second lookup) and the interface table as an array.")
         syn_f = per_floor("syn")
         syn = [v for v, _ in syn_f]
         if syn and max(r for _, r in syn_f) > 5.0:
@@ -580,21 +580,23 @@ def findings(doc):
             out.append(
                 f"**A new connection costs {min(syn):.0f}–{max(syn):.0f} ns, "
                 f"{min(r for _, r in syn_f):.0f}–{max(r for _, r in syn_f):.0f}x a passed packet, not <= 5x.** "
-                + (f"{ins:.0f}% of it is in the conntrack hash map's insert path (two `BPF_NOEXIST` inserts per SYN "
-                   "plus a lookup; with `BPF_F_NO_PREALLOC` every insert allocates its element under the bucket "
-                   "lock, interrupts off). " if c else "")
-                + "Options: a preallocated map (no allocation on the SYN path, at the price of the full table's "
-                "memory up front), or one entry per connection keyed for both directions.")
+                + (f"{ins:.0f}% of it is in the conntrack hash map's insert path (two `BPF_NOEXIST` inserts per SYN, "
+                   "the reverse entry first as the NAT port's claim, each under its bucket lock with interrupts "
+                   "off, plus lookups; the map is preallocated, so no allocator is involved). " if c else "")
+                + "In the test-run chain every SYN is a new connection into a table at that fill, with cold "
+                "buckets. What would cut it: one entry per connection keyed for both directions (one insert).")
         s = dp["scale"]
         if s["connections"] >= 10**6 and s["all_maps_memlock_full_bytes"]["total"] > 200 * 2**20:
             out.append(
                 f"**{s['connections']:,} connections take {s['all_maps_memlock_full_bytes']['total'] / 2**20:.0f} MiB, "
-                f"not 200.** Each connection is two hash elements of 128 bytes (the kernel's 48-byte element "
-                f"header + 16-byte key + 56-byte value + 8 bytes of allocator link) = "
-                f"{s['bytes_per_connection_memlock']:.0f} bytes, plus {s['conntrack_memlock_empty_bytes'] / 2**20:.0f} MiB "
-                "of buckets (2^21 for 2M entries). Trimming the value to 40 bytes (drop per-direction byte/packet "
-                "totals or keep them per CPU elsewhere) gives 224 bytes per connection, about 246 MiB in all: "
-                "not enough alone; one entry per connection (keyed for both directions) halves the elements.")
+                f"not 200.** Each connection is two preallocated hash elements (the kernel's 48-byte element "
+                f"header + 16-byte key + 64-byte value), {s['conntrack_memlock_full_bytes'] / s['connections']:.0f} bytes with its share of the "
+                "2^21 buckets; all of it is reserved at load. "
+                "The kernel's share alone (header + key, two elements) is 128 bytes per connection, 122 MiB plus "
+                "32 MiB of buckets: for 200 MiB the two values together must fit in about 48 bytes, against 128 "
+                "now (per-direction byte and packet totals, two timestamps, the TCP state, the FIN sequence). The "
+                "way there: per-direction totals per CPU and backend instead of per entry, a 32-bit coarse "
+                "timestamp, and a reverse entry that holds only its client tuple.")
     return out
 
 
