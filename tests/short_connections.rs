@@ -100,15 +100,24 @@ fn tcp_ext(ns: &NsRef, name: &str) -> u64 {
     values.split_whitespace().nth(i).unwrap().parse().unwrap()
 }
 
+/// Where the test runs: the client's, XLB's and the two backends'
+/// namespaces, and the listen address.
+struct Node<'a> {
+    client: &'a NsRef,
+    lb: &'a NsRef,
+    backends: [&'a NsRef; 2],
+    listen: Ipv4Addr,
+}
+
 /// Half of CONNECTIONS requests (`half` 0 or 1) from `clients` (round robin)
 /// over THREADS threads; returns how many failed, with the first error.
-fn run_requests(t: &Topology, clients: Vec<Ipv4Addr>, half: usize) -> (usize, Option<String>) {
-    let dst = SocketAddrV4::new(LISTEN.parse().unwrap(), 80);
+fn run_requests(n: &Node, clients: Vec<Ipv4Addr>, half: usize) -> (usize, Option<String>) {
+    let dst = SocketAddrV4::new(n.listen, 80);
     let clients = Arc::new(clients);
     let workers: Vec<_> = (0..THREADS)
         .map(|w| {
             let clients = clients.clone();
-            t.client.spawn(move || {
+            n.client.spawn(move || {
                 let (mut failed, mut first) = (0, None);
                 for i in (half * CONNECTIONS / 2 + w..(half + 1) * CONNECTIONS / 2).step_by(THREADS) {
                     if let Err(e) = request(clients[i % clients.len()], dst) {
@@ -152,33 +161,32 @@ fn moved(a: &std::collections::BTreeMap<String, i64>, b: &std::collections::BTre
         .join(" ")
 }
 
-/// Runs the requests through a fresh XLB and checks them; returns the
-/// servers and XLB's status document.
-fn check(t: &Topology, clients: Vec<Ipv4Addr>, extra: &str) -> ((Closer, Closer), serde_json::Value) {
-    let closers = (start_closer(&t.backends[0]), start_closer(&t.backends[1]));
+/// Runs the requests through a fresh XLB with `config` and checks them;
+/// returns the servers and XLB's status document.
+fn check(n: &Node, clients: Vec<Ipv4Addr>, config: &str) -> ((Closer, Closer), serde_json::Value) {
+    let closers = (start_closer(n.backends[0]), start_closer(n.backends[1]));
     // Closed pairs that hold no TIME_WAIT go after 1 s, not 10: the run
     // outlasts that, so only the tombstones keep ports off TIME_WAIT.
-    let config = lb_config(2, &format!("shutdown_timeout: 1\n{extra}"));
-    let _xlb = XlbProcess::start_with_env(&t.lb, &config, &[("XLB_CLOSED_TTL_SECS", "1")]);
-    let retrans = tcp_ext(&t.client, "TCPSynRetrans");
-    let nss = [&t.client, &t.backends[0], &t.backends[1]];
+    let _xlb = XlbProcess::start_with_env(n.lb, config, &[("XLB_CLOSED_TTL_SECS", "1")]);
+    let retrans = tcp_ext(n.client, "TCPSynRetrans");
+    let nss = [n.client, n.backends[0], n.backends[1]];
     let before: Vec<_> = nss.iter().map(|n| tcp_all(n)).collect();
     // Two halves, 3 s apart: by the second, the first half's pairs are past
     // the closed grace period, and only their tombstones keep the second
     // half's new tuples off the ports the backends hold in TIME_WAIT.
-    let (mut failed, mut first) = run_requests(t, clients.clone(), 0);
+    let (mut failed, mut first) = run_requests(n, clients.clone(), 0);
     std::thread::sleep(Duration::from_secs(3));
-    let (f2, e2) = run_requests(t, clients, 1);
+    let (f2, e2) = run_requests(n, clients, 1);
     failed += f2;
     first = first.or(e2);
-    let retrans = tcp_ext(&t.client, "TCPSynRetrans") - retrans;
+    let retrans = tcp_ext(n.client, "TCPSynRetrans") - retrans;
     let tcp: Vec<String> = nss.iter().zip(&before).map(|(n, b)| moved(b, &tcp_all(n))).collect();
     // The status document is refreshed every second.
     let s = wait_for(Duration::from_secs(5), || {
-        let s = status(&t.lb);
+        let s = status(n.lb);
         (counter(&s, "new_flow") >= CONNECTIONS as u64).then_some(s)
     })
-    .unwrap_or_else(|| status(&t.lb));
+    .unwrap_or_else(|| status(n.lb));
     let counters = &s["counters"];
     assert_eq!(failed, 0, "{failed} of {CONNECTIONS} requests failed; first: {first:?}");
     assert_eq!(retrans, 0, "the client retransmitted {retrans} SYNs: a handshake was lost; {counters}; TCP client/be1/be2: {tcp:#?}");
@@ -190,10 +198,20 @@ fn check(t: &Topology, clients: Vec<Ipv4Addr>, extra: &str) -> ((Closer, Closer)
     (closers, s)
 }
 
+fn two_armed(t: &Topology) -> Node<'_> {
+    Node {
+        client: &t.client,
+        lb: &t.lb,
+        backends: [&t.backends[0], &t.backends[1]],
+        listen: LISTEN.parse().unwrap(),
+    }
+}
+
 #[test]
 fn twenty_thousand_short_connections_from_one_client_lose_no_handshake() {
     let t = Topology::new(2);
-    let (closers, s) = check(&t, vec![Ipv4Addr::new(10, 100, 0, 2)], "");
+    let n = two_armed(&t);
+    let (closers, s) = check(&n, vec![Ipv4Addr::new(10, 100, 0, 2)], &lb_config(2, "shutdown_timeout: 1\n"));
     // The client's kernel reuses its ports within the run: those tuples come
     // back to their closed pair, reopened in place on the same NAT port.
     assert!(counter(&s, "ct_reopened") > 0, "no tuple came back: {s}");
@@ -211,11 +229,34 @@ fn twenty_thousand_short_connections_from_200_clients_lose_no_handshake() {
     for a in &pool {
         t.lb.exec(&format!("ip addr add {a}/32 dev lo"));
     }
-    let (closers, _) = check(&t, clients, &format!("snat_ips: [{}]\n", pool.join(", ")));
+    let config = lb_config(2, &format!("shutdown_timeout: 1\nsnat_ips: [{}]\n", pool.join(", ")));
+    let (closers, _) = check(&two_armed(&t), clients, &config);
     // The pool is used: clients spread over its addresses by hash.
     for c in [&closers.0, &closers.1] {
         let peers = c.peers.lock().unwrap();
         assert!(peers.len() >= 3, "SNAT addresses seen by a backend: {peers:?}");
         assert!(peers.iter().all(|p| pool.contains(&p.to_string())), "{peers:?}");
     }
+}
+
+/// One-armed (one bridge, XLB with a single interface in generic mode, its
+/// bridge port without GRO or XDP), 200 client addresses on the same segment
+/// and XLB's one SNAT address: 10,000 new tuples per backend in a few
+/// seconds stay within one address's ports.
+#[test]
+fn twenty_thousand_short_connections_one_armed_from_200_clients_lose_no_handshake() {
+    let t = OneArmed::new(2, false);
+    let clients: Vec<Ipv4Addr> = (30..230).map(|i| Ipv4Addr::new(10, 200, 0, i)).collect();
+    for c in &clients {
+        t.client.exec(&format!("ip addr add {c}/24 dev eth0"));
+    }
+    let n = Node {
+        client: &t.client,
+        lb: &t.lb,
+        backends: [&t.backends[0], &t.backends[1]],
+        listen: ONE_ARMED_LISTEN.parse().unwrap(),
+    };
+    let (_, s) = check(&n, clients, &t.config(2, "shutdown_timeout: 1\n"));
+    let ifs = s["interfaces"].as_array().cloned().unwrap_or_default();
+    assert_eq!(ifs.len(), 1, "one interface: {ifs:?}");
 }
