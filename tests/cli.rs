@@ -120,6 +120,25 @@ fn run_refuses_a_listen_ip_that_is_not_local_and_attaches_nothing() {
 }
 
 #[test]
+fn run_refuses_a_snat_pool_address_that_is_not_local_and_attaches_nothing() {
+    let ns = common::Netns::new("xc");
+    ns.exec("ip link add v0 type veth peer name v1 && ip addr add 10.9.0.1/24 dev v0 && ip addr add 10.9.0.2/32 dev lo && ip link set v0 up && ip link set v1 up");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("xlb.yaml");
+    std::fs::write(&cfg, format!("listen: {{ip: 10.9.0.1}}\nsnat_ips: [10.9.0.2, 10.9.0.78]\n{GOOD}"))
+        .unwrap();
+    let o = run_in(&ns, &cfg);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("snat_ips: 10.9.0.78 is not an address on any local interface"),
+        "{}",
+        stderr(&o)
+    );
+    let links = ns.exec("ip -d link show");
+    assert!(!String::from_utf8_lossy(&links.stdout).contains("prog/xdp"));
+}
+
+#[test]
 fn run_refuses_a_nat_range_the_kernel_could_hand_out() {
     let ns = common::Netns::new("xc");
     ns.exec("ip link add v0 type veth peer name v1 && ip addr add 10.9.0.1/24 dev v0 && ip link set v0 up && ip link set v1 up && sysctl -qw net.ipv4.ip_local_port_range=\"32768 60999\"");

@@ -162,12 +162,12 @@ fn moved(a: &std::collections::BTreeMap<String, i64>, b: &std::collections::BTre
 }
 
 /// Runs the requests through a fresh XLB with `config` and checks them;
-/// returns the servers and XLB's status document.
-fn check(n: &Node, clients: Vec<Ipv4Addr>, config: &str) -> ((Closer, Closer), serde_json::Value) {
+/// returns the servers, XLB's status document and its log.
+fn check(n: &Node, clients: Vec<Ipv4Addr>, config: &str) -> ((Closer, Closer), serde_json::Value, String) {
     let closers = (start_closer(n.backends[0]), start_closer(n.backends[1]));
     // Closed pairs that hold no TIME_WAIT go after 1 s, not 10: the run
     // outlasts that, so only the tombstones keep ports off TIME_WAIT.
-    let _xlb = XlbProcess::start_with_env(n.lb, config, &[("XLB_CLOSED_TTL_SECS", "1")]);
+    let xlb = XlbProcess::start_with_env(n.lb, config, &[("XLB_CLOSED_TTL_SECS", "1")]);
     let retrans = tcp_ext(n.client, "TCPSynRetrans");
     let nss = [n.client, n.backends[0], n.backends[1]];
     let before: Vec<_> = nss.iter().map(|n| tcp_all(n)).collect();
@@ -195,7 +195,7 @@ fn check(n: &Node, clients: Vec<Ipv4Addr>, config: &str) -> ((Closer, Closer), s
     for c in ["drop_nat_exhausted", "drop_ct_full", "drop_no_flow"] {
         assert_eq!(counter(&s, c), 0, "{c}");
     }
-    (closers, s)
+    (closers, s, xlb.log())
 }
 
 fn two_armed(t: &Topology) -> Node<'_> {
@@ -211,7 +211,8 @@ fn two_armed(t: &Topology) -> Node<'_> {
 fn twenty_thousand_short_connections_from_one_client_lose_no_handshake() {
     let t = Topology::new(2);
     let n = two_armed(&t);
-    let (closers, s) = check(&n, vec![Ipv4Addr::new(10, 100, 0, 2)], &lb_config(2, "shutdown_timeout: 1\n"));
+    let (closers, s, _) =
+        check(&n, vec![Ipv4Addr::new(10, 100, 0, 2)], &lb_config(2, "shutdown_timeout: 1\n"));
     // The client's kernel reuses its ports within the run: those tuples come
     // back to their closed pair, reopened in place on the same NAT port.
     assert!(counter(&s, "ct_reopened") > 0, "no tuple came back: {s}");
@@ -229,8 +230,13 @@ fn twenty_thousand_short_connections_from_200_clients_lose_no_handshake() {
     for a in &pool {
         t.lb.exec(&format!("ip addr add {a}/32 dev lo"));
     }
-    let config = lb_config(2, &format!("shutdown_timeout: 1\nsnat_ips: [{}]\n", pool.join(", ")));
-    let (closers, _) = check(&two_armed(&t), clients, &config);
+    // The pool sustains 4 x 22,528 ports / 70 s = 1,287 new tuples per
+    // second per backend: XLB says so, and warns about a higher rate.
+    let extra =
+        format!("shutdown_timeout: 1\nsnat_ips: [{}]\nexpected_connection_rate: 5000\n", pool.join(", "));
+    let (closers, _, log) = check(&two_armed(&t), clients, &lb_config(2, &extra));
+    assert!(log.contains("= 1287 new connections per second per backend"), "{log}");
+    assert!(log.contains("expected_connection_rate 5000/s per backend exceeds"), "{log}");
     // The pool is used: clients spread over its addresses by hash.
     for c in [&closers.0, &closers.1] {
         let peers = c.peers.lock().unwrap();
@@ -256,7 +262,8 @@ fn twenty_thousand_short_connections_one_armed_from_200_clients_lose_no_handshak
         backends: [&t.backends[0], &t.backends[1]],
         listen: ONE_ARMED_LISTEN.parse().unwrap(),
     };
-    let (_, s) = check(&n, clients, &t.config(2, "shutdown_timeout: 1\n"));
+    let (_, s, log) = check(&n, clients, &t.config(2, "shutdown_timeout: 1\n"));
+    assert!(!log.contains("exceeds what the NAT ports sustain"), "no rate stated, no warning: {log}");
     let ifs = s["interfaces"].as_array().cloned().unwrap_or_default();
     assert_eq!(ifs.len(), 1, "one interface: {ifs:?}");
 }
