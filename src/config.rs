@@ -66,6 +66,8 @@ pub struct Config {
     pub maglev_table_size: u32,
     #[serde(default)]
     pub algorithm: Algorithm,
+    #[serde(default)]
+    pub unknown_flow: UnknownFlow,
 }
 
 fn default_orphan_ttl_secs() -> u64 {
@@ -390,6 +392,18 @@ impl PortRange {
     pub fn contains(&self, port: u16) -> bool {
         (self.min..=self.max).contains(&port)
     }
+}
+
+/// What a packet for a listened port gets when it belongs to no connection
+/// XLB tracks (one that expired or was never seen).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownFlow {
+    /// A RST (rate-limited): the client's TCP gives up at once and reconnects.
+    #[default]
+    Rst,
+    /// Nothing: the client retransmits until it times out.
+    Drop,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -1328,6 +1342,15 @@ provider: {static: {backends: [{name: a, ip: 10.0.0.2}]}}
             => "snat_ips", "use one of the two";
         accept |c| c.snat_ips = Some(vec![[10, 0, 0, 9].into(), [10, 0, 0, 10].into()]);
     }
+    #[test]
+    fn unknown_flow_is_rst_unless_set_to_drop() {
+        assert_eq!(base().unknown_flow, UnknownFlow::Rst);
+        let c = Config::parse(&format!("{MINIMAL}unknown_flow: drop\n"), "t.yaml").unwrap();
+        assert_eq!(c.unknown_flow, UnknownFlow::Drop);
+        let e = Config::parse(&format!("{MINIMAL}unknown_flow: reset\n"), "t.yaml").unwrap_err().to_string();
+        assert!(e.contains("unknown_flow") && e.contains("rst"), "{e}");
+    }
+
     rule! { expected_connection_rate_positive:
         reject |c| c.expected_connection_rate = Some(0) => "expected_connection_rate", "is 0";
         accept |c| c.expected_connection_rate = Some(500);

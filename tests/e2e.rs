@@ -295,3 +295,40 @@ fn flows_and_backends_show_live_connections() {
         backends.as_array().unwrap().iter().map(|b| b["name"].as_str().unwrap().to_string()).collect();
     assert_eq!(names, ["be1", "be2"]);
 }
+
+/// A connection XLB forgot (idle past orphan_ttl_secs): with `unknown_flow`
+/// at its default (rst) the client's next packet is answered with a RST, so
+/// the client fails at once and a new connection works; with `drop` it hears
+/// nothing and waits.
+#[test]
+fn a_forgotten_connection_is_reset_at_once_and_the_client_reconnects() {
+    for (setting, reset) in [("", true), ("unknown_flow: drop\n", false)] {
+        let t = Topology::new(1);
+        let _b1 = start_backend(&t.backends[0], "be1");
+        let _xlb = XlbProcess::start(&t.lb, &lb_config(1, &format!("orphan_ttl_secs: 1\n{setting}")));
+        let (outcome, took) = t.client.run(move || {
+            let mut c = EchoConn::open(&url()).expect("connect through XLB");
+            c.ping("before").expect("echo through XLB");
+            // Idle past the orphan TTL and a sweep or two (1 s apart).
+            std::thread::sleep(Duration::from_millis(3500));
+            let start = std::time::Instant::now();
+            let outcome = c.ping("after");
+            (outcome.map_err(|e| e.kind()), start.elapsed())
+        });
+        let s = status(&t.lb);
+        if reset {
+            assert_eq!(outcome, Err(std::io::ErrorKind::ConnectionReset), "{setting}");
+            assert!(took < Duration::from_secs(1), "reset after {took:?}");
+            assert!(counter_reaches(&t.lb, "rst_unknown_flow", 1) >= 1, "{s}");
+            t.client.run(move || {
+                let mut c = EchoConn::open(&url()).expect("a new connection at once");
+                c.ping("again").expect("echo on the new connection");
+            });
+        } else {
+            // The read times out (5 s): nothing came back.
+            assert!(outcome.is_err() && took >= Duration::from_secs(4), "{outcome:?} after {took:?}");
+            assert_eq!(counter(&s, "rst_unknown_flow"), 0, "{s}");
+            assert!(counter_reaches(&t.lb, "drop_no_flow", 1) >= 1, "{s}");
+        }
+    }
+}

@@ -155,21 +155,33 @@ impl Lb {
     }
 
     fn with_capacity(backends: &[Ipv4Addr], conntrack_capacity: u32) -> Lb {
-        Lb::load(backends, conntrack_capacity, NAT_PORTS, &[LISTEN])
+        Lb::load(backends, conntrack_capacity, NAT_PORTS, &[LISTEN], false)
     }
 
     /// A program whose NAT source ports are `nat_ports`: a range of one
     /// port puts every second connection to a backend under port pressure.
     fn with_nat_ports(backends: &[Ipv4Addr], nat_ports: (u16, u16)) -> Lb {
-        Lb::load(backends, 1024, nat_ports, &[LISTEN])
+        Lb::load(backends, 1024, nat_ports, &[LISTEN], false)
     }
 
     /// A program whose backends see clients from the SNAT pool `snat`.
     fn with_snat(backends: &[Ipv4Addr], snat: &[Ipv4Addr]) -> Lb {
-        Lb::load(backends, 1024, NAT_PORTS, snat)
+        Lb::load(backends, 1024, NAT_PORTS, snat, false)
     }
 
-    fn load(backends: &[Ipv4Addr], conntrack_capacity: u32, nat_ports: (u16, u16), snat: &[Ipv4Addr]) -> Lb {
+    /// A program that answers packets of no known connection with a RST
+    /// (unknown_flow: rst; the other cases keep the drop).
+    fn with_unknown_flow_rst(backends: &[Ipv4Addr]) -> Lb {
+        Lb::load(backends, 1024, NAT_PORTS, &[LISTEN], true)
+    }
+
+    fn load(
+        backends: &[Ipv4Addr],
+        conntrack_capacity: u32,
+        nat_ports: (u16, u16),
+        snat: &[Ipv4Addr],
+        unknown_flow_rst: bool,
+    ) -> Lb {
         let ifindex = nix::net::if_::if_nametoindex("g0").unwrap();
         let far = nix::net::if_::if_nametoindex("g1").unwrap();
         let mut dp =
@@ -180,6 +192,7 @@ impl Lb {
             nat_ports,
             ports: vec![(80, 8080), (443, 8443)],
             vlans: vec![xlb::dataplane::Vlan { ifindex: far, lower_ifindex: ifindex, vid: 100 }],
+            unknown_flow_rst,
         })
         .unwrap();
         dp.set_backends(&maglev_table(backends)).unwrap();
@@ -821,6 +834,95 @@ fn draining_answers_a_new_syn_with_an_exact_rst() {
         checked_tcp(&out);
         lb.counters_moved(&[(Counter::XLB_CNT_DRAIN_RST, 1)]);
         assert!(lb.dp.flows().unwrap().is_empty(), "a refused SYN opens nothing");
+    });
+}
+
+/// The RST a closed port answers a segment with ACK by (RFC 9293
+/// §3.10.7.1): seq = its ack number (7777 in `Tcp::frame`), RST alone.
+fn expected_reset_of_ack(seg: &Tcp) -> Vec<u8> {
+    let mut tcp = TcpHeader::new(seg.dst.1, seg.src.1, 7777, 0);
+    tcp.rst = true;
+    let mut ip =
+        Ipv4Header::new(tcp.header_len() as u16, 64, IpNumber::TCP, seg.dst.0.octets(), seg.src.0.octets())
+            .unwrap();
+    ip.dont_fragment = true;
+    ip.header_checksum = ip.calc_header_checksum();
+    tcp.checksum = tcp.calc_checksum_ipv4(&ip, &[]).unwrap();
+    let eth = Ethernet2Header { source: seg.dmac, destination: seg.smac, ether_type: EtherType::IPV4 };
+    let mut out = eth.to_bytes().to_vec();
+    tag(&mut out, seg.vlan);
+    out.extend_from_slice(&ip.to_bytes());
+    out.extend_from_slice(&tcp.to_bytes());
+    out
+}
+
+#[test]
+fn with_unknown_flow_rst_a_packet_of_no_known_connection_gets_an_exact_rst() {
+    case_on(
+        "true",
+        || Lb::with_unknown_flow_rst(ONE),
+        |lb| {
+            // Data with ACK (a connection XLB forgot): RST, seq = its ack.
+            let data = from_client(80).ack();
+            let (action, out) = lb.run(&data.frame());
+            assert_eq!(action, XDP_TX);
+            assert_eq!(out, expected_reset_of_ack(&data));
+            checked_tcp(&out);
+            lb.counters_moved(&[(Counter::XLB_CNT_UNKNOWN_FLOW_RST, 1)]);
+            // A FIN without ACK: RST|ACK acking it (the FIN counts one).
+            let fin = Tcp { syn: false, fin: true, payload: vec![1, 2, 3], ..from_client(443) };
+            let (action, out) = lb.run(&fin.frame());
+            assert_eq!(action, XDP_TX);
+            // expected_rst acks a SYN's one; a FIN counts one too: same bytes.
+            assert_eq!(out, expected_rst(&Tcp { payload: vec![1, 2, 3], ..from_client(443) }));
+            lb.counters_moved(&[(Counter::XLB_CNT_UNKNOWN_FLOW_RST, 1)]);
+            // A RST is never answered; nothing was opened.
+            let rst = Tcp { syn: false, rst: true, ..from_client(80) };
+            assert_eq!(lb.run(&rst.frame()).0, XDP_DROP);
+            lb.counters_moved(&[(Counter::XLB_CNT_DROP_NO_FLOW, 1)]);
+            assert!(lb.dp.flows().unwrap().is_empty());
+            // A tracked connection is not touched by it.
+            let syn = from_client(80);
+            lb.run(&syn.frame());
+            let (action, out) = lb.run(&syn.clone().ack().frame());
+            assert_eq!(action, XDP_TX);
+            assert_eq!(checked_tcp(&out).0.destination, BACKEND.octets());
+            lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 1), (Counter::XLB_CNT_FWD_TO_BACKEND, 2)]);
+        },
+    );
+}
+
+#[test]
+fn unknown_flow_rsts_are_rate_limited_and_drop_keeps_silence() {
+    case_on(
+        "true",
+        || Lb::with_unknown_flow_rst(ONE),
+        |lb| {
+            // A flood from forged sources: at most the burst is answered at
+            // once (the budget refills at 1000/s: a few more may pass while the
+            // loop runs); the rest is dropped and counted.
+            let mut sent = 0;
+            for i in 0..500u16 {
+                let seg = Tcp { src: (Ipv4Addr::new(10, 0, 0, 2), 40000 + i), ..from_client(80).ack() };
+                if lb.run(&seg.frame()).0 == XDP_TX {
+                    sent += 1;
+                }
+            }
+            let d = lb.dp.counters().unwrap().since(&lb.seen);
+            assert_eq!(d.get(Counter::XLB_CNT_UNKNOWN_FLOW_RST), sent);
+            assert!((50..100).contains(&sent), "{sent} RSTs for 500 packets");
+            assert_eq!(d.get(Counter::XLB_CNT_DROP_RST_LIMIT), 500 - sent);
+            lb.counters_moved(&[
+                (Counter::XLB_CNT_UNKNOWN_FLOW_RST, sent),
+                (Counter::XLB_CNT_DROP_RST_LIMIT, 500 - sent),
+            ]);
+        },
+    );
+    // unknown_flow: drop: silence, as before.
+    case(ONE, |lb| {
+        let data = from_client(80).ack();
+        assert_eq!(lb.run(&data.frame()), (XDP_DROP, data.frame()));
+        lb.counters_moved(&[(Counter::XLB_CNT_DROP_NO_FLOW, 1)]);
     });
 }
 

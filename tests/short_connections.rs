@@ -192,7 +192,7 @@ fn check(n: &Node, clients: Vec<Ipv4Addr>, config: &str) -> ((Closer, Closer), s
     assert_eq!(retrans, 0, "the client retransmitted {retrans} SYNs: a handshake was lost; {counters}; TCP client/be1/be2: {tcp:#?}");
     assert!(counter(&s, "new_flow") >= CONNECTIONS as u64, "XDP opened every connection: {counters}");
     assert!(counter(&s, "fwd_to_client") >= 2 * CONNECTIONS as u64, "XDP translated the replies");
-    for c in ["drop_nat_exhausted", "drop_ct_full", "drop_no_flow"] {
+    for c in ["drop_nat_exhausted", "drop_ct_full", "drop_no_flow", "rst_unknown_flow"] {
         assert_eq!(counter(&s, c), 0, "{c}");
     }
     (closers, s, xlb.log())

@@ -24,34 +24,6 @@
 #define XLB_REPLY_FRAME_LEN (sizeof(struct ethhdr) + XLB_REPLY_PREFIX + XLB_QUOTE_LEN)
 #define XLB_ICMP_TTL	    64
 
-/* Takes one answer from this CPU's budget: a token bucket kept as credit in
- * nanoseconds, so no fraction of a token is lost between answers. */
-static __always_inline int icmp_budget_take(void)
-{
-	const __u64 cost = 1000000000ULL / XLB_ICMP_RATE_PER_SEC;
-	const __u64 cap = XLB_ICMP_BURST * cost;
-	__u64 now = bpf_ktime_get_coarse_ns();
-	struct icmp_bucket *b;
-	__u32 key = 0;
-	__u64 credit;
-
-	b = bpf_map_lookup_elem(&icmp_budget, &key);
-	if (!b)
-		return 0;
-	credit = now - b->last_ns;
-	if (credit > cap || b->tokens > cap - credit)
-		credit = cap;
-	else
-		credit += b->tokens;
-	b->last_ns = now;
-	if (credit < cost) {
-		b->tokens = credit;
-		return 0;
-	}
-	b->tokens = credit - cost;
-	return 1;
-}
-
 /* Whether icmp_reply() can answer this packet: not a tagged frame, no IP
  * options. Asked before taking from the budget, so packets that are never
  * answered cannot starve those that are. */

@@ -1,8 +1,12 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
-/* Refusing a connection from XDP: the client's SYN becomes, in place, the
- * RST|ACK a closed port would send (RFC 9293 §3.10.7.1: seq 0, ack = the
- * SYN's sequence number plus its segment length). Used while draining, so
- * clients fail over at once instead of waiting for a timeout. */
+/* Answering for a closed port from XDP: the client's segment becomes, in
+ * place, the RST a closed port sends (RFC 9293 §3.10.7.1): to a segment with
+ * ACK, seq = its ack and RST alone; to one without (a SYN), seq 0, ack = its
+ * sequence number plus its length (SYN and FIN count one) and RST|ACK. Used
+ * for SYNs while draining, so clients fail over at once instead of waiting
+ * for a timeout, and for packets of no known connection (unknown_flow: rst),
+ * so a client whose connection XLB forgot reconnects at once. Never called
+ * for a RST. */
 #ifndef XLB_RST_H
 #define XLB_RST_H
 
@@ -26,16 +30,18 @@ static __always_inline __u16 csum_fold32(__s64 sum)
 
 /* Returns 0 with the frame rewritten into the RST (send it back out with bounce()), or
  * -1 if the frame could not be reshaped (leave it alone). */
-static __always_inline int syn_to_rst(struct xdp_md *ctx, struct packet *pkt)
+static __always_inline int tcp_reset(struct xdp_md *ctx, struct packet *pkt)
 {
 	struct ethhdr *eth = pkt->eth;
 	struct iphdr *ip = pkt->ip;
 	struct tcphdr *tcp = pkt->tcp;
 	__u8 mac[ETH_ALEN];
+	__u8 in = tcp_flags(tcp);
 	__u32 saddr = ip->saddr, daddr = ip->daddr;
 	__u16 sport = tcp->source, dport = tcp->dest;
 	__u32 payload = bpf_ntohs(ip->tot_len) - ip->ihl * 4 - tcp->doff * 4;
-	__u32 ack = bpf_ntohl(tcp->seq) + 1 + payload;
+	__u32 ack = bpf_ntohl(tcp->seq) + payload + !!(in & XLB_TCP_SYN) + !!(in & XLB_TCP_FIN);
+	__u32 seq = (in & XLB_TCP_ACK) ? bpf_ntohl(tcp->ack_seq) : 0;
 	void *data, *data_end;
 	__u32 l2;
 	__s64 sum;
@@ -73,10 +79,13 @@ static __always_inline int syn_to_rst(struct xdp_md *ctx, struct packet *pkt)
 	__builtin_memset(tcp, 0, sizeof(*tcp));
 	tcp->source = dport;
 	tcp->dest = sport;
-	tcp->ack_seq = bpf_htonl(ack);
+	tcp->seq = bpf_htonl(seq);
 	tcp->doff = 5;
 	tcp->rst = 1;
-	tcp->ack = 1;
+	if (!(in & XLB_TCP_ACK)) {
+		tcp->ack_seq = bpf_htonl(ack);
+		tcp->ack = 1;
+	}
 	/* Pseudo-header (addresses, protocol, length), then the header. */
 	sum = bpf_csum_diff(0, 0, &ip->saddr, 8, 0);
 	sum = bpf_csum_diff(0, 0, (__be32 *)tcp, sizeof(*tcp), sum);

@@ -38,7 +38,7 @@ static __always_inline struct outcome expired(struct xdp_md *ctx, struct packet 
 {
 	if (!icmp_answerable(pkt))
 		return verdict(XDP_DROP, XLB_CNT_DROP_TTL);
-	if (!icmp_budget_take())
+	if (!budget_take(XLB_BUDGET_ICMP))
 		return verdict(XDP_DROP, XLB_CNT_DROP_ICMP_LIMIT);
 	if (icmp_reply(ctx, pkt, XLB_ICMP_TIME_EXCEEDED, 0, 0))
 		return verdict(XDP_DROP, XLB_CNT_DROP_TTL);
@@ -52,11 +52,27 @@ static __always_inline struct outcome too_big(struct xdp_md *ctx, struct packet 
 {
 	if (!(pkt->ip->frag_off & bpf_htons(XLB_IP_DF)) || !icmp_answerable(pkt))
 		return verdict(XDP_DROP, XLB_CNT_DROP_FIB);
-	if (!icmp_budget_take())
+	if (!budget_take(XLB_BUDGET_ICMP))
 		return verdict(XDP_DROP, XLB_CNT_DROP_ICMP_LIMIT);
 	if (icmp_reply(ctx, pkt, XLB_ICMP_DEST_UNREACH, XLB_ICMP_FRAG_NEEDED, mtu))
 		return verdict(XDP_DROP, XLB_CNT_DROP_FIB);
 	return verdict(bounce(ctx, ingress_iface(ctx)), XLB_CNT_FRAG_NEEDED);
+}
+
+/* A packet for a listened port that belongs to no connection XLB knows (it
+ * expired, or was never seen): with unknown_flow: rst it is answered with a
+ * RST, within its budget, so a client whose connection was forgotten
+ * reconnects at once instead of retransmitting into silence. A RST is never
+ * answered. */
+static __always_inline struct outcome unknown_flow(struct xdp_md *ctx, struct packet *pkt)
+{
+	if (!(config.flags & XLB_F_UNKNOWN_RST) || (tcp_flags(pkt->tcp) & XLB_TCP_RST))
+		return verdict(XDP_DROP, XLB_CNT_DROP_NO_FLOW);
+	if (!budget_take(XLB_BUDGET_RST))
+		return verdict(XDP_DROP, XLB_CNT_DROP_RST_LIMIT);
+	if (tcp_reset(ctx, pkt))
+		return verdict(XDP_DROP, XLB_CNT_DROP_NO_FLOW);
+	return verdict(bounce(ctx, ingress_iface(ctx)), XLB_CNT_UNKNOWN_FLOW_RST);
 }
 
 /* Sends a packet of a tracked connection on, rewritten to f's NAT tuple. The
@@ -100,11 +116,11 @@ static __always_inline struct outcome to_backend(struct xdp_md *ctx, struct pack
 	/* Only a bare SYN opens a connection; anything else without an entry
 	 * belongs to no connection we know. */
 	if (!bare_syn)
-		return verdict(XDP_DROP, XLB_CNT_DROP_NO_FLOW);
+		return unknown_flow(ctx, pkt);
 	/* Draining: refuse at once so the client retries elsewhere;
 	 * connections already tracked keep flowing above. */
 	if (config.flags & XLB_F_DRAIN) {
-		if (syn_to_rst(ctx, pkt))
+		if (tcp_reset(ctx, pkt))
 			return verdict(XDP_DROP, XLB_CNT_DRAIN_RST);
 		return verdict(bounce(ctx, ingress_iface(ctx)), XLB_CNT_DRAIN_RST);
 	}

@@ -29,11 +29,15 @@
 /* struct iface.flags */
 #define XLB_IFACE_GENERIC (1U << 0) /* generic mode: frames may be GRO aggregates */
 
-/* ICMP errors XLB originates (time exceeded, fragmentation needed) are
- * answered at most this often per CPU, with this burst: their destination is
- * a source address anyone can forge (the kernel's icmp_msgs_per_sec). */
-#define XLB_ICMP_RATE_PER_SEC 1000
-#define XLB_ICMP_BURST	      50
+/* ICMP errors XLB originates (time exceeded, fragmentation needed) and RSTs
+ * for packets of no known connection are each answered at most this often
+ * per CPU, with this burst: their destination is a source address anyone
+ * can forge (the kernel's icmp_msgs_per_sec). One budget each. */
+#define XLB_ANSWER_RATE_PER_SEC 1000
+#define XLB_ANSWER_BURST	50
+#define XLB_BUDGET_ICMP		0
+#define XLB_BUDGET_RST		1
+#define XLB_BUDGETS		2
 
 /* A translated "fragmentation needed" never advertises less than this (the
  * kernel's min_pmtu): one forged error must not shrink a path for everyone. */
@@ -75,7 +79,8 @@
 #define XLB_DIR_TO_CLIENT  2 /* backend -> snat ip, rewritten to client */
 
 /* struct xlb_config.flags */
-#define XLB_F_DRAIN (1U << 0) /* shutdown: answer new SYNs with RST */
+#define XLB_F_DRAIN	  (1U << 0) /* shutdown: answer new SYNs with RST */
+#define XLB_F_UNKNOWN_RST (1U << 1) /* unknown_flow: rst */
 
 /* TCP flag bits as they sit in byte 13 of the TCP header. */
 #define XLB_TCP_FIN 0x01

@@ -64,18 +64,47 @@ struct {
 	__type(value, struct iface);
 } ifaces SEC(".maps");
 
-/* The ICMP answer budget of each CPU (icmp_reply.h). */
-struct icmp_bucket {
+/* The answer budgets of each CPU (budget_take()), by XLB_BUDGET_*: what XLB
+ * itself sends goes to a source address anyone can forge. */
+struct bucket {
 	__u64 tokens;
 	__u64 last_ns;
 };
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, XLB_BUDGETS);
 	__type(key, __u32);
-	__type(value, struct icmp_bucket);
-} icmp_budget SEC(".maps");
+	__type(value, struct bucket);
+} budgets SEC(".maps");
+
+/* Takes one answer from this CPU's budget `which` (XLB_BUDGET_*): a token
+ * bucket of XLB_ANSWER_RATE_PER_SEC with a burst of XLB_ANSWER_BURST, kept as
+ * credit in nanoseconds, so no fraction of a token is lost between answers. */
+static __always_inline int budget_take(__u32 which)
+{
+	const __u64 cost = 1000000000ULL / XLB_ANSWER_RATE_PER_SEC;
+	const __u64 cap = XLB_ANSWER_BURST * cost;
+	__u64 now = bpf_ktime_get_coarse_ns();
+	struct bucket *b;
+	__u64 credit;
+
+	b = bpf_map_lookup_elem(&budgets, &which);
+	if (!b)
+		return 0;
+	credit = now - b->last_ns;
+	if (credit > cap || b->tokens > cap - credit)
+		credit = cap;
+	else
+		credit += b->tokens;
+	b->last_ns = now;
+	if (credit < cost) {
+		b->tokens = credit;
+		return 0;
+	}
+	b->tokens = credit - cost;
+	return 1;
+}
 
 /* Next hops as bpf_fib_lookup() found them (forward.h route()): most packets
  * take a hash lookup instead of a FIB walk. */

@@ -44,6 +44,8 @@ enum xlb_counter {
 	XLB_CNT_NAT_COLLISION,	     /* a NAT port choice found taken: one more try */
 	XLB_CNT_CT_REOPENED,	     /* a closed connection's tuple reopened in place */
 	XLB_CNT_NEXTHOP_MISS,	     /* a route looked up in the FIB, not the cache */
+	XLB_CNT_UNKNOWN_FLOW_RST,    /* a non-SYN of no known connection answered with RST */
+	XLB_CNT_DROP_RST_LIMIT,	     /* such a RST over the rate limit: dropped */
 	XLB_CNT_MAX,
 };
 

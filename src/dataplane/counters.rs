@@ -40,6 +40,8 @@ pub const ALL: &[(Counter, &str)] = &[
     (Counter::XLB_CNT_NAT_COLLISION, "nat_port_collision"),
     (Counter::XLB_CNT_CT_REOPENED, "ct_reopened"),
     (Counter::XLB_CNT_NEXTHOP_MISS, "nexthop_miss"),
+    (Counter::XLB_CNT_UNKNOWN_FLOW_RST, "rst_unknown_flow"),
+    (Counter::XLB_CNT_DROP_RST_LIMIT, "drop_rst_ratelimit"),
 ];
 
 /// The stable name of a counter.

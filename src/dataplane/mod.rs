@@ -55,6 +55,8 @@ pub struct Service {
     /// VLAN interfaces on attached interfaces: tagged traffic on them is
     /// served too.
     pub vlans: Vec<Vlan>,
+    /// Answer packets of no known connection with a RST (unknown_flow: rst).
+    pub unknown_flow_rst: bool,
 }
 
 /// A VLAN interface over a lower interface.
@@ -269,6 +271,8 @@ impl Dataplane {
         cfg.nr_ports = s.ports.len() as u32;
         // A per-instance seed keeps backend choice unpredictable to clients.
         cfg.hash_seed = rand_u32();
+        cfg.flags =
+            if s.unknown_flow_rst { cfg.flags | UNKNOWN_RST_FLAG } else { cfg.flags & !UNKNOWN_RST_FLAG };
         self.set_vlans(&s.vlans)
     }
 
@@ -698,6 +702,8 @@ fn query_mode(prog: std::os::fd::BorrowedFd<'_>, ifindex: u32) -> XdpMode {
     }
 }
 
+/// XLB_F_UNKNOWN_RST in xlb_consts.h.
+const UNKNOWN_RST_FLAG: u32 = 2;
 /// XLB_F_DRAIN in xlb_consts.h.
 const DRAIN_FLAG: u32 = 1;
 

@@ -122,6 +122,14 @@ pub static CATALOG: &[Desc] = &[
         "Packets seen by the XDP program, by outcome: action forward|pass|drop|rst and its reason"),
     desc("xlb.nat.port_allocation_failures", Counter, U64, "{packet}", &[],
         "SYNs dropped because no NAT source port was free"),
+    desc("xlb.nat.ports", Counter, U64, "{connection}", &["choice"],
+        "NAT ports claimed, by how: preserved (the client's own), derived (from its tuple), probed (random), reclaimed (a closed connection's, under port pressure)"),
+    desc("xlb.nat.port_collisions", Counter, U64, "{event}", &[],
+        "NAT port choices found taken (each costs one more try): rising against new connections is port pressure"),
+    desc("xlb.conntrack.reopened", Counter, U64, "{connection}", &[],
+        "Closed connections whose tuple a new SYN reopened in place (same backend, same NAT port)"),
+    desc("xlb.nexthop.misses", Counter, U64, "{packet}", &[],
+        "Routes looked up in the FIB because the route cache had no current answer"),
     desc("xlb.drain.rst_sent", Counter, U64, "{packet}", &[],
         "RSTs sent to new connections during the shutdown drain"),
     desc("xlb.conntrack.connections", Gauge, U64, "{connection}", &[],
@@ -332,16 +340,26 @@ impl Builder {
 }
 
 /// The counters in `Status::counters` that are not packet outcomes.
-const NOT_PACKET_OUTCOMES: &[&str] = &["new_flow"];
+const NOT_PACKET_OUTCOMES: &[&str] = &[
+    "new_flow",
+    "nat_port_preserved",
+    "nat_port_derived",
+    "nat_port_probed",
+    "nat_port_reclaimed",
+    "nat_port_collision",
+    "ct_reopened",
+    "nexthop_miss",
+];
 
 /// A packet counter's name as (action, reason): `fwd_to_backend` ->
 /// (forward, to_backend), `pass_vlan` -> (pass, vlan), `drop_ttl` -> (drop,
-/// ttl), `drain_rst` -> (rst, drain); anything else -> (other, name).
+/// ttl), `drain_rst` -> (rst, drain), `rst_unknown_flow` -> (rst,
+/// unknown_flow); anything else -> (other, name).
 pub fn packet_outcome(counter: &str) -> (&'static str, &str) {
     if counter == "drain_rst" {
         return ("rst", "drain");
     }
-    for (prefix, action) in [("fwd_", "forward"), ("pass_", "pass"), ("drop_", "drop")] {
+    for (prefix, action) in [("fwd_", "forward"), ("pass_", "pass"), ("drop_", "drop"), ("rst_", "rst")] {
         if let Some(reason) = counter.strip_prefix(prefix) {
             return (action, reason);
         }
@@ -408,6 +426,20 @@ pub fn snapshot(s: &Status, tracker: &mut Tracker, now: Instant, now_unix_ms: u6
         b.u64("xlb.packets", vec![("action", action.to_string()), ("reason", reason.to_string())], v);
     }
     b.u64("xlb.nat.port_allocation_failures", none(), counter("drop_nat_exhausted").unwrap_or(0));
+    for choice in ["preserved", "derived", "probed", "reclaimed"] {
+        if let Some(v) = counter(&format!("nat_port_{choice}")) {
+            b.u64("xlb.nat.ports", vec![("choice", choice.to_string())], v);
+        }
+    }
+    if let Some(v) = counter("nat_port_collision") {
+        b.u64("xlb.nat.port_collisions", none(), v);
+    }
+    if let Some(v) = counter("ct_reopened") {
+        b.u64("xlb.conntrack.reopened", none(), v);
+    }
+    if let Some(v) = counter("nexthop_miss") {
+        b.u64("xlb.nexthop.misses", none(), v);
+    }
     // Only data paths that can drain with RSTs have this counter.
     if let Some(v) = counter("drain_rst") {
         b.u64("xlb.drain.rst_sent", none(), v);

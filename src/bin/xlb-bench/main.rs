@@ -337,6 +337,7 @@ fn normal_service() -> Service {
         nat_ports: NAT_PORTS,
         ports: vec![(LOCAL_PORT, REMOTE_PORT)],
         vlans: vec![],
+        unknown_flow_rst: false,
     }
 }
 
@@ -347,6 +348,7 @@ fn loop_service() -> Service {
         nat_ports: NAT_PORTS,
         ports: vec![(LOCAL_PORT, LOCAL_PORT)],
         vlans: vec![],
+        unknown_flow_rst: false,
     }
 }
 
