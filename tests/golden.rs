@@ -803,21 +803,27 @@ fn rst_closes_a_flow() {
     });
 }
 
-/// The RST|ACK a closed port sends for `syn`, built independently.
-fn expected_rst(syn: &Tcp) -> Vec<u8> {
-    let mut tcp = TcpHeader::new(syn.dst.1, syn.src.1, 0, 0);
+/// The RST a closed port sends for `seg`, built independently.
+fn expected_rst(seg: &Tcp) -> Vec<u8> {
+    // RFC 9293 §3.10.7.1: to a segment with ACK, seq = its ack (7777 in
+    // `Tcp::frame`) and RST alone; to one without, seq 0 and RST|ACK acking
+    // its sequence number plus its length (SYN and FIN count one).
+    let mut tcp = TcpHeader::new(seg.dst.1, seg.src.1, if seg.ack { 7777 } else { 0 }, 0);
     tcp.rst = true;
-    tcp.ack = true;
-    tcp.acknowledgment_number = syn.seq.wrapping_add(1 + syn.payload.len() as u32);
+    if !seg.ack {
+        tcp.ack = true;
+        let len = seg.payload.len() as u32 + u32::from(seg.syn) + u32::from(seg.fin);
+        tcp.acknowledgment_number = seg.seq.wrapping_add(len);
+    }
     let mut ip =
-        Ipv4Header::new(tcp.header_len() as u16, 64, IpNumber::TCP, syn.dst.0.octets(), syn.src.0.octets())
+        Ipv4Header::new(tcp.header_len() as u16, 64, IpNumber::TCP, seg.dst.0.octets(), seg.src.0.octets())
             .unwrap();
     ip.dont_fragment = true;
     ip.header_checksum = ip.calc_header_checksum();
     tcp.checksum = tcp.calc_checksum_ipv4(&ip, &[]).unwrap();
-    let eth = Ethernet2Header { source: syn.dmac, destination: syn.smac, ether_type: EtherType::IPV4 };
+    let eth = Ethernet2Header { source: seg.dmac, destination: seg.smac, ether_type: EtherType::IPV4 };
     let mut out = eth.to_bytes().to_vec();
-    tag(&mut out, syn.vlan);
+    tag(&mut out, seg.vlan);
     out.extend_from_slice(&ip.to_bytes());
     out.extend_from_slice(&tcp.to_bytes());
     out
@@ -837,25 +843,6 @@ fn draining_answers_a_new_syn_with_an_exact_rst() {
     });
 }
 
-/// The RST a closed port answers a segment with ACK by (RFC 9293
-/// §3.10.7.1): seq = its ack number (7777 in `Tcp::frame`), RST alone.
-fn expected_reset_of_ack(seg: &Tcp) -> Vec<u8> {
-    let mut tcp = TcpHeader::new(seg.dst.1, seg.src.1, 7777, 0);
-    tcp.rst = true;
-    let mut ip =
-        Ipv4Header::new(tcp.header_len() as u16, 64, IpNumber::TCP, seg.dst.0.octets(), seg.src.0.octets())
-            .unwrap();
-    ip.dont_fragment = true;
-    ip.header_checksum = ip.calc_header_checksum();
-    tcp.checksum = tcp.calc_checksum_ipv4(&ip, &[]).unwrap();
-    let eth = Ethernet2Header { source: seg.dmac, destination: seg.smac, ether_type: EtherType::IPV4 };
-    let mut out = eth.to_bytes().to_vec();
-    tag(&mut out, seg.vlan);
-    out.extend_from_slice(&ip.to_bytes());
-    out.extend_from_slice(&tcp.to_bytes());
-    out
-}
-
 #[test]
 fn with_unknown_flow_rst_a_packet_of_no_known_connection_gets_an_exact_rst() {
     case_on(
@@ -866,7 +853,7 @@ fn with_unknown_flow_rst_a_packet_of_no_known_connection_gets_an_exact_rst() {
             let data = from_client(80).ack();
             let (action, out) = lb.run(&data.frame());
             assert_eq!(action, XDP_TX);
-            assert_eq!(out, expected_reset_of_ack(&data));
+            assert_eq!(out, expected_rst(&data));
             checked_tcp(&out);
             lb.counters_moved(&[(Counter::XLB_CNT_UNKNOWN_FLOW_RST, 1)]);
             // A FIN without ACK: RST|ACK acking it (the FIN counts one).
