@@ -2260,6 +2260,18 @@ fn open(lb: &mut Lb, syn: &Tcp, backend: Ipv4Addr) -> u16 {
     port
 }
 
+/// `open`, then `close`, with their counters checked; returns the NAT port.
+fn open_and_close(lb: &mut Lb, syn: &Tcp, backend: Ipv4Addr, backend_first: bool) -> u16 {
+    let port = open(lb, syn, backend);
+    close(lb, syn, backend, port, backend_first);
+    lb.counters_moved(&[
+        (Counter::XLB_CNT_NEW_FLOW, 1),
+        (Counter::XLB_CNT_FWD_TO_BACKEND, 3),
+        (Counter::XLB_CNT_FWD_TO_CLIENT, 2),
+    ]);
+    port
+}
+
 /// The client's FIN of `close`: 3 bytes of data, ending at CLIENT_FIN_END.
 fn client_fin(syn: &Tcp) -> Tcp {
     Tcp { fin: true, seq: 1019, payload: b"bye".to_vec(), ..syn.clone().ack() }
@@ -2400,13 +2412,7 @@ fn a_client_port_in_the_nat_range_is_kept_and_a_second_client_on_it_gets_the_der
 fn a_syn_after_the_backend_closed_first_reopens_the_pair_in_place() {
     case(ONE, |lb| {
         let syn = from_client(80);
-        let port = open(lb, &syn, BACKEND);
-        close(lb, &syn, BACKEND, port, true);
-        lb.counters_moved(&[
-            (Counter::XLB_CNT_NEW_FLOW, 1),
-            (Counter::XLB_CNT_FWD_TO_BACKEND, 3),
-            (Counter::XLB_CNT_FWD_TO_CLIENT, 2),
-        ]);
+        let port = open_and_close(lb, &syn, BACKEND, true);
         // The backend's FIN came first and the client's FIN ended at
         // CLIENT_FIN_END: marked on the entries.
         let (fwd, rev) = (fwd_of(lb, syn.src), rev_of(lb, BACKEND, port));
@@ -2772,13 +2778,7 @@ fn snat_pool_gives_each_client_one_address_and_replies_to_any_of_it_come_back() 
 fn a_closed_connection_whose_backend_left_reopens_on_the_new_one_and_leaves_a_tombstone() {
     case(ONE, |lb| {
         let syn = from_client(80);
-        let old_port = open(lb, &syn, BACKEND);
-        close(lb, &syn, BACKEND, old_port, true);
-        lb.counters_moved(&[
-            (Counter::XLB_CNT_NEW_FLOW, 1),
-            (Counter::XLB_CNT_FWD_TO_BACKEND, 3),
-            (Counter::XLB_CNT_FWD_TO_CLIENT, 2),
-        ]);
+        let old_port = open_and_close(lb, &syn, BACKEND, true);
         let tombstone = rev_of(lb, BACKEND, old_port);
 
         // The backend leaves; the far backend is all there is.
