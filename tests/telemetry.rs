@@ -125,6 +125,12 @@ fn running_status() -> SharedStatus {
             ("drop_no_flow", 4),
             ("drop_nat_exhausted", 2),
             ("drain_rst", 5),
+            ("nat_port_derived", 38),
+            ("nat_port_probed", 2),
+            ("nat_port_collision", 3),
+            ("ct_reopened", 6),
+            ("nexthop_miss", 11),
+            ("rst_unknown_flow", 1),
         ] {
             s.counters.insert(k.to_string(), v);
         }

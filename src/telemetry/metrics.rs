@@ -427,19 +427,12 @@ pub fn snapshot(s: &Status, tracker: &mut Tracker, now: Instant, now_unix_ms: u6
     }
     b.u64("xlb.nat.port_allocation_failures", none(), counter("drop_nat_exhausted").unwrap_or(0));
     for choice in ["preserved", "derived", "probed", "reclaimed"] {
-        if let Some(v) = counter(&format!("nat_port_{choice}")) {
-            b.u64("xlb.nat.ports", vec![("choice", choice.to_string())], v);
-        }
+        let v = counter(&format!("nat_port_{choice}")).unwrap_or(0);
+        b.u64("xlb.nat.ports", vec![("choice", choice.to_string())], v);
     }
-    if let Some(v) = counter("nat_port_collision") {
-        b.u64("xlb.nat.port_collisions", none(), v);
-    }
-    if let Some(v) = counter("ct_reopened") {
-        b.u64("xlb.conntrack.reopened", none(), v);
-    }
-    if let Some(v) = counter("nexthop_miss") {
-        b.u64("xlb.nexthop.misses", none(), v);
-    }
+    b.u64("xlb.nat.port_collisions", none(), counter("nat_port_collision").unwrap_or(0));
+    b.u64("xlb.conntrack.reopened", none(), counter("ct_reopened").unwrap_or(0));
+    b.u64("xlb.nexthop.misses", none(), counter("nexthop_miss").unwrap_or(0));
     // Only data paths that can drain with RSTs have this counter.
     if let Some(v) = counter("drain_rst") {
         b.u64("xlb.drain.rst_sent", none(), v);
