@@ -1090,6 +1090,43 @@ fn a_syn_on_a_reset_connection_starts_a_fresh_one() {
 }
 
 #[test]
+fn a_rst_with_a_bad_checksum_is_dropped_and_resets_nothing() {
+    case(ONE, |lb| {
+        let syn = from_client(80);
+        lb.run(&syn.frame());
+        let port = lb.nat_port(syn.src);
+        lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 1), (Counter::XLB_CNT_FWD_TO_BACKEND, 1)]);
+        let before = flags_of(lb);
+        // Forged or corrupt, from either side: dropped before anything is
+        // marked, so the connection is not closed by it.
+        let backend_rst = Tcp { syn: false, rst: true, ..from_backend(BACKEND, port) };
+        for seg in [backend_rst, Tcp { syn: false, rst: true, ..syn.clone() }] {
+            let mut frame = seg.frame();
+            frame[TCP_CSUM.start] ^= 0x5a;
+            assert_eq!(lb.run(&frame), (XDP_DROP, frame.clone()));
+        }
+        lb.counters_moved(&[(Counter::XLB_CNT_DROP_RST_CSUM, 2)]);
+        assert_eq!(flags_of(lb), before, "no RST recorded");
+        // The genuine one goes through and ends the connection.
+        let rst = Tcp { syn: false, rst: true, ..from_backend(BACKEND, port) };
+        let (action, out) = lb.run(&rst.frame());
+        assert_eq!(action, XDP_TX);
+        checked_tcp(&out);
+        lb.counters_moved(&[(Counter::XLB_CNT_FWD_TO_CLIENT, 1)]);
+        let after = flags_of(lb);
+        assert!(after.iter().all(|(_, f)| f & (1 << 10) != 0), "closed: {after:?}");
+    });
+}
+
+/// (is forward, tcp_flags) of every conntrack entry, sorted.
+fn flags_of(lb: &Lb) -> Vec<(bool, u32)> {
+    let mut t: Vec<(bool, u32)> =
+        lb.dp.flows().unwrap().iter().map(|e| (e.is_forward(), e.flow.tcp_flags)).collect();
+    t.sort();
+    t
+}
+
+#[test]
 fn fin_and_rst_of_a_tracked_flow_are_forwarded() {
     case(ONE, |lb| {
         let syn = from_client(80);

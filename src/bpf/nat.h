@@ -165,6 +165,17 @@ __attribute__((noinline)) int xlb_tcp_csum_verifies(struct xdp_md *ctx, __u32 tc
 	return csum_fold(sum) == 0xffff;
 }
 
+/* Whether the segment's TCP checksum verifies as a full one. */
+static __always_inline int tcp_csum_verifies(struct xdp_md *ctx, const struct packet *pkt)
+{
+	const struct iphdr *ip = pkt->ip;
+	__u16 len = bpf_ntohs(ip->tot_len) - ip->ihl * 4;
+	__u32 tcp_off = (void *)pkt->tcp - (void *)(long)ctx->data;
+
+	return xlb_tcp_csum_verifies(ctx, tcp_off, len,
+				     csum_pseudo4(ip->saddr, ip->daddr, IPPROTO_TCP, len));
+}
+
 /*
  * Whether the TCP checksum is a seed left to offload (csum.h): only an skb
  * can carry one (generic mode), recognised by its value. A full checksum can

@@ -83,12 +83,19 @@ static __always_inline struct outcome nat_forward(struct xdp_md *ctx, struct pac
 {
 	struct bpf_fib_lookup fib = {};
 	const struct iface *in = ingress_iface(ctx);
-	long rc = route(ctx, pkt, f->nat_saddr, f->nat_daddr, in, &fib, now);
+	int seed = is_generic(in) && tcp_csum_is_seed(ctx, pkt);
+	long rc;
 
+	/* A RST ends the connection for XLB too: only one whose checksum
+	 * holds may (a seed left to offload cannot be checked here; its
+	 * sender is local). Its receiver would drop a corrupt one anyway. */
+	if ((tcp_flags(pkt->tcp) & XLB_TCP_RST) && !seed && !tcp_csum_verifies(ctx, pkt))
+		return verdict(XDP_DROP, XLB_CNT_DROP_RST_CSUM);
+	rc = route(ctx, pkt, f->nat_saddr, f->nat_daddr, in, &fib, now);
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
 		return too_big(ctx, pkt, fib.mtu_result);
 	flow_touch(f, pkt, now);
-	nat_rewrite(pkt, f, is_generic(in) && tcp_csum_is_seed(ctx, pkt));
+	nat_rewrite(pkt, f, seed);
 	return transmit(ctx, pkt, rc, &fib, in, sent);
 }
 

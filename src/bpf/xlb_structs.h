@@ -46,6 +46,7 @@ enum xlb_counter {
 	XLB_CNT_NEXTHOP_MISS,	     /* a route looked up in the FIB, not the cache */
 	XLB_CNT_UNKNOWN_FLOW_RST,    /* a non-SYN of no known connection answered with RST */
 	XLB_CNT_DROP_RST_LIMIT,	     /* such a RST over the rate limit: dropped */
+	XLB_CNT_DROP_RST_CSUM,	     /* a RST of a tracked connection with a bad checksum */
 	XLB_CNT_MAX,
 };
 

@@ -42,6 +42,7 @@ pub const ALL: &[(Counter, &str)] = &[
     (Counter::XLB_CNT_NEXTHOP_MISS, "nexthop_miss"),
     (Counter::XLB_CNT_UNKNOWN_FLOW_RST, "rst_unknown_flow"),
     (Counter::XLB_CNT_DROP_RST_LIMIT, "drop_rst_ratelimit"),
+    (Counter::XLB_CNT_DROP_RST_CSUM, "drop_rst_bad_csum"),
 ];
 
 /// The stable name of a counter.
