@@ -48,17 +48,18 @@ pub async fn sweep_loop(
     orphan_ttl_secs: u64,
 ) {
     let mut pause = Duration::ZERO;
+    let ttls = GcPolicy {
+        now_ns: 0,
+        idle_ns: orphan_ttl_secs.saturating_mul(1_000_000_000),
+        closed_ns: closed_ttl().as_nanos() as u64,
+        tombstone_ns: TOMBSTONE_TTL.as_nanos() as u64,
+        half_open_ns: HALF_OPEN_TTL.as_nanos() as u64,
+    };
     loop {
         tokio::time::sleep(pause).await;
         pause = STATS_INTERVAL;
         let sweep_started = std::time::Instant::now();
-        let policy = GcPolicy {
-            now_ns: crate::dataplane::now_ns(),
-            idle_ns: orphan_ttl_secs.saturating_mul(1_000_000_000),
-            closed_ns: closed_ttl().as_nanos() as u64,
-            tombstone_ns: TOMBSTONE_TTL.as_nanos() as u64,
-            half_open_ns: HALF_OPEN_TTL.as_nanos() as u64,
-        };
+        let policy = GcPolicy { now_ns: crate::dataplane::now_ns(), ..ttls };
         let gc = match dp.expire_flows(policy).await {
             Ok(gc) => gc,
             Err(e) => {

@@ -177,7 +177,7 @@ static __always_inline int ct_claim(struct flow_key *rev_key, const struct flow 
 {
 	__u16 spare = 0;
 	struct flow_key old_fwd = {};
-	struct flow *t, *of;
+	struct flow *t, *of, old;
 	int why = nat_claim_port(rev_key, rev, key, syn_seq, &spare);
 
 	if (why < 0 || !spare)
@@ -186,14 +186,16 @@ static __always_inline int ct_claim(struct flow_key *rev_key, const struct flow 
 	t = bpf_map_lookup_elem(&conntrack, rev_key);
 	if (!t)
 		return why;
-	/* The old connection ends here for accounting; its forward entry is
-	 * left to the sweep, which sees it no longer pairs. */
-	flow_peer_key(&old_fwd, t);
+	/* The old connection ends here for accounting (read before its entry
+	 * is replaced); its forward entry is left to the sweep, which sees it
+	 * no longer pairs. */
+	old = *t;
+	flow_peer_key(&old_fwd, &old);
 	of = bpf_map_lookup_elem(&conntrack, &old_fwd);
 	if (bpf_map_update_elem(&conntrack, rev_key, rev, BPF_EXIST))
 		return why;
 	if (of && flow_pairs_with(of, rev_key))
-		ct_retire(of, t);
+		ct_retire(of, &old);
 	count(XLB_CNT_NAT_RECLAIMED);
 	return -1;
 }

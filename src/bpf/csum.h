@@ -15,26 +15,6 @@ static __always_inline __u16 csum_fold(__u64 sum)
 	return (__u16)sum;
 }
 
-static __always_inline void csum_replace2(__u16 *check, __u16 from, __u16 to)
-{
-	__u64 sum = (__u16) ~*check;
-
-	sum += (__u16)~from;
-	sum += to;
-	*check = ~csum_fold(sum);
-}
-
-static __always_inline void csum_replace4(__u16 *check, __u32 from, __u32 to)
-{
-	__u64 sum = (__u16) ~*check;
-
-	sum += (__u16) ~(from & 0xffff);
-	sum += (__u16) ~(from >> 16);
-	sum += to & 0xffff;
-	sum += to >> 16;
-	*check = ~csum_fold(sum);
-}
-
 /* The difference rewriting the word pair `from` to `to` makes to a sum
  * (~m + m'), unfolded: several add up, and one sum fixes both the IP and
  * the TCP checksum (csum_apply, csum_seed_apply). */
@@ -52,6 +32,16 @@ static __always_inline __u64 csum_diff2(__u16 from, __u16 to)
 static __always_inline void csum_apply(__u16 *check, __u64 diff)
 {
 	*check = ~csum_fold((__u16) ~*check + diff);
+}
+
+static __always_inline void csum_replace2(__u16 *check, __u16 from, __u16 to)
+{
+	csum_apply(check, csum_diff2(from, to));
+}
+
+static __always_inline void csum_replace4(__u16 *check, __u32 from, __u32 to)
+{
+	csum_apply(check, csum_diff4(from, to));
 }
 
 /* A TCP checksum the sender left to offload (the kernel's CHECKSUM_PARTIAL)

@@ -191,12 +191,10 @@ static __always_inline int tcp_csum_is_seed(struct xdp_md *ctx, const struct pac
 {
 	const struct iphdr *ip = pkt->ip;
 	__u16 len = bpf_ntohs(ip->tot_len) - ip->ihl * 4;
-	__u16 seed = csum_pseudo4(ip->saddr, ip->daddr, IPPROTO_TCP, len);
-	__u32 tcp_off = (void *)pkt->tcp - (void *)(long)ctx->data;
 
-	if (pkt->tcp->check != seed)
+	if (pkt->tcp->check != csum_pseudo4(ip->saddr, ip->daddr, IPPROTO_TCP, len))
 		return 0;
-	return len > XLB_CSUM_VERIFY_MAX || !xlb_tcp_csum_verifies(ctx, tcp_off, len, seed);
+	return len > XLB_CSUM_VERIFY_MAX || !tcp_csum_verifies(ctx, pkt);
 }
 
 /* Rewrites addresses and ports to the flow's NAT tuple; both checksums are

@@ -20,8 +20,8 @@ use libbpf_rs::{MapCore, MapFlags, ProgramInput};
 
 pub use abi::{BackendSlot, Flow, FlowKey};
 pub use conntrack::{
-    pinned_connections, read_all as read_conntrack, BackendFlows, Connection, FlowEntry, GcPolicy, GcStats,
-    RetiredFlows, Traffic,
+    peer_key, pinned_connections, read_all as read_conntrack, BackendFlows, Connection, FlowEntry, GcPolicy,
+    GcStats, RetiredFlows, Traffic,
 };
 pub use counters::{counter_name, Counter, Counters};
 pub use worker::{DataplaneHandle, Started};

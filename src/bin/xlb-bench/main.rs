@@ -469,14 +469,7 @@ impl Bench {
         for (k, f) in dump(&self.ct)? {
             if f.dir == 1 && k.daddr == l {
                 self.ct.delete(key_bytes(&k))?;
-                let _ = self.ct.delete(key_bytes(&FlowKey {
-                    saddr: f.nat_daddr,
-                    daddr: f.nat_saddr,
-                    sport: f.nat_dport,
-                    dport: f.nat_sport,
-                    proto: 6,
-                    pad: [0; 3],
-                }));
+                let _ = self.ct.delete(key_bytes(&xlb::dataplane::peer_key(&f)));
                 pairs += 1;
             }
         }
