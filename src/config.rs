@@ -68,6 +68,9 @@ pub struct Config {
     pub algorithm: Algorithm,
     #[serde(default)]
     pub unknown_flow: UnknownFlow,
+    /// How fast XLB itself answers (ICMP errors, RSTs), per CPU.
+    #[serde(default)]
+    pub rate_limits: RateLimits,
 }
 
 fn default_orphan_ttl_secs() -> u64 {
@@ -406,6 +409,58 @@ pub enum UnknownFlow {
     Drop,
 }
 
+/// What XLB itself sends goes to a source address anyone can forge: each
+/// kind is a token bucket per CPU (so the node's total is this times the
+/// CPUs that receive), and what goes over it is dropped and counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimits {
+    /// ICMP time exceeded and fragmentation needed (the kernel's
+    /// icmp_msgs_per_sec is 1000).
+    #[serde(default = "RateLimit::answers")]
+    pub icmp: RateLimit,
+    /// RSTs for packets of no known connection (unknown_flow: rst).
+    #[serde(default = "RateLimit::answers")]
+    pub rst: RateLimit,
+    /// RSTs refusing new connections while draining: every client
+    /// connecting during the drain needs one, so the budget is larger.
+    #[serde(default = "RateLimit::drain")]
+    pub drain_rst: RateLimit,
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        RateLimits { icmp: RateLimit::answers(), rst: RateLimit::answers(), drain_rst: RateLimit::drain() }
+    }
+}
+
+/// A token bucket: `per_sec` answers a second on average, up to `burst` at
+/// once. `per_sec: 0` sends none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub per_sec: u32,
+    pub burst: u32,
+}
+
+impl RateLimit {
+    fn answers() -> Self {
+        RateLimit { per_sec: 1000, burst: 50 }
+    }
+    fn drain() -> Self {
+        RateLimit { per_sec: 10_000, burst: 1000 }
+    }
+
+    fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        in_range(self.per_sec, 0..=MAX_ANSWER_RATE, format!("{at}.per_sec"))?;
+        in_range(self.burst, 1..=MAX_ANSWER_RATE, format!("{at}.burst"))
+    }
+}
+
+/// Far above any link's packet rate per CPU; keeps a token's cost (1 s /
+/// rate) a whole number of microseconds or more.
+pub const MAX_ANSWER_RATE: u32 = 1_000_000;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Algorithm {
@@ -623,6 +678,9 @@ impl Config {
         let message = format!("`{}` is relative; use an absolute path", self.shutdown_file.display());
         ensure(self.shutdown_file.is_absolute(), "shutdown_file", message)?;
         self.otel.validate("otel")?;
+        self.rate_limits.icmp.validate("rate_limits.icmp")?;
+        self.rate_limits.rst.validate("rate_limits.rst")?;
+        self.rate_limits.drain_rst.validate("rate_limits.drain_rst")?;
         ensure(self.admin.port != 0, "admin.port", "is 0; allowed 1..=65535")?;
         if let Some(auth) = &self.admin.auth {
             auth.validate("admin.auth")?;
@@ -1342,6 +1400,29 @@ provider: {static: {backends: [{name: a, ip: 10.0.0.2}]}}
             => "snat_ips", "use one of the two";
         accept |c| c.snat_ips = Some(vec![[10, 0, 0, 9].into(), [10, 0, 0, 10].into()]);
     }
+    #[test]
+    fn rate_limits_default_per_kind_and_parse_partially() {
+        let d = base().rate_limits;
+        assert_eq!((d.icmp.per_sec, d.icmp.burst, d.rst.per_sec), (1000, 50, 1000));
+        assert_eq!((d.drain_rst.per_sec, d.drain_rst.burst), (10_000, 1000));
+        let yaml = format!("{MINIMAL}rate_limits:\n  drain_rst: {{per_sec: 0, burst: 1}}\n");
+        let c = Config::parse(&yaml, "t.yaml").unwrap();
+        assert_eq!(c.rate_limits.drain_rst, RateLimit { per_sec: 0, burst: 1 });
+        assert_eq!(c.rate_limits.icmp, d.icmp);
+        let e = Config::parse(&format!("{MINIMAL}rate_limits:\n  rst: {{per_sec: 5}}\n"), "t.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rate_limits.rst") && e.contains("burst"), "{e}");
+    }
+
+    rule! { rate_limits_in_range:
+        reject |c| c.rate_limits.icmp.burst = 0 => "rate_limits.icmp.burst", "out of range";
+        reject |c| c.rate_limits.rst.per_sec = 2_000_000 => "rate_limits.rst.per_sec", "out of range";
+        reject |c| c.rate_limits.drain_rst.burst = 1_000_001 => "rate_limits.drain_rst.burst", "out of range";
+        accept |c| c.rate_limits.drain_rst = RateLimit { per_sec: 0, burst: 1 };
+        accept |c| c.rate_limits.icmp = RateLimit { per_sec: 1_000_000, burst: 1_000_000 };
+    }
+
     #[test]
     fn unknown_flow_is_rst_unless_set_to_drop() {
         assert_eq!(base().unknown_flow, UnknownFlow::Rst);

@@ -91,6 +91,7 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
         ports: cfg.ports.iter().map(|p| (p.local_port, p.remote_port)).collect(),
         vlans: Vec::new(),
         unknown_flow_rst: cfg.unknown_flow == crate::config::UnknownFlow::Rst,
+        rate_limits: cfg.rate_limits,
     };
     let initial_addrs: Vec<Ipv4Addr> = initial.iter().map(|b| b.addr).collect();
     let mut set = BackendSet::new(cfg.maglev_table_size);

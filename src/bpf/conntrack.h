@@ -42,12 +42,12 @@ static __always_inline int flow_pairs_with(const struct flow *peer, const struct
 	       peer->nat_saddr == key->daddr && peer->nat_sport == key->dport;
 }
 
-/* The sequence number after this segment: its payload and FIN counted. */
-static __always_inline __u32 seq_after(const struct packet *pkt)
+/* The sequence number after this segment: its payload, SYN and FIN counted. */
+static __always_inline __u32 seg_end(const struct packet *pkt)
 {
 	__u32 len = bpf_ntohs(pkt->ip->tot_len) - pkt->ip->ihl * 4 - pkt->tcp->doff * 4;
 
-	return bpf_ntohl(pkt->tcp->seq) + len + 1;
+	return bpf_ntohl(pkt->tcp->seq) + len + pkt->tcp->syn + pkt->tcp->fin;
 }
 
 /* The first FIN or RST of a direction: what the port's tombstone needs to
@@ -75,7 +75,7 @@ static __always_inline void ct_note_close(struct flow *f, const struct packet *p
 			theirs |= XLB_CT_CLOSED;
 		}
 		if (f->dir == XLB_DIR_TO_BACKEND) {
-			p->fin_seq = seq_after(pkt);
+			p->fin_seq = seg_end(pkt);
 			theirs |= XLB_CT_FIN_SEQ;
 		}
 	}
@@ -83,6 +83,52 @@ static __always_inline void ct_note_close(struct flow *f, const struct packet *p
 		__sync_fetch_and_or(&f->tcp_flags, mine);
 	if (p && theirs)
 		__sync_fetch_and_or(&p->tcp_flags, theirs);
+}
+
+/* Marks the handshake complete on both entries, once it shows: data or a
+ * FIN from the backend (its TCP sends them only once established; a bare
+ * ACK may be its answer to anyone's out-of-window segment), or a client ACK for the backend's
+ * SYN-ACK (a blind sender cannot know the backend's ISN, so the ack must be near where the
+ * backend's sequence was seen). A complete pair is no longer half-open: its port can no longer be
+ * recycled (nat.h). Costs a peer lookup per segment until then, which in practice is the client's
+ * first ACK. */
+static __always_inline void ct_note_established(struct flow *f, const struct packet *pkt)
+{
+	struct flow_key peer = {};
+	struct flow *p;
+
+	if (f->dir == XLB_DIR_TO_CLIENT && seg_end(pkt) == bpf_ntohl(pkt->tcp->seq))
+		return;
+	flow_peer_key(&peer, f);
+	p = bpf_map_lookup_elem(&conntrack, &peer);
+	if (!p)
+		return;
+	if (f->dir == XLB_DIR_TO_BACKEND &&
+	    (!pkt->tcp->ack || !(p->tcp_flags & XLB_TCP_SYN) || !(p->tcp_flags & XLB_CT_SEQ) ||
+	     p->seq_next - bpf_ntohl(pkt->tcp->ack_seq) > XLB_RST_AHEAD))
+		return;
+	__sync_fetch_and_or(&p->tcp_flags, XLB_CT_ESTABLISHED);
+	__sync_fetch_and_or(&f->tcp_flags, XLB_CT_ESTABLISHED);
+}
+
+/* Whether a RST may end the connection (RFC 5961 §3, as a middlebox can
+ * apply it): its sequence number near where its sender's was last seen
+ * (XLB_RST_BEHIND, XLB_RST_AHEAD). A side that has sent nothing yet (the
+ * backend refusing the SYN) answers the other side's SYN: it must ack it
+ * exactly, as RFC 9293 asks in SYN-SENT. A blind attacker's RST is neither. */
+static __always_inline int rst_acceptable(const struct flow *f, const struct packet *pkt)
+{
+	struct flow_key peer = {};
+	const struct flow *p;
+	__u32 seq = bpf_ntohl(pkt->tcp->seq);
+
+	if (f->tcp_flags & XLB_CT_SEQ)
+		return seq - (f->seq_next - XLB_RST_BEHIND) < XLB_RST_BEHIND + XLB_RST_AHEAD;
+	if (!pkt->tcp->ack)
+		return 0;
+	flow_peer_key(&peer, f);
+	p = bpf_map_lookup_elem(&conntrack, &peer);
+	return p && (p->tcp_flags & XLB_CT_SEQ) && bpf_ntohl(pkt->tcp->ack_seq) == p->seq_next;
 }
 
 /* Per-direction accounting and the TCP state the sweep reads (flags seen,
@@ -95,14 +141,26 @@ static __always_inline void ct_note_close(struct flow *f, const struct packet *p
 static __always_inline void flow_touch(struct flow *f, const struct packet *pkt, __u64 now)
 {
 	__u32 flags = tcp_flags(pkt->tcp);
+	__u32 end = seg_end(pkt), fresh;
 
 	f->packets += 1;
 	f->bytes += pkt->len;
-	if ((f->tcp_flags & flags) != flags) {
-		if ((flags & ~f->tcp_flags) & (XLB_TCP_FIN | XLB_TCP_RST))
-			ct_note_close(f, pkt, flags & ~f->tcp_flags);
+	/* A RST's sequence number says nothing about what was sent. */
+	if (!(flags & XLB_TCP_RST)) {
+		if (!(f->tcp_flags & XLB_CT_SEQ) || (__s32)(end - f->seq_next) > 0)
+			f->seq_next = end;
+		flags |= XLB_CT_SEQ;
+	}
+	fresh = flags & ~f->tcp_flags;
+	if (fresh) {
+		/* seq_next first: the other side reads it once the mark is set. */
+		__sync_fetch_and_or(&f->tcp_flags, fresh & XLB_CT_SEQ);
+		if (fresh & (XLB_TCP_FIN | XLB_TCP_RST))
+			ct_note_close(f, pkt, fresh);
 		__sync_fetch_and_or(&f->tcp_flags, flags);
 	}
+	if (!(f->tcp_flags & XLB_CT_ESTABLISHED) && !(flags & (XLB_TCP_SYN | XLB_TCP_RST)))
+		ct_note_established(f, pkt);
 	if (now - f->last_seen_ns >= XLB_LAST_SEEN_STEP_NS)
 		f->last_seen_ns = now;
 }
@@ -170,33 +228,43 @@ static __always_inline void ct_pair_init(struct flow *fwd, struct flow *rev,
 	rev_key->proto = IPPROTO_TCP;
 }
 
-/* Claims a NAT port for rev (free ports first, then a tombstone that may be
- * taken over, see nat.h): -1 with rev_key->dport set, or the drop counter. */
+/* Claims a NAT port for rev: free ports first, then a tombstone that may be
+ * taken over, then the oldest half-open pair seen, recycled (see nat.h).
+ * Returns -1 with rev_key->dport set, or the drop counter. */
 static __always_inline int ct_claim(struct flow_key *rev_key, const struct flow *rev,
 				    const struct flow_key *key, __u32 syn_seq)
 {
-	__u16 spare = 0;
+	struct port_spare spare = {};
 	struct flow_key old_fwd = {};
 	struct flow *t, *of, old;
 	int why = nat_claim_port(rev_key, rev, key, syn_seq, &spare);
 
-	if (why < 0 || !spare)
+	if (why < 0 || (!spare.tombstone && !spare.half_open))
 		return why;
-	rev_key->dport = spare;
+	rev_key->dport = spare.tombstone ? spare.tombstone : spare.half_open;
 	t = bpf_map_lookup_elem(&conntrack, rev_key);
-	if (!t)
+	if (!t || (!spare.tombstone && !nat_half_open(t)))
 		return why;
-	/* The old connection ends here for accounting (read before its entry
-	 * is replaced); its forward entry is left to the sweep, which sees it
-	 * no longer pairs. */
+	/* Read before the entry is replaced: the old connection ends here. */
 	old = *t;
 	flow_peer_key(&old_fwd, &old);
 	of = bpf_map_lookup_elem(&conntrack, &old_fwd);
 	if (bpf_map_update_elem(&conntrack, rev_key, rev, BPF_EXIST))
 		return why;
-	if (of && flow_pairs_with(of, rev_key))
-		ct_retire(of, &old);
-	count(XLB_CNT_NAT_RECLAIMED);
+	if (spare.tombstone) {
+		/* Its forward entry is left to the sweep, which sees it no longer
+		 * pairs; its traffic is retired here. */
+		if (of && flow_pairs_with(of, rev_key))
+			ct_retire(of, &old);
+		count(XLB_CNT_NAT_RECLAIMED);
+	} else {
+		/* A half-open pair carried no traffic; its forward entry goes at
+		 * once, so the entry the new pair needs is there, and a late
+		 * packet from its client cannot reach the new connection. */
+		if (of && flow_pairs_with(of, rev_key))
+			bpf_map_delete_elem(&conntrack, &old_fwd);
+		count(XLB_CNT_NAT_RECYCLED);
+	}
 	return -1;
 }
 

@@ -56,6 +56,20 @@ static __always_inline int nat_reclaimable(const struct flow *t, const struct fl
 	return (t->tcp_flags & XLB_CT_FIN_SEQ) && (__s32)(seq - t->fin_seq) > 0;
 }
 
+/* Ports a SYN that found none free may still take (nat_claim_port). */
+struct port_spare {
+	__u16 tombstone; /* a closed pair's port it may take over */
+	__u16 half_open; /* the port of the oldest half-open pair seen */
+	__u64 half_open_created_ns;
+};
+
+/* Whether the pair whose reverse entry is `t` never completed its handshake
+ * and is not closed: a SYN flood's state, or a connection still opening. */
+static __always_inline int nat_half_open(const struct flow *t)
+{
+	return !(t->tcp_flags & (XLB_CT_ESTABLISHED | XLB_CT_CLOSED));
+}
+
 /*
  * Claims a NAT source port for a new connection by inserting its reverse
  * entry: the insert (BPF_NOEXIST) is the allocation, atomic across CPUs. A
@@ -72,18 +86,22 @@ static __always_inline int nat_reclaimable(const struct flow *t, const struct fl
  * After that, a bounded number of random ports: unlike a linear run from a
  * random start, random probes do not cluster, so with a fraction p of the
  * range in use a SYN finds no free port with probability p^XLB_NAT_PORT_TRIES.
- * Then, under that pressure, *spare is the first taken port seen whose
- * tombstone this SYN may take over (nat_reclaimable), 0 if none. Returns -1
- * with rev_key->dport set, or the counter of the reason it failed.
+ * Under that pressure (or with the table full) `spare` gets the first taken
+ * port seen whose tombstone this SYN may take over (nat_reclaimable), and
+ * the oldest half-open pair among those seen: a SYN flood's pairs then make
+ * room for new connections instead of starving them, and established ones
+ * are never touched. Returns -1 with rev_key->dport set, or the counter of
+ * the reason it failed.
  */
 static __always_inline int nat_claim_port(struct flow_key *rev_key, const struct flow *rev,
 					  const struct flow_key *client, __u32 syn_seq,
-					  __u16 *spare)
+					  struct port_spare *spare)
 {
 	__u32 min = config.nat_port_min;
 	__u32 max = config.nat_port_max;
 	__u32 sport = bpf_ntohs(client->sport);
 	__u32 span, derived, first;
+	int why = XLB_CNT_DROP_NAT_EXHAUSTED;
 	long err;
 	int i;
 
@@ -114,16 +132,22 @@ static __always_inline int nat_claim_port(struct flow_key *rev_key, const struct
 			count(how);
 			return -1;
 		}
-		if (err != -EEXIST)
-			return XLB_CNT_DROP_CT_FULL;
-		count(XLB_CNT_NAT_COLLISION);
-		if (*spare)
-			continue;
+		if (err == -EEXIST)
+			count(XLB_CNT_NAT_COLLISION);
+		else
+			why = XLB_CNT_DROP_CT_FULL;
 		t = bpf_map_lookup_elem(&conntrack, rev_key);
-		if (t && nat_reclaimable(t, client, syn_seq))
-			*spare = rev_key->dport;
+		if (!t)
+			continue;
+		if (!spare->tombstone && nat_reclaimable(t, client, syn_seq))
+			spare->tombstone = rev_key->dport;
+		else if (nat_half_open(t) &&
+			 (!spare->half_open || t->created_ns < spare->half_open_created_ns)) {
+			spare->half_open = rev_key->dport;
+			spare->half_open_created_ns = t->created_ns;
+		}
 	}
-	return XLB_CNT_DROP_NAT_EXHAUSTED;
+	return why;
 }
 
 /*

@@ -89,8 +89,13 @@ static __always_inline struct outcome nat_forward(struct xdp_md *ctx, struct pac
 	/* A RST ends the connection for XLB too: only one whose checksum
 	 * holds may (a seed left to offload cannot be checked here; its
 	 * sender is local). Its receiver would drop a corrupt one anyway. */
-	if ((tcp_flags(pkt->tcp) & XLB_TCP_RST) && !seed && !tcp_csum_verifies(ctx, pkt))
-		return verdict(XDP_DROP, XLB_CNT_DROP_RST_CSUM);
+	if (tcp_flags(pkt->tcp) & XLB_TCP_RST) {
+		if (!seed && !tcp_csum_verifies(ctx, pkt))
+			return verdict(XDP_DROP, XLB_CNT_DROP_RST_CSUM);
+		/* Nor does one a blind attacker guessed (RFC 5961). */
+		if (!rst_acceptable(f, pkt))
+			return verdict(XDP_DROP, XLB_CNT_DROP_RST_WINDOW);
+	}
 	rc = route(ctx, pkt, f->nat_saddr, f->nat_daddr, in, &fib, now);
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
 		return too_big(ctx, pkt, fib.mtu_result);
@@ -127,6 +132,8 @@ static __always_inline struct outcome to_backend(struct xdp_md *ctx, struct pack
 	/* Draining: refuse at once so the client retries elsewhere;
 	 * connections already tracked keep flowing above. */
 	if (config.flags & XLB_F_DRAIN) {
+		if (!budget_take(XLB_BUDGET_DRAIN_RST))
+			return verdict(XDP_DROP, XLB_CNT_DROP_DRAIN_LIMIT);
 		if (tcp_reset(ctx, pkt))
 			return verdict(XDP_DROP, XLB_CNT_DRAIN_RST);
 		return verdict(bounce(ctx, ingress_iface(ctx)), XLB_CNT_DRAIN_RST);
@@ -144,17 +151,48 @@ static __always_inline struct outcome to_backend(struct xdp_md *ctx, struct pack
 	return nat_forward(ctx, pkt, f, now, XLB_CNT_FWD_TO_BACKEND);
 }
 
+/* Whether a backend's reply (f: its reverse entry) arrived on the interface
+ * through which the backend is routed: XDP runs before rp_filter, and a
+ * reply forged on another link must not reach a connection. The answer is
+ * kept in the entry, so only a reply on a different interface than the last
+ * (a route change, or a forgery) costs a route lookup. A frame on an
+ * interface XLB did not attach is a test run (BPF_PROG_TEST_RUN), which
+ * injects every frame on one interface: not checked. */
+static __always_inline int reply_on_its_route(struct xdp_md *ctx, struct packet *pkt,
+					      struct flow *f, __u64 now)
+{
+	const struct iface *in = ingress_iface(ctx);
+	struct bpf_fib_lookup fib = {};
+	long rc;
+
+	if (f->reply_ifindex == pkt->l3_ifindex || !in)
+		return 1;
+	rc = route(ctx, pkt, pkt->ip->daddr, pkt->ip->saddr, in, &fib, now);
+	/* A cached answer for a smaller MTU names no interface: take it. */
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return 1;
+	if ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) ||
+	    fib.ifindex != pkt->l3_ifindex)
+		return 0;
+	f->reply_ifindex = pkt->l3_ifindex;
+	return 1;
+}
+
 /* A packet to snat_ip:nat_port: a backend's reply if we have its entry. */
 static __always_inline struct outcome to_client(struct xdp_md *ctx, struct packet *pkt,
 						const struct flow_key *key)
 {
 	struct flow *f = bpf_map_lookup_elem(&conntrack, key);
+	__u64 now;
 
 	if (!f)
 		return verdict(XDP_PASS, XLB_CNT_PASS_NOT_OURS);
+	now = bpf_ktime_get_coarse_ns();
+	if (!reply_on_its_route(ctx, pkt, f, now))
+		return verdict(XDP_DROP, XLB_CNT_DROP_REPLY_IFACE);
 	if (pkt->ip->ttl <= 1)
 		return expired(ctx, pkt);
-	return nat_forward(ctx, pkt, f, bpf_ktime_get_coarse_ns(), XLB_CNT_FWD_TO_CLIENT);
+	return nat_forward(ctx, pkt, f, now, XLB_CNT_FWD_TO_CLIENT);
 }
 
 static __always_inline struct outcome handle(struct xdp_md *ctx, struct packet *pkt)

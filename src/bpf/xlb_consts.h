@@ -5,7 +5,7 @@
 
 /* Layout version of the maps a restarted XLB adopts from its pins
  * (struct flow_key, struct flow). Bump on any change to them. */
-#define XLB_ABI_VERSION 2
+#define XLB_ABI_VERSION 3
 
 /* Port mappings one listener can carry (the config schema allows 1..8). */
 #define XLB_MAX_PORTS 8
@@ -29,15 +29,24 @@
 /* struct iface.flags */
 #define XLB_IFACE_GENERIC (1U << 0) /* generic mode: frames may be GRO aggregates */
 
-/* ICMP errors XLB originates (time exceeded, fragmentation needed) and RSTs
- * for packets of no known connection are each answered at most this often
- * per CPU, with this burst: their destination is a source address anyone
- * can forge (the kernel's icmp_msgs_per_sec). One budget each. */
-#define XLB_ANSWER_RATE_PER_SEC 1000
-#define XLB_ANSWER_BURST	50
-#define XLB_BUDGET_ICMP		0
-#define XLB_BUDGET_RST		1
-#define XLB_BUDGETS		2
+/* What XLB itself sends goes to a source address anyone can forge, so each
+ * kind has its own per-CPU budget (struct rate_limit, set from the config's
+ * rate_limits): ICMP errors it originates (time exceeded, fragmentation
+ * needed), RSTs for packets of no known connection, RSTs refusing SYNs
+ * while draining. */
+#define XLB_BUDGET_ICMP	     0
+#define XLB_BUDGET_RST	     1
+#define XLB_BUDGET_DRAIN_RST 2
+#define XLB_BUDGETS	     3
+
+/* A RST is acted on only if its sequence number lies this far behind or
+ * ahead of where its sender's sequence was last seen (RFC 5961 §3 as a
+ * middlebox can apply it: XLB does not track windows, and a sender's RST
+ * carries its snd_nxt, which can be ahead of what XLB saw only by what was
+ * lost before reaching it). A blind attacker needs 2^32 / (behind + ahead)
+ * guesses per connection. */
+#define XLB_RST_BEHIND (1U << 16)
+#define XLB_RST_AHEAD  (1U << 20)
 
 /* A translated "fragmentation needed" never advertises less than this (the
  * kernel's min_pmtu): one forged error must not shrink a path for everyone. */
@@ -73,6 +82,9 @@
 #define XLB_CT_FIN_SEQ	 (1U << 9)  /* reverse entry: fin_seq is set */
 #define XLB_CT_CLOSED	 (1U << 10) /* FIN both ways or a RST: a SYN reopens it */
 #define XLB_CT_RESET	 (1U << 11) /* a RST either way (no TIME_WAIT is left) */
+#define XLB_CT_SEQ	 (1U << 12) /* seq_next is set */
+#define XLB_CT_ESTABLISHED                                                                         \
+	(1U << 13) /* the client acked the backend's SYN-ACK (both entries): not half-open */
 
 /* Flow directions stored in struct flow.dir. */
 #define XLB_DIR_TO_BACKEND 1 /* client -> listen ip, rewritten to backend */

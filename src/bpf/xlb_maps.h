@@ -79,18 +79,20 @@ struct {
 } budgets SEC(".maps");
 
 /* Takes one answer from this CPU's budget `which` (XLB_BUDGET_*): a token
- * bucket of XLB_ANSWER_RATE_PER_SEC with a burst of XLB_ANSWER_BURST, kept as
- * credit in nanoseconds, so no fraction of a token is lost between answers. */
+ * bucket of config.limits[which], kept as credit in nanoseconds, so no
+ * fraction of a token is lost between answers. */
 static __always_inline int budget_take(__u32 which)
 {
-	const __u64 cost = 1000000000ULL / XLB_ANSWER_RATE_PER_SEC;
-	const __u64 cap = XLB_ANSWER_BURST * cost;
 	__u64 now = bpf_ktime_get_coarse_ns();
 	struct bucket *b;
-	__u64 credit;
+	__u64 credit, cost, cap;
 
+	if (which >= XLB_BUDGETS)
+		return 0;
+	cost = config.limits[which].cost_ns;
+	cap = config.limits[which].burst_ns;
 	b = bpf_map_lookup_elem(&budgets, &which);
-	if (!b)
+	if (!b || !cost)
 		return 0;
 	credit = now - b->last_ns;
 	if (credit > cap || b->tokens > cap - credit)

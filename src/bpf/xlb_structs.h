@@ -47,12 +47,24 @@ enum xlb_counter {
 	XLB_CNT_UNKNOWN_FLOW_RST,    /* a non-SYN of no known connection answered with RST */
 	XLB_CNT_DROP_RST_LIMIT,	     /* such a RST over the rate limit: dropped */
 	XLB_CNT_DROP_RST_CSUM,	     /* a RST of a tracked connection with a bad checksum */
+	XLB_CNT_DROP_RST_WINDOW,     /* a RST outside its sender's window: ignored */
+	XLB_CNT_DROP_REPLY_IFACE,    /* a backend reply on an interface it is not routed by */
+	XLB_CNT_DROP_DRAIN_LIMIT,    /* a drain RST over the rate limit: dropped */
+	XLB_CNT_NAT_RECYCLED,	     /* NAT port: the oldest half-open pair sampled, recycled */
 	XLB_CNT_MAX,
 };
 
 struct port_map {
 	__u16 local_port;  /* what clients connect to */
 	__u16 remote_port; /* what backends listen on */
+};
+
+/* A token bucket's settings in nanoseconds of credit: one answer costs
+ * cost_ns (1 s / rate), and at most burst_ns is saved up (burst * cost_ns).
+ * cost_ns 0 means nothing is ever sent. */
+struct rate_limit {
+	__u64 cost_ns;
+	__u64 burst_ns;
 };
 
 /* Runtime settings, written by the control plane through the skeleton's
@@ -73,6 +85,9 @@ struct xlb_config {
 	/* Bumped by the control plane on every link, address, route or
 	 * neighbour change: cached next hops of an older one are stale. */
 	__u32 nexthop_gen;
+	__u32 pad;
+	/* What XLB itself sends, per CPU (budget_take()), by XLB_BUDGET_*. */
+	struct rate_limit limits[XLB_BUDGETS];
 };
 
 /* How a frame leaves by the interface it arrived on. XDP_TX is the fast
@@ -169,6 +184,13 @@ struct flow {
 	 * client's FIN, which a backend in TIME_WAIT expects next (its
 	 * rcv_nxt). A SYN past it may take over the port (nat.h). */
 	__u32 fin_seq;
+	/* With XLB_CT_SEQ: the sequence number after the last segment this
+	 * direction sent (its sender's snd_nxt as far as XLB saw). A RST from
+	 * this direction must fall near it (RFC 5961). */
+	__u32 seq_next;
+	/* Reverse entry: the interface (L3 ifindex) the backend's replies were
+	 * last found to arrive on through its route; 0 until the first one. */
+	__u32 reply_ifindex;
 	__u32 pad2;
 };
 

@@ -43,6 +43,10 @@ pub const ALL: &[(Counter, &str)] = &[
     (Counter::XLB_CNT_UNKNOWN_FLOW_RST, "rst_unknown_flow"),
     (Counter::XLB_CNT_DROP_RST_LIMIT, "drop_rst_ratelimit"),
     (Counter::XLB_CNT_DROP_RST_CSUM, "drop_rst_bad_csum"),
+    (Counter::XLB_CNT_DROP_RST_WINDOW, "drop_rst_out_of_window"),
+    (Counter::XLB_CNT_DROP_REPLY_IFACE, "drop_reply_wrong_iface"),
+    (Counter::XLB_CNT_DROP_DRAIN_LIMIT, "drop_drain_rst_ratelimit"),
+    (Counter::XLB_CNT_NAT_RECYCLED, "nat_port_recycled"),
 ];
 
 /// The stable name of a counter.

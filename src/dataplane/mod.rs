@@ -57,6 +57,8 @@ pub struct Service {
     pub vlans: Vec<Vlan>,
     /// Answer packets of no known connection with a RST (unknown_flow: rst).
     pub unknown_flow_rst: bool,
+    /// How fast the program answers itself, per CPU.
+    pub rate_limits: crate::config::RateLimits,
 }
 
 /// A VLAN interface over a lower interface.
@@ -273,6 +275,13 @@ impl Dataplane {
         cfg.hash_seed = rand_u32();
         cfg.flags =
             if s.unknown_flow_rst { cfg.flags | UNKNOWN_RST_FLAG } else { cfg.flags & !UNKNOWN_RST_FLAG };
+        let r = &s.rate_limits;
+        for (slot, limit) in cfg.limits.iter_mut().zip([r.icmp, r.rst, r.drain_rst]) {
+            // XLB_BUDGET_ICMP, _RST, _DRAIN_RST; credit in nanoseconds.
+            let cost = if limit.per_sec == 0 { 0 } else { 1_000_000_000 / u64::from(limit.per_sec) };
+            slot.cost_ns = cost;
+            slot.burst_ns = cost * u64::from(limit.burst);
+        }
         self.set_vlans(&s.vlans)
     }
 

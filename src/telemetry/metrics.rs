@@ -123,7 +123,7 @@ pub static CATALOG: &[Desc] = &[
     desc("xlb.nat.port_allocation_failures", Counter, U64, "{packet}", &[],
         "SYNs dropped because no NAT source port was free"),
     desc("xlb.nat.ports", Counter, U64, "{connection}", &["choice"],
-        "NAT ports claimed, by how: preserved (the client's own), derived (from its tuple), probed (random), reclaimed (a closed connection's, under port pressure)"),
+        "NAT ports claimed, by how: preserved (the client's own), derived (from its tuple), probed (random), reclaimed (a closed connection's, under port pressure), recycled (the oldest half-open connection's seen, under port pressure)"),
     desc("xlb.nat.port_collisions", Counter, U64, "{event}", &[],
         "NAT port choices found taken (each costs one more try): rising against new connections is port pressure"),
     desc("xlb.conntrack.reopened", Counter, U64, "{connection}", &[],
@@ -346,6 +346,7 @@ const NOT_PACKET_OUTCOMES: &[&str] = &[
     "nat_port_derived",
     "nat_port_probed",
     "nat_port_reclaimed",
+    "nat_port_recycled",
     "nat_port_collision",
     "ct_reopened",
     "nexthop_miss",
@@ -426,7 +427,7 @@ pub fn snapshot(s: &Status, tracker: &mut Tracker, now: Instant, now_unix_ms: u6
         b.u64("xlb.packets", vec![("action", action.to_string()), ("reason", reason.to_string())], v);
     }
     b.u64("xlb.nat.port_allocation_failures", none(), counter("drop_nat_exhausted").unwrap_or(0));
-    for choice in ["preserved", "derived", "probed", "reclaimed"] {
+    for choice in ["preserved", "derived", "probed", "reclaimed", "recycled"] {
         let v = counter(&format!("nat_port_{choice}")).unwrap_or(0);
         b.u64("xlb.nat.ports", vec![("choice", choice.to_string())], v);
     }

@@ -463,6 +463,19 @@ fn serve_one(c: &mut std::net::TcpStream, name: &str) {
         }
         return;
     }
+    if let Some((n, secs)) = path.strip_prefix("/paced/").and_then(|r| r.split_once('/')) {
+        // blob(n) in 100 chunks paced over `secs` seconds: a long transfer.
+        let body = blob(n.parse().unwrap_or(0));
+        let pause = Duration::from_millis(secs.parse::<u64>().unwrap_or(1).min(120) * 10);
+        let _ = write!(c, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+        for chunk in body.chunks(body.len().div_ceil(100).max(1)) {
+            if c.write_all(chunk).is_err() {
+                return;
+            }
+            std::thread::sleep(pause);
+        }
+        return;
+    }
     if let Some(n) = path.strip_prefix("/slow/") {
         // blob(n) in 50 paced chunks: a transfer that takes about 2 s.
         let body = blob(n.parse().unwrap_or(0));
@@ -502,6 +515,12 @@ impl EchoConn {
             l.clear();
         }
         Ok(EchoConn { s, r })
+    }
+
+    /// Ends the connection with a RST (SO_LINGER 0), as an aborting client does.
+    pub fn abort(self) {
+        let off = nix::libc::linger { l_onoff: 1, l_linger: 0 };
+        let _ = nix::sys::socket::setsockopt(&self.s, nix::sys::socket::sockopt::Linger, &off);
     }
 
     /// Sends a line and checks it comes back.

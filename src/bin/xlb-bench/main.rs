@@ -18,6 +18,9 @@
 //! --secs S` is the load generator of the bench's `many` mode: connection
 //! per request from many client addresses (load.rs).
 //!
+//! `xlb-bench flood --kind syn|rst|ttl ...` sends forged segments as fast as
+//! one core can (flood.rs): the attack tests' SYN, RST and TTL floods.
+//!
 //! `xlb-bench hold-stats --secs N` keeps the kernel's BPF run-time statistics
 //! on (BPF_ENABLE_STATS, reference counted: they turn off when this exits)
 //! for at most N seconds, so the traffic rounds can read the attached
@@ -50,6 +53,7 @@ use xlb::balancer::BackendSet;
 use xlb::dataplane::{Counter, Counters, Dataplane, Flow, FlowKey, GcPolicy, LoadOptions, Service};
 use xlb::provider::Backend;
 
+mod flood;
 mod load;
 
 const XDP_DROP: u32 = 1;
@@ -94,12 +98,14 @@ fn main() {
         Some("hold-stats") => hold_stats(&args[1..]),
         Some("spin") => spin_cmd(&args[1..]),
         Some("connect") => load::connect_cmd(&args[1..]),
+        Some("flood") => flood::flood_cmd(&args[1..]),
         _ => {
             eprintln!(
                 "usage: xlb-bench dataplane --out FILE [--quick]\n       xlb-bench hold-stats --secs N\n       \
                  xlb-bench spin --case established|reply|syn|synchain|pass --secs N   (for perf record -p)\n       \
-                 {}",
-                load::USAGE
+                 {}\n       {}",
+                load::USAGE,
+                flood::USAGE
             );
             std::process::exit(2);
         }
@@ -338,6 +344,7 @@ fn normal_service() -> Service {
         ports: vec![(LOCAL_PORT, REMOTE_PORT)],
         vlans: vec![],
         unknown_flow_rst: false,
+        rate_limits: Default::default(),
     }
 }
 
@@ -349,6 +356,7 @@ fn loop_service() -> Service {
         ports: vec![(LOCAL_PORT, LOCAL_PORT)],
         vlans: vec![],
         unknown_flow_rst: false,
+        rate_limits: Default::default(),
     }
 }
 
