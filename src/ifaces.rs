@@ -342,10 +342,10 @@ impl Interfaces {
     async fn attach(&mut self, facts: &LinkFacts, why: Why) -> Result<()> {
         let name = &facts.iface.name;
         let ifindex = facts.iface.index;
-        match netinfo::prepare_sysctls(name) {
+        match netinfo::prepare_sysctls(name).await {
             Ok(changes) => changes.iter().for_each(|c| info!("sysctl {c}")),
-            // At start this is a config problem to fix first; later (a pod's
-            // read-only /proc/sys, an interface that came and went) XDP
+            // At start this is a config problem to fix first; later (no
+            // CAP_NET_ADMIN, an interface that came and went) XDP
             // still serves the interface: only packets XDP hands to the
             // kernel (unresolved neighbours) may be refused there.
             Err(e) if self.started => warn!(
@@ -453,6 +453,7 @@ impl Interfaces {
         for v in vlans.iter().filter(|v| !self.vlans.contains(v)) {
             if let Some(l) = links.get(&v.ifindex) {
                 let _ = netinfo::prepare_sysctls(&l.iface.name)
+                    .await
                     .map(|c| c.iter().for_each(|c| info!("sysctl {c}")));
                 info!(vlan = %l.iface.name, vid = v.vid, "serving tagged traffic of VLAN {} ({})", v.vid, l.iface.name);
             }

@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use futures::{Stream, TryStreamExt};
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage};
-use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::link::{InetDevConf, LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType};
 use rtnetlink::packet_route::AddressFamily;
-use rtnetlink::RouteMessageBuilder;
+use rtnetlink::{LinkUnspec, RouteMessageBuilder};
 
 /// A network interface: its name and kernel index.
 #[derive(Debug, Clone, PartialEq)]
@@ -236,13 +236,22 @@ fn events(groups: &[rtnetlink::MulticastGroup]) -> Result<impl Stream<Item = ()>
 /// - `net.ipv4.conf.<if>.forwarding=1`: `bpf_fib_lookup` refuses to answer without it;
 /// - `net.ipv4.conf.<if>.accept_local=1`: rewritten packets carry a local source address when
 ///   the kernel forwards them after a neighbour miss;
-/// - if the effective `rp_filter` (max of `conf.all` and `conf.<if>`) is 1 (strict): sets
-///   `conf.<if>.rp_filter=2` and, if `conf.all` is 1, `conf.all.rp_filter=2` (loose).
+/// - if the effective `rp_filter` (the larger of `conf.all` and `conf.<if>`) is 1 (strict):
+///   `conf.<if>.rp_filter=2` (loose), which makes the interface's effective value loose whatever
+///   `conf.all` says; `conf.all` and other interfaces are left alone.
+///
+/// Each value is written to `/proc/sys/net/ipv4/conf/<if>/` (the same effect as sysctl(8)).
+/// Where that file system is read-only (a container's `/proc/sys`) or denies the write, the
+/// values are set over rtnetlink instead (RTM_SETLINK, `IFLA_AF_SPEC` → `AF_INET` →
+/// `IFLA_INET_CONF`), which needs only CAP_NET_ADMIN in the interface's network namespace. That
+/// path sets the same per-interface values, but unlike the proc handler for `forwarding` it
+/// does not also turn LRO off on the device; native XDP drivers refuse or disable LRO
+/// themselves.
 ///
 /// Returns the changes made, e.g. `"net.ipv4.conf.eth0.forwarding 0 -> 1"`; empty if none.
-/// Works on `/proc/sys/net/ipv4/conf/<if>/`, i.e. in the calling thread's network namespace.
-/// In the returned keys a `.` in the interface name is written `/`, as sysctl(8) expects.
-pub fn prepare_sysctls(ifname: &str) -> Result<Vec<String>> {
+/// Works in the calling thread's network namespace. In the returned keys a `.` in the
+/// interface name is written `/`, as sysctl(8) expects.
+pub async fn prepare_sysctls(ifname: &str) -> Result<Vec<String>> {
     if ifname.is_empty() || ifname == "." || ifname == ".." || ifname.contains('/') {
         bail!("invalid interface name {ifname:?}");
     }
@@ -250,22 +259,96 @@ pub fn prepare_sysctls(ifname: &str) -> Result<Vec<String>> {
     if !dir.is_dir() {
         bail!("no IPv4 configuration for interface {ifname:?} ({} does not exist)", dir.display());
     }
-    let mut changes = Vec::new();
-    for key in ["forwarding", "accept_local"] {
-        let (path, value) = read_conf(ifname, key)?;
+    let mut wanted = Vec::new();
+    for key in [DevConf::Forwarding, DevConf::AcceptLocal] {
+        let value = read_conf(ifname, key.name())?.1;
         if value != 1 {
-            write_conf(&path, ifname, key, value, 1, &mut changes)?;
+            wanted.push((key, value, 1));
         }
     }
-    let (all_path, all) = read_conf("all", "rp_filter")?;
-    let (if_path, this) = read_conf(ifname, "rp_filter")?;
+    let all = read_conf("all", DevConf::RpFilter.name())?.1;
+    let this = read_conf(ifname, DevConf::RpFilter.name())?.1;
     if all.max(this) == 1 {
-        write_conf(&if_path, ifname, "rp_filter", this, 2, &mut changes)?;
-        if all == 1 {
-            write_conf(&all_path, "all", "rp_filter", all, 2, &mut changes)?;
+        wanted.push((DevConf::RpFilter, this, 2));
+    }
+
+    let mut refused = Vec::new();
+    for &(key, _, new) in &wanted {
+        let path = dir.join(key.name());
+        match fs::write(&path, format!("{new}\n")) {
+            Ok(()) => {}
+            Err(e) if is_refusal(&e) => refused.push((key, new)),
+            Err(e) => return Err(e).with_context(|| format!("writing {}", path.display())),
         }
     }
-    Ok(changes)
+    if !refused.is_empty() {
+        set_devconf(ifname, &refused).await.with_context(|| {
+            format!("{} is not writable here, and setting the values over rtnetlink failed", dir.display())
+        })?;
+    }
+    let name = ifname.replace('.', "/");
+    Ok(wanted
+        .iter()
+        .map(|(key, old, new)| format!("net.ipv4.conf.{name}.{} {old} -> {new}", key.name()))
+        .collect())
+}
+
+/// The per-interface IPv4 settings XLB changes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum DevConf {
+    Forwarding,
+    AcceptLocal,
+    RpFilter,
+}
+
+impl DevConf {
+    /// The file under `/proc/sys/net/ipv4/conf/<if>/`.
+    fn name(self) -> &'static str {
+        match self {
+            DevConf::Forwarding => "forwarding",
+            DevConf::AcceptLocal => "accept_local",
+            DevConf::RpFilter => "rp_filter",
+        }
+    }
+
+    fn set(self, conf: &mut InetDevConf, value: i32) {
+        match self {
+            DevConf::Forwarding => conf.forwarding = value,
+            DevConf::AcceptLocal => conf.accept_local = value,
+            DevConf::RpFilter => conf.rp_filter = value,
+        }
+    }
+}
+
+/// A write that a read-only or access-checked `/proc/sys` refused (rather than a bad value).
+fn is_refusal(e: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    e.raw_os_error()
+        .is_some_and(|n| matches!(Errno::from_raw(n), Errno::EROFS | Errno::EACCES | Errno::EPERM))
+}
+
+/// Sets IPv4 devconf values of `ifname` over rtnetlink. The kernel applies each entry of the
+/// nested `IFLA_INET_CONF` array (indexed by `IPV4_DEVCONF_*`) to the device, as writing its
+/// `/proc/sys/net/ipv4/conf/<if>/` file would. Values must be non-zero: the request leaves
+/// zero entries out.
+async fn set_devconf(ifname: &str, values: &[(DevConf, i64)]) -> Result<()> {
+    use rtnetlink::packet_route::link::{AfSpecInet, AfSpecUnspec};
+    let mut conf = InetDevConf::default();
+    for &(key, value) in values {
+        let v = i32::try_from(value).ok().filter(|v| *v != 0);
+        let v = v.ok_or_else(|| anyhow!("{} {value} cannot be set over rtnetlink", key.name()))?;
+        key.set(&mut conf, v);
+    }
+    let request = LinkUnspec::new_with_name(ifname)
+        .append_extra_attribute(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet(vec![
+            AfSpecInet::DevConfRequest(conf),
+        ])]))
+        .build();
+    let nl = Netlink::connect()?;
+    nl.handle.link().set(request).execute().await.map_err(|e| match errno(&e) {
+        Some(n) => anyhow!("RTM_SETLINK {ifname}: {}", nix::errno::Errno::from_raw(n).desc()),
+        None => anyhow!("RTM_SETLINK {ifname}: {e}"),
+    })
 }
 
 /// The kernel's ephemeral port range (`/proc/sys/net/ipv4/ip_local_port_range`), inclusive.
@@ -295,20 +378,6 @@ fn read_conf(ifname: &str, key: &str) -> Result<(PathBuf, i64)> {
     let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let value = text.trim().parse().with_context(|| format!("parsing {} ({text:?})", path.display()))?;
     Ok((path, value))
-}
-
-fn write_conf(
-    path: &Path,
-    ifname: &str,
-    key: &str,
-    old: i64,
-    new: i64,
-    changes: &mut Vec<String>,
-) -> Result<()> {
-    fs::write(path, format!("{new}\n")).with_context(|| format!("writing {}", path.display()))?;
-    let name = ifname.replace('.', "/");
-    changes.push(format!("net.ipv4.conf.{name}.{key} {old} -> {new}"));
-    Ok(())
 }
 
 /// An rtnetlink socket driven by a task on the current runtime; the task ends with it.
@@ -613,6 +682,24 @@ mod tests {
         fs::write(Path::new(CONF_DIR).join(ifname).join(key), format!("{value}\n")).unwrap();
     }
 
+    /// Makes `/proc/sys` read-only for the calling thread, as a container's is: the thread
+    /// moves to a mount namespace of its own (the rest of the process keeps the host's).
+    fn readonly_proc_sys() {
+        use nix::libc;
+        use std::ffi::CString;
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare mount namespace");
+        let (root, target) = (CString::new("/").unwrap(), CString::new("/proc/sys").unwrap());
+        let mount = |src: &CString, dst: &CString, flags: libc::c_ulong| {
+            // SAFETY: NUL-terminated paths; null type and data for bind and propagation mounts.
+            let rc =
+                unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), std::ptr::null(), flags, std::ptr::null()) };
+            assert_eq!(rc, 0, "mount {src:?} {dst:?}: {}", std::io::Error::last_os_error());
+        };
+        mount(&root, &root, libc::MS_REC | libc::MS_PRIVATE);
+        mount(&target, &target, libc::MS_BIND);
+        mount(&target, &target, libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY);
+    }
+
     #[test]
     fn prepare_sysctls_sets_once() {
         let ns = TestNs::new();
@@ -626,27 +713,27 @@ mod tests {
             set_conf("all", "rp_filter", 1);
             set_conf("d1", "rp_filter", 1);
 
-            let changes = prepare_sysctls("d0.7").unwrap();
+            let changes = prepare_sysctls("d0.7").await.unwrap();
             assert_eq!(
                 changes,
                 [
                     "net.ipv4.conf.d0/7.forwarding 0 -> 1",
                     "net.ipv4.conf.d0/7.accept_local 0 -> 1",
                     "net.ipv4.conf.d0/7.rp_filter 0 -> 2",
-                    "net.ipv4.conf.all.rp_filter 1 -> 2",
                 ]
             );
             assert_eq!(conf("d0.7", "forwarding"), 1);
             assert_eq!(conf("d0.7", "accept_local"), 1);
+            // Effective rp_filter is max(all, d0.7) = 2: loose, with conf.all left strict.
             assert_eq!(conf("d0.7", "rp_filter"), 2);
-            assert_eq!(conf("all", "rp_filter"), 2);
+            assert_eq!(conf("all", "rp_filter"), 1, "conf.all untouched");
             assert_eq!(conf("d1", "rp_filter"), 1, "other interfaces untouched");
             assert_eq!(conf("d1", "forwarding"), 0, "other interfaces untouched");
-            assert_eq!(prepare_sysctls("d0.7").unwrap(), Vec::<String>::new());
+            assert_eq!(prepare_sysctls("d0.7").await.unwrap(), Vec::<String>::new());
 
             // Strict only on the interface: only the interface is loosened.
             set_conf("all", "rp_filter", 0);
-            let changes = prepare_sysctls("d1").unwrap();
+            let changes = prepare_sysctls("d1").await.unwrap();
             assert_eq!(
                 changes,
                 [
@@ -661,12 +748,60 @@ mod tests {
             // Loose already (all=2 beats if=1): nothing to do for rp_filter.
             set_conf("all", "rp_filter", 2);
             set_conf("d1", "rp_filter", 1);
-            assert_eq!(prepare_sysctls("d1").unwrap(), Vec::<String>::new());
+            assert_eq!(prepare_sysctls("d1").await.unwrap(), Vec::<String>::new());
             assert_eq!(conf("d1", "rp_filter"), 1);
 
-            let err = prepare_sysctls("nope0").unwrap_err();
+            let err = prepare_sysctls("nope0").await.unwrap_err();
             assert!(err.to_string().contains("nope0"), "{err:#}");
-            assert!(prepare_sysctls("../all").is_err());
+            assert!(prepare_sysctls("../all").await.is_err());
+        });
+    }
+
+    /// A container's /proc/sys is read-only: the same values then go over rtnetlink, and
+    /// /proc/sys shows them.
+    #[test]
+    fn prepare_sysctls_over_rtnetlink_when_proc_sys_is_read_only() {
+        let ns = TestNs::new();
+        ns.veth("d0.7", &["10.77.0.1/24"]);
+        ns.veth("d1", &["10.88.0.1/24"]);
+        ns.run(|| async {
+            set_conf("d0.7", "forwarding", 0);
+            set_conf("d0.7", "accept_local", 0);
+            set_conf("d0.7", "rp_filter", 0);
+            set_conf("all", "rp_filter", 1);
+            set_conf("d1", "accept_local", 1);
+            set_conf("d1", "rp_filter", 1);
+            readonly_proc_sys();
+            let err = fs::write(Path::new(CONF_DIR).join("d0.7/forwarding"), "1\n").unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(nix::libc::EROFS), "{err}");
+
+            let changes = prepare_sysctls("d0.7").await.unwrap();
+            assert_eq!(
+                changes,
+                [
+                    "net.ipv4.conf.d0/7.forwarding 0 -> 1",
+                    "net.ipv4.conf.d0/7.accept_local 0 -> 1",
+                    "net.ipv4.conf.d0/7.rp_filter 0 -> 2",
+                ]
+            );
+            assert_eq!(conf("d0.7", "forwarding"), 1);
+            assert_eq!(conf("d0.7", "accept_local"), 1);
+            assert_eq!(conf("d0.7", "rp_filter"), 2);
+            assert_eq!(conf("all", "rp_filter"), 1, "conf.all untouched");
+            assert_eq!(
+                (conf("d1", "forwarding"), conf("d1", "rp_filter")),
+                (0, 1),
+                "other interfaces untouched"
+            );
+            assert_eq!(prepare_sysctls("d0.7").await.unwrap(), Vec::<String>::new());
+
+            // Only what differs is sent; accept_local is 1 already.
+            let changes = prepare_sysctls("d1").await.unwrap();
+            assert_eq!(changes, ["net.ipv4.conf.d1.forwarding 0 -> 1", "net.ipv4.conf.d1.rp_filter 1 -> 2"]);
+            assert_eq!(
+                (conf("d1", "forwarding"), conf("d1", "accept_local"), conf("d1", "rp_filter")),
+                (1, 1, 2)
+            );
         });
     }
 
