@@ -6,7 +6,6 @@
 //! with telemetry and status only reading.
 
 use std::net::Ipv4Addr;
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -73,10 +72,14 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
     let admin = crate::admin::serve(&cfg, status.clone()).await?;
 
     let instance = instance_name(&cfg, net.listen);
-    let pins = if pins::is_bpffs(Path::new("/sys/fs/bpf")) {
-        Some(pins::PinDir::for_instance(&instance))
+    let dir = pins::PinDir::for_instance(&instance);
+    let pins = if dir.on_bpffs() {
+        Some(dir)
     } else {
-        warn!("/sys/fs/bpf is not a bpf file system: nothing is pinned, so a restart drops connections");
+        warn!(
+            "{} is not on a bpf file system: nothing is pinned, so a restart drops connections",
+            dir.path.display()
+        );
         None
     };
     let opts = LoadOptions {
