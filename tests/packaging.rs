@@ -129,6 +129,16 @@ fn chart_notes_and_readme_explain_troubleshooting_and_services() {
 }
 
 #[test]
+fn chart_mounts_only_the_instances_pin_directory() {
+    py_case("test_chart.py", "pin_directory_only");
+}
+
+#[test]
+fn chart_sets_a_seccomp_profile_equal_to_the_units_filter() {
+    py_case("test_chart.py", "seccomp_profile");
+}
+
+#[test]
 fn chart_privileged_is_an_opt_in_fallback() {
     py_case("test_chart.py", "privileged_fallback");
 }
@@ -136,7 +146,7 @@ fn chart_privileged_is_an_opt_in_fallback() {
 // -- xlb as the pod and the unit run it (tests/packaging/test_pod.py) --------
 
 #[test]
-fn pod_lifecycle_with_read_only_proc_sys_and_three_capabilities() {
+fn pod_lifecycle_with_read_only_proc_sys_pin_directory_and_three_capabilities() {
     py_case("test_pod.py", "lifecycle");
 }
 

@@ -298,12 +298,14 @@ def pod_spec():
     assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"]
     volumes = {v["name"]: v for v in spec["volumes"]}
     mounts = {m["name"]: m for m in c["volumeMounts"]}
-    assert volumes["bpffs"]["hostPath"] == {"path": "/sys/fs/bpf", "type": "Directory"}
-    assert mounts["bpffs"]["mountPath"] == "/sys/fs/bpf"
     assert mounts["config"]["mountPath"] == "/etc/xlb" and volumes["config"]["configMap"]["name"] == "xlb"
     assert mounts["tmp"]["mountPath"] == "/tmp" and "emptyDir" in volumes["tmp"]
-    (init,) = spec["initContainers"]
-    assert init["securityContext"] == {"privileged": True} and init["command"] == ["/bin/sh", "/etc/xlb/prepare-node.sh"]
+    # Least privilege: of the node's bpffs only the instance's pin directory.
+    assert r.xlb_yaml["name"] == "my-backend-service", "the instance is the name metrics already carry"
+    assert host_paths(r) == {"/sys/fs/bpf/xlb/my-backend-service": "/sys/fs/bpf/xlb/my-backend-service"}
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert "initContainers" not in spec, "xlb sets its sysctls itself: no init container by default"
+    assert not privileged_containers(r), "no container runs privileged by default"
     assert spec["serviceAccountName"] == r.get("ServiceAccount")["metadata"]["name"]
     assert spec["terminationGracePeriodSeconds"] > r.xlb_yaml["shutdown_timeout"]
     svc = r.get("Service")["spec"]
@@ -481,6 +483,98 @@ def notes_and_readme():
         assert needle in readme, f"helm/xlb/README.md lacks {needle!r}"
 
 
+def host_paths(r: Rendered) -> dict[str, str]:
+    """hostPath volumes of the pod: node path -> where the xlb container
+    mounts it; every one is mounted, and only by xlb."""
+    spec = r.pod["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    out = {}
+    for container in spec.get("initContainers", []) + spec["containers"]:
+        for m in container.get("volumeMounts", []):
+            if "hostPath" in volumes[m["name"]]:
+                assert container["name"] == "xlb", f"{container['name']} mounts a hostPath: {m}"
+                out[volumes[m["name"]]["hostPath"]["path"]] = m["mountPath"]
+    assert len(out) == sum("hostPath" in v for v in volumes.values()), "a hostPath volume no container mounts"
+    return out
+
+
+def privileged_containers(r: Rendered) -> list[str]:
+    spec = r.pod["spec"]
+    return [c["name"] for c in spec.get("initContainers", []) + spec["containers"]
+            if (c.get("securityContext") or {}).get("privileged")]
+
+
+@case
+def pin_directory_only():
+    """The pod mounts the instance's pin directory (DirectoryOrCreate, at the
+    same path, host mounts propagating in) and nothing else of the node's
+    bpffs; the runtime makes its mount point in an emptyDir at /sys/fs/bpf,
+    since a container's /sys is a read-only sysfs. The instance follows
+    config.name, else the provider's Service, else xlb."""
+    r = render(QUICK_START)
+    spec, c = r.pod["spec"], r.container
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    pins = mounts["/sys/fs/bpf/xlb/my-backend-service"]
+    assert volumes[pins["name"]]["hostPath"] == {"path": "/sys/fs/bpf/xlb/my-backend-service", "type": "DirectoryOrCreate"}
+    assert pins["mountPropagation"] == "HostToContainer" and not pins.get("readOnly")
+    assert "emptyDir" in volumes[mounts["/sys/fs/bpf"]["name"]], "no writable place for the mount point"
+    assert [p for p in mounts if p.startswith("/sys")] == ["/sys/fs/bpf", "/sys/fs/bpf/xlb/my-backend-service"]
+    named = render(with_quick_start({"config": {"name": "edge-1"}}))
+    assert named.xlb_yaml["name"] == "edge-1" and host_paths(named) == {"/sys/fs/bpf/xlb/edge-1": "/sys/fs/bpf/xlb/edge-1"}
+    static = render({"config": {"provider": {"static": {"backends": [{"name": "a", "ip": "10.0.0.9"}]}}}})
+    assert static.xlb_yaml["name"] == "xlb" and host_paths(static) == {"/sys/fs/bpf/xlb/xlb": "/sys/fs/bpf/xlb/xlb"}
+    for text in (r.xlb_yaml_text, named.xlb_yaml_text, static.xlb_yaml_text):
+        xlb_check(text)
+    assert "name" in refused(with_quick_start({"config": {"name": "Not_A_Label"}}))
+
+
+@case
+def seccomp_profile():
+    """RuntimeDefault unless told otherwise; Localhost needs the profile's
+    path; the shipped Localhost profile is the systemd unit's
+    SystemCallFilter (@system-service and bpf), refusing the rest with EPERM
+    as the unit's SystemCallErrorNumber does."""
+    spec = render(QUICK_START).pod["spec"]
+    assert spec["securityContext"] == {"seccompProfile": {"type": "RuntimeDefault"}}
+    local = {"type": "Localhost", "localhostProfile": "xlb.json"}
+    spec = render(with_quick_start({"seccompProfile": local})).pod["spec"]
+    assert spec["securityContext"]["seccompProfile"] == local
+    assert "securityContext" not in render(with_quick_start({"seccompProfile": None})).pod["spec"]
+    assert "localhostProfile" in refused(with_quick_start({"seccompProfile": {"type": "Localhost"}}))
+    refused(with_quick_start({"seccompProfile": {"type": "Strict"}}))
+
+    profile = json.loads((CHART / "files" / "seccomp-xlb.json").read_text())
+    assert profile["defaultAction"] == "SCMP_ACT_ERRNO" and profile["defaultErrnoRet"] == 1, profile
+    assert "architectures" not in profile, "native only, as the unit's SystemCallArchitectures=native"
+    (rule,) = profile["syscalls"]
+    assert rule["action"] == "SCMP_ACT_ALLOW" and "args" not in rule
+    unit = {}
+    for line in (REPO / "config" / "xlb.service").read_text().splitlines():
+        key, _, value = line.partition("=")
+        unit[key.strip()] = value.strip()
+    assert unit["SystemCallErrorNumber"] == "EPERM"
+    want = systemd_syscalls(unit["SystemCallFilter"].split())
+    got = set(rule["names"])
+    assert got == want, f"not in the profile: {sorted(want - got)}; not in the unit: {sorted(got - want)}"
+    assert rule["names"] == sorted(got), "keep the names sorted"
+
+
+def systemd_syscalls(filters: list[str]) -> set[str]:
+    """A SystemCallFilter's system calls, groups expanded by systemd-analyze."""
+    names: set[str] = set()
+    for f in filters:
+        if not f.startswith("@"):
+            names.add(f)
+            continue
+        text = subprocess.run(["systemd-analyze", "syscall-filter", f], capture_output=True, text=True, check=True).stdout
+        for line in text.splitlines()[1:]:
+            word = line.strip()
+            if word and not word.startswith("#"):
+                names |= systemd_syscalls([word]) if word.startswith("@") else {word}
+    return names
+
+
 @case
 def privileged_fallback():
     """securityContext.privileged: true is the opt-in fallback; the chart
@@ -490,6 +584,13 @@ def privileged_fallback():
     assert sc["privileged"] is True and "allowPrivilegeEscalation" not in sc and "capabilities" not in sc, sc
     r = render(with_quick_start({"nodePrep": {"enabled": False}}))
     assert "initContainers" not in r.pod["spec"]
+    # The deprecated init container still comes when asked for.
+    r = render(with_quick_start({"nodePrep": {"enabled": True}}))
+    (init,) = r.pod["spec"]["initContainers"]
+    assert init["securityContext"] == {"privileged": True} and init["command"] == ["/bin/sh", "/etc/xlb/prepare-node.sh"]
+    assert privileged_containers(r) == ["prepare-node"] and list(host_paths(r)) == ["/sys/fs/bpf/xlb/my-backend-service"]
+    assert "prepare-node.sh" in r.get("ConfigMap")["data"]
+    assert "prepare-node.sh" not in render(QUICK_START).get("ConfigMap")["data"]
 
 
 def main(argv: list[str]) -> int:

@@ -2,20 +2,20 @@
 network namespaces (scripts/topology.sh): a client, the XLB node, a backend.
 
 From a config rendered by the real Helm engine it takes the ConfigMap
-(xlb.yaml, prepare-node.sh), the init container's environment, the xlb
-container's args, capabilities, readiness probe and preStop hook, and
-checks the pod's life:
+(xlb.yaml, prepare-node.sh), the xlb container's args, capabilities, volume
+mounts, readiness probe and preStop hook, and checks the pod's life:
   1. like a container, xlb sees /proc/sys read-only and holds only the
-     chart's capabilities: with sysctls it would have to change, it refuses
-     to start ("Read-only file system"), so the restriction is real;
-  2. prepare-node.sh (the privileged init container) sets them: the same
-     values xlb itself would set;
-  3. xlb then starts under the same restrictions, the readiness probe
-     passes, and a client's request crosses XLB to the backend;
+     chart's capabilities, with no init container before it: it sets the
+     net.ipv4.conf values it needs itself (over rtnetlink), starts and gets
+     ready;
+  2. of the node's bpffs it sees its own pin directory alone, mounted as
+     the pod spec says, and pins there;
+  3. a client's request crosses XLB to the backend;
   4. the preStop hook's file makes the readiness probe fail at once; after
      SIGTERM (which the kubelet sends after preStop) xlb exits 0 within
      terminationGracePeriodSeconds.
-Also: prepare-node.sh's interface choice for listen: auto and listen.ip.
+Also: the deprecated init container's prepare-node.sh picks the interfaces
+xlb uses for listen: auto and listen.ip.
 
 Usage: python test_pod.py [lifecycle|interface_choice|systemd_unit|all];
 needs root, XLB_BIN (the xlb binary) and XLB_TEST_TMPDIR (scratch space).
@@ -95,9 +95,15 @@ def run_prepare(topo: Topology, r: test_chart.Rendered, workdir: Path, env: dict
 
 
 class Pod:
-    """The xlb container: its mount namespace has /proc/sys read-only and a
-    private /tmp (the chart's emptyDir); its process keeps only the chart's
-    capabilities, with no_new_privs (allowPrivilegeEscalation: false)."""
+    """The xlb container, its mounts made from the rendered pod spec as a
+    runtime would: /proc/sys read-only, a read-only sysfs at /sys, each
+    emptyDir a tmpfs, each hostPath bound from the node (the kubelet makes a
+    missing DirectoryOrCreate path first), the mount points made by mkdir in
+    what is mounted so far, parents before children. The node's bpffs (as
+    systemd mounts it: root's, mode 0700) is a fresh instance here, out of
+    the container's sight like the host's is. The process
+    keeps only the chart's capabilities, with no_new_privs
+    (allowPrivilegeEscalation: false)."""
 
     def __init__(self, topo: Topology, r: test_chart.Rendered, workdir: Path) -> None:
         c = r.container
@@ -119,12 +125,40 @@ class Pod:
         if sc.get("allowPrivilegeEscalation") is False:
             setpriv.append("--no-new-privs")
         xlb = visible(os.environ.get("XLB_BIN") or str(REPO / "target" / "debug" / "xlb"))
-        inner = (
-            "mount --make-rprivate / && mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys"
-            " && mount --rbind /tmp /mnt && mount -t tmpfs -o size=1m tmpfs /tmp"
-            # The node's bpffs (as systemd mounts it: root's, mode 0700), here
-            # a fresh instance that vanishes with the namespace.
-            " && mount -t bpf -o mode=0700 bpf /sys/fs/bpf && exec \"$@\""
+
+        volumes = {v["name"]: v for v in r.pod["spec"]["volumes"]}
+        node, container = [], []
+        stage = workdir / "hostpaths"
+        for m in sorted(c["volumeMounts"], key=lambda m: len(Path(m["mountPath"]).parts)):
+            v, path = volumes[m["name"]], m["mountPath"]
+            if "configMap" in v:
+                continue  # xlb.yaml is passed by its path above
+            if "emptyDir" in v:
+                # /tmp first moves aside to /mnt (see visible()).
+                prefix = "mount --rbind /tmp /mnt && " if path == "/tmp" else f"mkdir -p {path} && "
+                container.append(f"{prefix}mount -t tmpfs -o size=1m tmpfs {path}")
+            elif "hostPath" in v:
+                host = v["hostPath"]["path"]
+                assert host.startswith("/sys/fs/bpf/"), f"a hostPath this test does not emulate: {v}"
+                made = "mkdir -p" if v["hostPath"].get("type") == "DirectoryOrCreate" else "test -d"
+                staged = stage / m["name"]
+                staged.mkdir(parents=True)
+                # The node's view is the host's /tmp; the container's has it at /mnt.
+                node.append(f"{made} {host} && mount --bind {host} {staged.resolve()}")
+                container.append(f"mkdir -p {path} && mount --bind {visible(staged)} {path}")
+            else:
+                raise AssertionError(f"a volume this test does not emulate: {v}")
+        inner = " && ".join(
+            [
+                "mount --make-rprivate /",
+                "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys",
+                "mount -t bpf -o mode=0700 bpf /sys/fs/bpf",
+                *node,
+                # The container's /sys: read-only, without the node's bpffs.
+                "umount /sys/fs/bpf && mount -o remount,bind,ro /sys",
+                *container,
+                'exec "$@"',
+            ]
         )
         self.log = open(workdir / "xlb.log", "w+")
         env = {**os.environ, **{k: str(v) for k, v in (r.release["config"].get("env") or {}).items()}}
@@ -160,9 +194,11 @@ class Pod:
 
 def lifecycle() -> None:
     r = test_chart.render(pod_values())
+    assert "initContainers" not in r.pod["spec"], "the default pod has no init container"
     ready = r.container["readinessProbe"]["exec"]["command"]
     pre_stop = r.container["lifecycle"]["preStop"]["exec"]["command"]
     grace = r.pod["spec"]["terminationGracePeriodSeconds"]
+    pins = f"/sys/fs/bpf/xlb/{r.xlb_yaml['name']}"
     with Topology() as topo, tempfile.TemporaryDirectory(dir=os.environ.get("XLB_TEST_TMPDIR")) as tmp:
         workdir = Path(tmp)
         # What a node may well start with: forwarding off, accept_local off,
@@ -173,24 +209,6 @@ def lifecycle() -> None:
         topo.set_conf("lb-client", "rp_filter", "1")
         topo.set_conf("all", "rp_filter", "1")
 
-        # 1. Without the init container xlb cannot start.
-        pod = Pod(topo, r, workdir)
-        code = pod.wait(15)
-        pod.kill()
-        assert code not in (None, 0), f"xlb started although /proc/sys is read-only:\n{pod.output()}"
-        assert "Read-only file system" in pod.output(), pod.output()
-
-        # 2. The init container sets what xlb needs.
-        out = run_prepare(topo, r, workdir)
-        assert "prepare-node: ready: lb-client lb-be1" in out, out
-        got = {(i, k): topo.conf(i, k) for i in ("lb-client", "lb-be1") for k in ("forwarding", "accept_local")}
-        got[("lb-client", "rp_filter")] = topo.conf("lb-client", "rp_filter")
-        got[("all", "rp_filter")] = topo.conf("all", "rp_filter")
-        want = {key: ("2" if key[1] == "rp_filter" else "1") for key in got}
-        assert got == want, f"sysctls after prepare-node.sh: {got}\n{out}"
-        assert "->" not in run_prepare(topo, r, workdir), "prepare-node.sh changed something the second time"
-
-        # 3. Now the same container starts, gets ready and balances.
         server = subprocess.Popen(
             ["ip", "netns", "exec", topo.backend, "/usr/bin/python3", "-m", "http.server", "8080", "--bind", "10.101.0.2"],
             stdout=subprocess.DEVNULL,
@@ -198,13 +216,31 @@ def lifecycle() -> None:
         )
         pod = Pod(topo, r, workdir)
         try:
+            # 1. The container starts, sets what the kernel needs on its
+            # interfaces itself (its /proc/sys is read-only: over rtnetlink)
+            # and gets ready.
             deadline = time.monotonic() + 20
             while pod.exec(ready).returncode != 0:
                 assert pod.proc.poll() is None, f"xlb exited:\n{pod.output()}"
                 assert time.monotonic() < deadline, f"readiness probe never passed:\n{pod.output()}"
                 time.sleep(0.2)
-            assert "sysctl net.ipv4.conf" not in pod.output(), "xlb still had sysctls to change"
-            assert "pinned in /sys/fs/bpf/xlb/" in pod.output(), f"xlb pinned nothing:\n{pod.output()}"
+            got = {(i, k): topo.conf(i, k) for i in ("lb-client", "lb-be1") for k in ("forwarding", "accept_local")}
+            got[("lb-client", "rp_filter")] = topo.conf("lb-client", "rp_filter")
+            want = {key: ("2" if key[1] == "rp_filter" else "1") for key in got}
+            assert got == want, f"sysctls xlb set: {got}\n{pod.output()}"
+            assert topo.conf("all", "rp_filter") == "1", "conf.all.rp_filter changed: only the interfaces' are xlb's"
+            assert "sysctl net.ipv4.conf.lb-client.forwarding 0 -> 1" in pod.output(), pod.output()
+            probe = pod.exec(["sh", "-c", "echo x > /proc/sys/net/ipv4/conf/lb-client/forwarding"])
+            assert probe.returncode != 0 and "Read-only file system" in probe.stderr, f"/proc/sys is writable: {probe}"
+
+            # 2. Of the node's bpffs the container sees its pin directory alone.
+            assert f"pinned in {pins}" in pod.output(), f"xlb pinned nothing:\n{pod.output()}"
+            fs = pod.exec(["stat", "-f", "-c", "%T", "/sys/fs/bpf", pins]).stdout.split()
+            assert fs == ["tmpfs", "bpf_fs"], fs
+            assert pod.exec(["ls", "/sys/fs/bpf/xlb"]).stdout.split() == [r.xlb_yaml["name"]]
+            pinned = pod.exec(["ls", pins]).stdout.split()
+            assert "map_conntrack" in pinned and "link_lb-client" in pinned, pinned
+
             for _ in range(50):
                 got = topo.ns(topo.client, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2",
                               "http://10.100.0.1/", check=False)
@@ -213,7 +249,8 @@ def lifecycle() -> None:
                 time.sleep(0.1)
             assert got.stdout == "200", f"request through XLB: {got.stdout!r} {got.stderr}\n{pod.output()}"
 
-            # 4. preStop, then SIGTERM, as the kubelet does.
+            # 3. preStop, then SIGTERM, as the kubelet does; the pins go, the
+            # mounted directory stays.
             assert pod.exec(pre_stop).returncode == 0
             assert pod.exec(ready).returncode != 0, "readiness still passes after the preStop hook"
             started = time.monotonic()
@@ -230,7 +267,7 @@ def lifecycle() -> None:
 def interface_choice() -> None:
     """prepare-node.sh finds the interfaces xlb will use: config.interfaces,
     else the one holding listen.ip, else the default route's."""
-    r = test_chart.render(pod_values())
+    r = test_chart.render(pod_values({"nodePrep": {"enabled": True}}))
     with Topology() as topo, tempfile.TemporaryDirectory(dir=os.environ.get("XLB_TEST_TMPDIR")) as tmp:
         workdir = Path(tmp)
         topo.ns(topo.lb, "ip", "route", "add", "default", "via", "10.101.0.2", "dev", "lb-be1")
@@ -249,7 +286,7 @@ def interface_choice() -> None:
                       env={**os.environ, "XLB_INTERFACES": "", "XLB_LISTEN_IP": "10.9.9.9"})
         assert bad.returncode != 0 and "no interface holds 10.9.9.9" in bad.stderr, bad
         # The rendered environment carries config.listen.ip and config.interfaces.
-        auto = test_chart.render(pod_values({"config": {"listen": "auto", "interfaces": None}}))
+        auto = test_chart.render(pod_values({"config": {"listen": "auto", "interfaces": None}, "nodePrep": {"enabled": True}}))
         assert init_env(auto) == {"XLB_INTERFACES": "", "XLB_LISTEN_IP": ""}
         assert init_env(r) == {"XLB_INTERFACES": "lb-client lb-be1", "XLB_LISTEN_IP": "10.100.0.1"}
 

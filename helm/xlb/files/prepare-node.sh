@@ -1,11 +1,12 @@
 #!/bin/sh
 # Sets the net.ipv4.conf sysctls that `xlb run` needs on the interfaces it
-# attaches to, as xlb itself would (src/netinfo.rs, prepare_sysctls):
-#   forwarding=1, accept_local=1, and a strict rp_filter (1) made loose (2)
-#   on the interface and, if conf.all is strict, on conf.all.
-# The xlb container cannot write them (a container's /proc/sys is read-only
-# unless it is privileged), so the chart runs this in a privileged init
-# container first. Interfaces: XLB_INTERFACES (config.interfaces) if set,
+# attaches to, as xlb itself does (src/netinfo.rs, prepare_sysctls):
+#   forwarding=1, accept_local=1, and an effective rp_filter (the larger of
+#   conf.all and the interface's) of 1, strict, made loose by setting the
+#   interface's to 2; conf.all is left alone.
+# xlb sets them itself, over rtnetlink, in an unprivileged container; this
+# script is what the chart's deprecated privileged init container
+# (nodePrep.enabled) runs. Interfaces: XLB_INTERFACES (config.interfaces) if set,
 # else the one holding XLB_LISTEN_IP (config.listen.ip), else the one of the
 # IPv4 default route (listen: auto).
 set -eu
@@ -41,9 +42,6 @@ for ifc in $ifaces; do
 	this=$(cat "$conf/$ifc/rp_filter")
 	max=$all
 	[ "$this" -le "$max" ] || max=$this
-	if [ "$max" = 1 ]; then # strict
-		set_conf "$ifc" rp_filter 2
-		[ "$all" != 1 ] || set_conf all rp_filter 2
-	fi
+	[ "$max" != 1 ] || set_conf "$ifc" rp_filter 2 # strict -> loose
 done
 echo "prepare-node: ready: $ifaces"

@@ -42,6 +42,27 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- default "/tmp/shutdown" .Values.config.shutdown_file -}}
 {{- end -}}
 
+{{/*
+The xlb instance: config.name, else the name xlb reports as service.name in
+its metrics when config.name is unset (the Kubernetes Service it balances,
+else xlb), so setting it changes nothing else. It names the pin directory,
+/sys/fs/bpf/xlb/<instance>/, the only part of the node's bpffs the pod mounts,
+so the chart must know it when rendering (xlb's own default, xlb-<listen
+address>, is known only on the node).
+*/}}
+{{- define "xlb.instance" -}}
+{{- if .Values.config.name -}}
+{{- .Values.config.name -}}
+{{- else -}}
+{{- $provider := include "xlb.provider" . | fromYaml -}}
+{{- ($provider.kubernetes | default dict).service | default "xlb" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "xlb.pinDir" -}}
+{{- printf "/sys/fs/bpf/xlb/%s" (include "xlb.instance" .) -}}
+{{- end -}}
+
 {{/* The admin listener as the probes reach it: the node's loopback. */}}
 {{- define "xlb.adminHost" -}}
 {{- $admin := .Values.config.admin | default dict -}}
@@ -104,6 +125,10 @@ its own. Every message names the values to change.
 {{- if hasKey $cfg "shutdown_timeout" -}}
 {{- $timeout = int $cfg.shutdown_timeout -}}
 {{- end -}}
+{{- $seccomp := .Values.seccompProfile | default dict -}}
+{{- if and (eq (toString $seccomp.type) "Localhost") (not $seccomp.localhostProfile) -}}
+{{- fail "xlb: seccompProfile.type Localhost needs seccompProfile.localhostProfile: the profile's path under the kubelet's seccomp directory on every node, e.g. xlb.json for /var/lib/kubelet/seccomp/xlb.json (README.md, \"Seccomp\")" -}}
+{{- end -}}
 {{- $grace := int .Values.terminationGracePeriodSeconds -}}
 {{- if le $grace $timeout -}}
 {{- fail (printf "xlb: terminationGracePeriodSeconds (%d) must be greater than config.shutdown_timeout (%d): the pod needs the whole RST phase plus time to exit, or Kubernetes kills it mid-drain" $grace $timeout) -}}
@@ -112,8 +137,9 @@ its own. Every message names the values to change.
 
 {{/*
 The xlb.yaml the pod reads: config as given, minus empty optional values
-(xlb refuses an empty `name` or `interfaces` list), with the chosen provider
-and the shutdown file the preStop hook creates.
+(xlb refuses an empty `name` or `interfaces` list), with the chosen provider,
+the instance name (its pin directory is what the pod mounts) and the shutdown
+file the preStop hook creates.
 */}}
 {{- define "xlb.config" -}}
 {{- $out := dict -}}
@@ -123,6 +149,7 @@ and the shutdown file the preStop hook creates.
 {{- end -}}
 {{- end -}}
 {{- $_ := set $out "provider" (include "xlb.provider" . | fromYaml) -}}
+{{- $_ := set $out "name" (include "xlb.instance" .) -}}
 {{- $_ := set $out "shutdown_file" (include "xlb.shutdownFile" .) -}}
 {{- toYaml $out -}}
 {{- end -}}
