@@ -71,6 +71,32 @@ pub struct Config {
     /// How fast XLB itself answers (ICMP errors, RSTs), per CPU.
     #[serde(default)]
     pub rate_limits: RateLimits,
+    /// Whether XLB answers new SYNs itself with SYN cookies.
+    #[serde(default)]
+    pub syn_proxy: SynProxy,
+    /// With syn_proxy: auto, the half-open connections at which the proxy
+    /// engages (it lets go below half of it).
+    #[serde(default = "default_syn_proxy_threshold")]
+    pub syn_proxy_threshold: u32,
+}
+
+fn default_syn_proxy_threshold() -> u32 {
+    2000
+}
+
+/// syn_proxy: whether new connections are opened through SYN cookies from
+/// XDP, so a SYN flood creates no state (README "Under attack").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SynProxy {
+    /// Engaged while half-open connections are at syn_proxy_threshold or
+    /// more (a SYN flood), checked every sweep.
+    #[default]
+    Auto,
+    /// Always: every new connection is proxied.
+    On,
+    /// Never: SYNs go to the backends as they come.
+    Off,
 }
 
 fn default_orphan_ttl_secs() -> u64 {
@@ -681,6 +707,7 @@ impl Config {
         self.rate_limits.icmp.validate("rate_limits.icmp")?;
         self.rate_limits.rst.validate("rate_limits.rst")?;
         self.rate_limits.drain_rst.validate("rate_limits.drain_rst")?;
+        in_range(self.syn_proxy_threshold, 1..=50_000_000, "syn_proxy_threshold")?;
         ensure(self.admin.port != 0, "admin.port", "is 0; allowed 1..=65535")?;
         if let Some(auth) = &self.admin.auth {
             auth.validate("admin.auth")?;
@@ -1421,6 +1448,19 @@ provider: {static: {backends: [{name: a, ip: 10.0.0.2}]}}
         reject |c| c.rate_limits.drain_rst.burst = 1_000_001 => "rate_limits.drain_rst.burst", "out of range";
         accept |c| c.rate_limits.drain_rst = RateLimit { per_sec: 0, burst: 1 };
         accept |c| c.rate_limits.icmp = RateLimit { per_sec: 1_000_000, burst: 1_000_000 };
+    }
+
+    #[test]
+    fn syn_proxy_is_auto_unless_set() {
+        assert_eq!((base().syn_proxy, base().syn_proxy_threshold), (SynProxy::Auto, 2000));
+        let c =
+            Config::parse(&format!("{MINIMAL}syn_proxy: on\nsyn_proxy_threshold: 10\n"), "t.yaml").unwrap();
+        assert_eq!((c.syn_proxy, c.syn_proxy_threshold), (SynProxy::On, 10));
+        let e = Config::parse(&format!("{MINIMAL}syn_proxy: yes\n"), "t.yaml").unwrap_err().to_string();
+        assert!(e.contains("syn_proxy") && e.contains("auto"), "{e}");
+        let e =
+            Config::parse(&format!("{MINIMAL}syn_proxy_threshold: 0\n"), "t.yaml").unwrap_err().to_string();
+        assert!(e.contains("syn_proxy_threshold") && e.contains("out of range"), "{e}");
     }
 
     #[test]

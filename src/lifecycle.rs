@@ -95,6 +95,7 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
         vlans: Vec::new(),
         unknown_flow_rst: cfg.unknown_flow == crate::config::UnknownFlow::Rst,
         rate_limits: cfg.rate_limits,
+        syn_proxy: cfg.syn_proxy,
     };
     let initial_addrs: Vec<Ipv4Addr> = initial.iter().map(|b| b.addr).collect();
     let mut set = BackendSet::new(cfg.maglev_table_size);
@@ -156,6 +157,10 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
         totals.clone(),
         in_use_tx,
         cfg.orphan_ttl_secs,
+        (cfg.syn_proxy == crate::config::SynProxy::Auto).then_some(crate::sweep::SynProxyAuto {
+            threshold: cfg.syn_proxy_threshold.into(),
+            engaged: false,
+        }),
     ));
     let stats = tokio::spawn(crate::status_refresh::status_loop(
         dp.clone(),
@@ -164,7 +169,15 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
         set_rx,
         provider.health,
     ));
-    status.update(|s| s.phase = Phase::Running);
+    status.update(|s| {
+        s.phase = Phase::Running;
+        s.syn_proxy = match cfg.syn_proxy {
+            crate::config::SynProxy::Auto => "auto",
+            crate::config::SynProxy::On => "on",
+            crate::config::SynProxy::Off => "off",
+        };
+        s.syn_proxy_engaged = cfg.syn_proxy == crate::config::SynProxy::On;
+    });
     info!(
         listen = %net.listen,
         ports = ?cfg.ports.iter().map(|p| format!("{}->{}", p.local_port, p.remote_port)).collect::<Vec<_>>(),

@@ -73,6 +73,12 @@ pub struct Status {
     pub provider: Option<ProviderHealth>,
     /// Connections tracked at the last sweep.
     pub connections_active: u64,
+    /// Of those, the ones whose handshake had not completed.
+    pub connections_half_open: u64,
+    /// `syn_proxy` as configured (auto, on, off), and whether new SYNs are
+    /// answered with cookies now.
+    pub syn_proxy: &'static str,
+    pub syn_proxy_engaged: bool,
     /// Concurrent connections the conntrack map holds (config
     /// `conntrack_capacity`); 0 until the data plane is configured.
     pub conntrack_capacity: u64,
@@ -108,6 +114,9 @@ impl Default for Status {
             backends: Vec::new(),
             provider: None,
             connections_active: 0,
+            connections_half_open: 0,
+            syn_proxy: "off",
+            syn_proxy_engaged: false,
             conntrack_capacity: 0,
             counters: Default::default(),
             converged: true,

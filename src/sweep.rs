@@ -38,14 +38,45 @@ const HALF_OPEN_TTL: Duration = Duration::from_secs(30);
 /// How often counters are read and expired connections swept.
 pub const STATS_INTERVAL: Duration = Duration::from_secs(1);
 
+/// syn_proxy: auto, decided once per sweep from the half-open connections
+/// counted: engaged at the threshold, released below half of it, so a flood
+/// near the threshold does not flap it.
+#[derive(Debug, Clone, Copy)]
+pub struct SynProxyAuto {
+    pub threshold: u64,
+    pub engaged: bool,
+}
+
+impl SynProxyAuto {
+    /// Whether the proxy should be engaged now; logs a change.
+    pub fn decide(&mut self, half_open: u64) -> bool {
+        let engage = if self.engaged { half_open * 2 >= self.threshold } else { half_open >= self.threshold };
+        if engage != self.engaged {
+            if engage {
+                warn!(
+                    half_open,
+                    threshold = self.threshold,
+                    "SYN flood: SYN proxy engaged, new connections are answered with SYN cookies"
+                );
+            } else {
+                tracing::info!(half_open, "SYN flood over: SYN proxy released");
+            }
+        }
+        self.engaged = engage;
+        engage
+    }
+}
+
 /// Expiry of finished connections and the per-backend accounting it
-/// yields; also tells the interface manager where connections still go.
+/// yields; also tells the interface manager where connections still go, and
+/// engages the SYN proxy (syn_proxy: auto, `auto` Some) under a SYN flood.
 pub async fn sweep_loop(
     dp: DataplaneHandle,
     status: SharedStatus,
     totals: Totals,
     in_use: watch::Sender<Option<InUse>>,
     orphan_ttl_secs: u64,
+    mut auto: Option<SynProxyAuto>,
 ) {
     let mut pause = Duration::ZERO;
     let ttls = GcPolicy {
@@ -82,6 +113,38 @@ pub async fn sweep_loop(
         // Where connections still go, as of this sweep's start.
         let busy: Vec<Ipv4Addr> = gc.backend_addrs.iter().copied().collect();
         in_use.send_replace(Some(InUse { since: sweep_started, addrs: busy }));
-        status.update(|s| s.connections_active = gc.active);
+        if let Some(a) = auto.as_mut() {
+            let was = a.engaged;
+            let now = a.decide(gc.half_open);
+            if now != was {
+                if let Err(e) = dp.set_syn_proxy(now).await {
+                    warn!("setting the SYN proxy failed: {e:#}");
+                    a.engaged = was;
+                }
+            }
+        }
+        let engaged = auto.map(|a| a.engaged);
+        status.update(|s| {
+            s.connections_active = gc.active;
+            s.connections_half_open = gc.half_open;
+            if let Some(e) = engaged {
+                s.syn_proxy_engaged = e;
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_engages_at_the_threshold_and_lets_go_below_half() {
+        let mut a = SynProxyAuto { threshold: 100, engaged: false };
+        assert!(!a.decide(99));
+        assert!(a.decide(100));
+        assert!(a.decide(50), "still flooding: no flapping");
+        assert!(!a.decide(49));
+        assert!(!a.decide(99));
     }
 }

@@ -14,6 +14,13 @@ use common::*;
 
 const FORGED: &str = "198.18.0.0/15";
 
+/// One flood at a time: each takes a core, and they would measure each other.
+static FLOODS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    FLOODS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn url() -> String {
     format!("{LISTEN}:80")
 }
@@ -62,15 +69,20 @@ fn transfers(t: &Topology, n: usize, bytes: usize, secs: u64) -> Vec<std::thread
 }
 
 /// A spoofed SYN flood at the highest rate one core can send, for 60 s,
-/// against the one backend: a real client still opens 500 connections one
-/// after another and 20 long transfers complete byte-identical. Half-open
-/// pairs hold every NAT port within a second, so new connections live on
-/// ports recycled from the flood's oldest half-open pairs.
-#[test]
-fn a_spoofed_syn_flood_starves_no_real_client() {
+/// against the one backend, while a real client opens 500 connections one
+/// after another and 20 long transfers run: all connect, all transfers
+/// arrive byte-identical. With `syn_proxy: off`, half-open pairs hold every
+/// NAT port within a second, and new connections live on ports recycled from
+/// the flood's oldest half-open pairs. With `auto`, the first sweep that
+/// counts the flood's half-open pairs engages the SYN proxy: SYNs are answered
+/// with cookies and create no state, and requests over proxied connections
+/// arrive whole (sequence numbers translated).
+fn syn_flood(mode: &str) {
+    let _one = one_at_a_time();
     let t = topology();
     let _b = start_backend(&t.backends[0], "be1");
-    let xlb = XlbProcess::start(&t.lb, &lb_config(1, "conntrack_capacity: 300000\n"));
+    let xlb =
+        XlbProcess::start(&t.lb, &lb_config(1, &format!("conntrack_capacity: 300000\nsyn_proxy: {mode}\n")));
     let dmac = mac_of(&t.lb, "lb-client");
     let transfers = transfers(&t, 20, 4 << 20, 40);
     let flooder = {
@@ -80,7 +92,7 @@ fn a_spoofed_syn_flood_starves_no_real_client() {
         );
         std::thread::spawn(move || flood(&client, &args))
     };
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_secs(3));
     let connects = t.client.run(|| {
         let start = Instant::now();
         let mut slow = Vec::new();
@@ -97,24 +109,63 @@ fn a_spoofed_syn_flood_starves_no_real_client() {
         }
         (start.elapsed(), slow)
     });
+    // Requests during the flood: through the proxy, with `auto`.
+    let requests = t.client.run(|| {
+        (0..10)
+            .filter(|_| {
+                http_get(&url(), "/blob/1048576").is_ok_and(|r| r.status == 200 && r.body == blob(1 << 20))
+            })
+            .count()
+    });
+    let during = status(&t.lb);
     let sent = flooder.join().expect("flooder");
     let ok = transfers.into_iter().map(|h| h.join().unwrap_or(false)).filter(|&ok| ok).count();
     let s = status(&t.lb);
     let c = |n: &str| counter(&s, n);
     eprintln!(
-        "SYN flood: {sent}; 500 connects in {:?} ({} over 500 ms); transfers ok {ok}/20; \
-         new_flow {} nat_port_recycled {} drop_nat_exhausted {} drop_ct_full {}",
+        "SYN flood, syn_proxy {mode}: {sent}; 500 connects in {:?} ({} over 500 ms); requests ok {requests}/10; \
+         transfers ok {ok}/20; new_flow {} nat_port_recycled {} drop_nat_exhausted {} drop_ct_full {} \
+         cookies sent {} valid {} failed {}, backend SYN-ACKs acked {}, SYNs resent {}, \
+         client segments held {}; half-open during the flood {}, engaged {}",
         connects.0,
         connects.1.len(),
         c("new_flow"),
         c("nat_port_recycled"),
         c("drop_nat_exhausted"),
-        c("drop_ct_full")
+        c("drop_ct_full"),
+        c("synproxy_cookie_sent"),
+        c("synproxy_cookie_valid"),
+        c("synproxy_cookie_failed"),
+        c("synproxy_backend_acked"),
+        c("synproxy_syn_resent"),
+        c("drop_synproxy_waiting"),
+        during["connections_half_open"],
+        during["syn_proxy_engaged"],
     );
     assert_eq!(ok, 20, "every long transfer completes byte-identical");
+    assert_eq!(requests, 10, "every request during the flood is answered whole");
     assert!(sent["pps"].as_f64().unwrap() > 10_000.0, "a flood worth the name: {sent}");
-    assert!(c("nat_port_recycled") > 0, "the flood's half-open pairs were recycled: {s}");
+    if mode == "off" {
+        assert!(c("nat_port_recycled") > 0, "the flood's half-open pairs were recycled: {s}");
+        assert_eq!(c("synproxy_cookie_sent"), 0);
+    } else {
+        assert_eq!(during["syn_proxy_engaged"], true, "engaged during the flood: {during}");
+        assert!(c("synproxy_cookie_sent") > 100_000, "the flood met cookies: {s}");
+        // Every real connection after the engagement came through a cookie.
+        assert!(c("synproxy_cookie_valid") >= 500, "{s}");
+        assert!(c("synproxy_backend_acked") > 0, "{s}");
+    }
     drop(xlb);
+}
+
+#[test]
+fn a_spoofed_syn_flood_starves_no_real_client_with_syn_proxy_off() {
+    syn_flood("off");
+}
+
+#[test]
+fn a_spoofed_syn_flood_starves_no_real_client_with_syn_proxy_auto() {
+    syn_flood("auto");
 }
 
 /// Blind RSTs from the backend's address to every NAT port, with random
@@ -123,6 +174,7 @@ fn a_spoofed_syn_flood_starves_no_real_client() {
 /// RST (the client's kernel aborting a connection) still ends it.
 #[test]
 fn a_blind_rst_flood_ends_no_connection_a_genuine_rst_does() {
+    let _one = one_at_a_time();
     let t = topology();
     let _b = start_backend(&t.backends[0], "be1");
     let xlb = XlbProcess::start_with_env(&t.lb, &lb_config(1, ""), &[("XLB_CLOSED_TTL_SECS", "1")]);
@@ -164,6 +216,7 @@ fn a_blind_rst_flood_ends_no_connection_a_genuine_rst_does() {
 /// counted and dropped.
 #[test]
 fn ttl_and_drain_floods_are_answered_at_the_configured_rate() {
+    let _one = one_at_a_time();
     let t = topology();
     let _b = start_backend(&t.backends[0], "be1");
     let shutdown = std::env::temp_dir().join(unique("xsd"));

@@ -9,6 +9,7 @@ mod common;
 use std::net::Ipv4Addr;
 
 use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, Ipv4Options, TcpHeader};
+use xlb::config::SynProxy;
 use xlb::dataplane::{
     Bounce, Counter, Counters, Dataplane, FlowEntry, GcPolicy, LoadOptions, Service, Traffic, Transmit,
     XdpMode,
@@ -160,29 +161,34 @@ impl Lb {
     }
 
     fn with_capacity(backends: &[Ipv4Addr], conntrack_capacity: u32) -> Lb {
-        Lb::load(backends, conntrack_capacity, NAT_PORTS, &[LISTEN], false, Default::default())
+        Lb::load(backends, conntrack_capacity, NAT_PORTS, &[LISTEN], false, Default::default(), SynProxy::Off)
     }
 
     /// A program whose NAT source ports are `nat_ports`: a range of one
     /// port puts every second connection to a backend under port pressure.
     fn with_nat_ports(backends: &[Ipv4Addr], nat_ports: (u16, u16)) -> Lb {
-        Lb::load(backends, 1024, nat_ports, &[LISTEN], false, Default::default())
+        Lb::load(backends, 1024, nat_ports, &[LISTEN], false, Default::default(), SynProxy::Off)
     }
 
     /// A program whose backends see clients from the SNAT pool `snat`.
     fn with_snat(backends: &[Ipv4Addr], snat: &[Ipv4Addr]) -> Lb {
-        Lb::load(backends, 1024, NAT_PORTS, snat, false, Default::default())
+        Lb::load(backends, 1024, NAT_PORTS, snat, false, Default::default(), SynProxy::Off)
     }
 
     /// A program that answers packets of no known connection with a RST
     /// (unknown_flow: rst; the other cases keep the drop).
     fn with_unknown_flow_rst(backends: &[Ipv4Addr]) -> Lb {
-        Lb::load(backends, 1024, NAT_PORTS, &[LISTEN], true, Default::default())
+        Lb::load(backends, 1024, NAT_PORTS, &[LISTEN], true, Default::default(), SynProxy::Off)
     }
 
     /// A program whose own answers are limited by `rate_limits`.
     fn with_rate_limits(backends: &[Ipv4Addr], rate_limits: xlb::config::RateLimits) -> Lb {
-        Lb::load(backends, 1024, NAT_PORTS, &[LISTEN], false, rate_limits)
+        Lb::load(backends, 1024, NAT_PORTS, &[LISTEN], false, rate_limits, SynProxy::Off)
+    }
+
+    /// A program with the SYN proxy set to `mode`.
+    fn with_syn_proxy(backends: &[Ipv4Addr], mode: SynProxy) -> Lb {
+        Lb::load(backends, 1024, NAT_PORTS, &[LISTEN], false, Default::default(), mode)
     }
 
     fn load(
@@ -192,6 +198,7 @@ impl Lb {
         snat: &[Ipv4Addr],
         unknown_flow_rst: bool,
         rate_limits: xlb::config::RateLimits,
+        syn_proxy: xlb::config::SynProxy,
     ) -> Lb {
         let ifindex = nix::net::if_::if_nametoindex("g0").unwrap();
         let far = nix::net::if_::if_nametoindex("g1").unwrap();
@@ -205,6 +212,7 @@ impl Lb {
             vlans: vec![xlb::dataplane::Vlan { ifindex: far, lower_ifindex: ifindex, vid: 100 }],
             unknown_flow_rst,
             rate_limits,
+            syn_proxy,
         })
         .unwrap();
         dp.set_backends(&maglev_table(backends)).unwrap();
@@ -965,6 +973,173 @@ fn drain_rsts_are_rate_limited() {
     );
 }
 
+/// The (MAC, IP, TCP) of a frame the SYN proxy built, checksums checked.
+fn proxy_frame(frame: &[u8]) -> (Ethernet2Header, Ipv4Header, TcpHeader) {
+    let (eth, _) = Ethernet2Header::from_slice(frame).unwrap();
+    let (ip, tcp) = checked_tcp(frame);
+    assert_eq!(frame.len(), 14 + 20 + tcp.header_len(), "no payload");
+    (eth, ip, tcp)
+}
+
+/// With syn_proxy on, a SYN gets XLB's own SYN-ACK, whose sequence number
+/// is a SYN cookie, and leaves no state behind.
+#[test]
+fn the_syn_proxy_answers_a_syn_with_a_cookie_and_keeps_no_state() {
+    case_on(
+        "true",
+        || Lb::with_syn_proxy(ONE, SynProxy::On),
+        |lb| {
+            let syn = from_client(80);
+            let (action, out) = lb.run(&syn.frame());
+            assert_eq!(action, XDP_TX);
+            let (eth, ip, tcp) = proxy_frame(&out);
+            assert_eq!((eth.source, eth.destination), (LB_MAC, CLIENT_MAC));
+            assert_eq!((ip.source, ip.destination), (LISTEN.octets(), CLIENT.octets()));
+            assert_eq!((tcp.source_port, tcp.destination_port), (80, 40000));
+            assert!(tcp.syn && tcp.ack && !tcp.rst && !tcp.fin);
+            assert_eq!(tcp.acknowledgment_number, syn.seq + 1);
+            // The MSS option only: a cookie remembers nothing else.
+            assert_eq!(tcp.options.as_slice(), &[2, 4, 0x02, 0x18], "MSS 536: the SYN offered none");
+            assert!(lb.dp.flows().unwrap().is_empty(), "no state for a SYN");
+            lb.counters_moved(&[(Counter::XLB_CNT_SYNPROXY_COOKIE, 1)]);
+        },
+    );
+}
+
+/// The whole proxied life of a connection: the client's ACK with a valid
+/// cookie becomes the backend's SYN, the backend's SYN-ACK becomes its ACK,
+/// and from then on the backend's sequence numbers are translated.
+#[test]
+fn a_valid_cookie_opens_the_connection_and_sequence_numbers_are_translated() {
+    case_on(
+        "true",
+        || Lb::with_syn_proxy(ONE, SynProxy::On),
+        |lb| {
+            let syn = from_client(80);
+            let (_, out) = lb.run(&syn.frame());
+            let cookie = proxy_frame(&out).2.sequence_number;
+            // A forged ACK: the cookie does not hold.
+            let forged = Tcp { ack_no: cookie ^ 0x8000_0000, payload: vec![], ..request(&syn) };
+            expect_dropped(lb, &forged, "forged cookie");
+            lb.counters_moved(&[
+                (Counter::XLB_CNT_SYNPROXY_COOKIE, 1),
+                (Counter::XLB_CNT_SYNPROXY_FAILED, 1),
+                (Counter::XLB_CNT_DROP_NO_FLOW, 1),
+            ]);
+            // The client's ACK: now the connection exists, and the ACK goes
+            // to the backend as the client's SYN (its own ISN).
+            let ack = Tcp { ack_no: cookie + 1, payload: vec![], ..request(&syn) };
+            let (action, out) = lb.run(&ack.frame());
+            assert_eq!(action, XDP_TX);
+            let port = lb.nat_port(syn.src);
+            let (eth, ip, tcp) = proxy_frame(&out);
+            assert_eq!(eth.destination, BACKEND_MAC);
+            assert_eq!((ip.source, ip.destination), (LISTEN.octets(), BACKEND.octets()));
+            assert_eq!((tcp.source_port, tcp.destination_port), (port, 8080));
+            assert!(tcp.syn && !tcp.ack);
+            assert_eq!(tcp.sequence_number, syn.seq);
+            assert_eq!(tcp.options.as_slice(), &[2, 4, 0x05, 0xb4], "MSS 1460");
+            lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 1), (Counter::XLB_CNT_SYNPROXY_VALID, 1)]);
+            // Data before the backend answered waits for a retransmission.
+            expect_dropped(lb, &Tcp { seq: syn.seq + 1 + 5, ack_no: cookie + 1, ..request(&syn) }, "early");
+            // The backend answers: XLB completes its handshake, the client
+            // (already connected) gets nothing.
+            let synack =
+                Tcp { syn: true, seq: BACKEND_ISN, ack_no: syn.seq + 1, ..from_backend(BACKEND, port) };
+            let (action, out) = lb.run(&synack.frame());
+            assert_eq!(action, XDP_TX);
+            let (eth, ip, tcp) = proxy_frame(&out);
+            assert_eq!(eth.destination, BACKEND_MAC);
+            assert_eq!((ip.source, ip.destination), (LISTEN.octets(), BACKEND.octets()));
+            assert_eq!((tcp.source_port, tcp.destination_port), (port, 8080));
+            assert!(tcp.ack && !tcp.syn);
+            assert_eq!((tcp.sequence_number, tcp.acknowledgment_number), (syn.seq + 1, BACKEND_ISN + 1));
+            lb.counters_moved(&[
+                (Counter::XLB_CNT_DROP_SYNPROXY_WAIT, 1),
+                (Counter::XLB_CNT_SYNPROXY_ACKED, 1),
+            ]);
+            // Both ways, the backend's numbers in the client's view.
+            let req = Tcp { ack_no: cookie + 1, ..request(&syn) };
+            let want = Tcp { ack_no: BACKEND_ISN + 1, ..natted_to_backend(&req, (LISTEN, port), BACKEND) };
+            expect_sent(lb, &req, &want, "request, ack translated");
+            let reply = Tcp {
+                seq: BACKEND_ISN + 1,
+                ack_no: req.seq + req.payload.len() as u32,
+                payload: b"HTTP/1.0 200 OK\r\n\r\n".to_vec(),
+                ..from_backend(BACKEND, port)
+            };
+            let want = Tcp { seq: cookie + 1, ..natted_to_client(&reply, syn.src) };
+            expect_sent(lb, &reply, &want, "reply, seq translated");
+            lb.counters_moved(&[(Counter::XLB_CNT_FWD_TO_BACKEND, 1), (Counter::XLB_CNT_FWD_TO_CLIENT, 1)]);
+            assert!(flags_of(lb).iter().all(|(_, f)| f & CT_ESTABLISHED != 0));
+        },
+    );
+}
+
+/// A lost backend SYN is sent again when the client's ACK comes again; a
+/// backend that refuses is reported to the client in its own numbers.
+#[test]
+fn a_proxied_connection_resends_the_backends_syn_and_relays_its_refusal() {
+    case_on(
+        "true",
+        || Lb::with_syn_proxy(ONE, SynProxy::On),
+        |lb| {
+            let syn = from_client(80);
+            let (_, out) = lb.run(&syn.frame());
+            let cookie = proxy_frame(&out).2.sequence_number;
+            let ack = Tcp { ack_no: cookie + 1, payload: vec![], ..request(&syn) };
+            lb.run(&ack.frame());
+            let port = lb.nat_port(syn.src);
+            let (action, out) = lb.run(&ack.frame());
+            assert_eq!(action, XDP_TX);
+            assert!(proxy_frame(&out).2.syn, "the SYN again");
+            lb.counters_moved(&[
+                (Counter::XLB_CNT_SYNPROXY_COOKIE, 1),
+                (Counter::XLB_CNT_NEW_FLOW, 1),
+                (Counter::XLB_CNT_SYNPROXY_VALID, 1),
+                (Counter::XLB_CNT_SYNPROXY_RESENT, 1),
+            ]);
+            let refuse = Tcp { rst: true, seq: 0, ack_no: syn.seq + 1, ..from_backend(BACKEND, port) };
+            let want = Tcp { seq: cookie + 1, ..natted_to_client(&refuse, syn.src) };
+            expect_sent(lb, &refuse, &want, "refusal in the client's numbers");
+            lb.counters_moved(&[(Counter::XLB_CNT_FWD_TO_CLIENT, 1)]);
+        },
+    );
+}
+
+/// syn_proxy: auto passes SYNs through until the proxy is engaged, and
+/// takes cookie ACKs all along.
+#[test]
+fn with_syn_proxy_auto_syns_pass_until_engaged() {
+    case_on(
+        "true",
+        || Lb::with_syn_proxy(ONE, SynProxy::Auto),
+        |lb| {
+            let syn = from_client(80);
+            open(lb, &syn, BACKEND);
+            lb.counters_moved(&[
+                (Counter::XLB_CNT_NEW_FLOW, 1),
+                (Counter::XLB_CNT_FWD_TO_BACKEND, 2),
+                (Counter::XLB_CNT_FWD_TO_CLIENT, 1),
+            ]);
+            lb.dp.set_syn_proxy(true);
+            let other = Tcp { src: (CLIENT, 40001), ..from_client(80) };
+            let (action, out) = lb.run(&other.frame());
+            assert_eq!(action, XDP_TX);
+            let cookie = proxy_frame(&out).2.sequence_number;
+            lb.dp.set_syn_proxy(false);
+            // Released meanwhile: its cookie still opens the connection.
+            let ack = Tcp { ack_no: cookie + 1, payload: vec![], ..request(&other) };
+            assert_eq!(lb.run(&ack.frame()).0, XDP_TX);
+            lb.counters_moved(&[
+                (Counter::XLB_CNT_SYNPROXY_COOKIE, 1),
+                (Counter::XLB_CNT_NEW_FLOW, 1),
+                (Counter::XLB_CNT_SYNPROXY_VALID, 1),
+            ]);
+        },
+    );
+}
+
 #[test]
 fn closed_and_idle_flows_are_expired_in_pairs() {
     case(ONE, |lb| {
@@ -1454,7 +1629,8 @@ fn checksums_valid(frame: &[u8]) -> bool {
 fn fuzz_random_and_mutated_frames() {
     let iters: usize = std::env::var("XLB_FUZZ_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
     let seed: u64 = std::env::var("XLB_FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x5eed_1234);
-    case(&[BACKEND, FAR_BACKEND, UNRESOLVED_BACKEND], move |lb| {
+    let lb = || Lb::with_syn_proxy(&[BACKEND, FAR_BACKEND, UNRESOLVED_BACKEND], SynProxy::Auto);
+    case_on("true", lb, move |lb| {
         let mut rng = Rng(seed);
         let start = std::time::Instant::now();
         let templates: Vec<Vec<u8>> = vec![
@@ -1533,9 +1709,13 @@ fn fuzz_random_and_mutated_frames() {
             if f.len() < 14 {
                 f.resize(14, 0);
             }
-            // Now and then a drain starts or ends (its RSTs and their budget).
+            // Now and then a drain starts or ends (its RSTs and their budget),
+            // and the SYN proxy is engaged or released.
             if rng.below(5000) == 0 {
                 lb.dp.set_drain(rng.below(2) == 0);
+            }
+            if rng.below(3000) == 0 {
+                lb.dp.set_syn_proxy(rng.below(2) == 0);
             }
             // Mostly on g0; some on g1, where the program is attached and
             // replies are checked against their backend's route.

@@ -111,6 +111,46 @@ static __always_inline void ct_note_established(struct flow *f, const struct pac
 	__sync_fetch_and_or(&f->tcp_flags, XLB_CT_ESTABLISHED);
 }
 
+/* Marks a pair the SYN proxy opened (f: its forward entry): the client's
+ * ISN and the cookie it was answered with, on both entries. Before the
+ * backend's SYN is sent, so its SYN-ACK finds them. */
+static __always_inline void ct_mark_proxy(struct flow *f, __u32 client_isn, __u32 cookie)
+{
+	struct flow_key peer = {};
+	struct flow *p;
+
+	flow_peer_key(&peer, f);
+	p = bpf_map_lookup_elem(&conntrack, &peer);
+	f->client_isn = client_isn;
+	f->cookie = cookie;
+	__sync_fetch_and_or(&f->tcp_flags, XLB_CT_PROXY);
+	if (p) {
+		p->client_isn = client_isn;
+		p->cookie = cookie;
+		__sync_fetch_and_or(&p->tcp_flags, XLB_CT_PROXY);
+	}
+}
+
+/* The backend answered a proxied pair (f: its reverse entry) with ISN
+ * `backend_isn`: its sequence numbers are translated from now on, on both
+ * entries, and the pair is established (the client completed its handshake
+ * with XLB). The distance is written before the mark that makes it used. */
+static __always_inline void ct_proxy_ready(struct flow *f, __u32 backend_isn)
+{
+	struct flow_key peer = {};
+	struct flow *p;
+	__u32 delta = backend_isn - f->cookie;
+
+	flow_peer_key(&peer, f);
+	p = bpf_map_lookup_elem(&conntrack, &peer);
+	f->seq_delta = delta;
+	if (p)
+		p->seq_delta = delta;
+	__sync_fetch_and_or(&f->tcp_flags, XLB_CT_ESTABLISHED);
+	if (p)
+		__sync_fetch_and_or(&p->tcp_flags, XLB_CT_ESTABLISHED);
+}
+
 /* Whether a RST may end the connection (RFC 5961 §3, as a middlebox can
  * apply it): its sequence number near where its sender's was last seen
  * (XLB_RST_BEHIND, XLB_RST_AHEAD). A side that has sent nothing yet (the

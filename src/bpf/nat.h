@@ -67,7 +67,8 @@ struct port_spare {
  * and is not closed: a SYN flood's state, or a connection still opening. */
 static __always_inline int nat_half_open(const struct flow *t)
 {
-	return !(t->tcp_flags & (XLB_CT_ESTABLISHED | XLB_CT_CLOSED));
+	/* A pair the SYN proxy opened has a client that answered a cookie. */
+	return !(t->tcp_flags & (XLB_CT_ESTABLISHED | XLB_CT_CLOSED | XLB_CT_PROXY));
 }
 
 /*
@@ -221,6 +222,31 @@ static __always_inline int tcp_csum_is_seed(struct xdp_md *ctx, const struct pac
 	return len > XLB_CSUM_VERIFY_MAX || !tcp_csum_verifies(ctx, pkt);
 }
 
+/* The difference translating the sequence numbers of a pair the SYN proxy
+ * opened makes to the TCP checksum (synproxy.h): the backend's are moved
+ * into the client's view (its RST before it answered lands on the cookie),
+ * the client's acknowledgments into the backend's. */
+static __always_inline __u64 nat_translate_seq(struct tcphdr *tcp, const struct flow *f)
+{
+	__u32 from, to;
+
+	if (f->dir == XLB_DIR_TO_CLIENT) {
+		from = tcp->seq;
+		if (f->tcp_flags & XLB_CT_ESTABLISHED)
+			to = bpf_htonl(bpf_ntohl(from) - f->seq_delta);
+		else
+			to = bpf_htonl(f->cookie + 1);
+		tcp->seq = to;
+	} else {
+		if (!tcp->ack || !(f->tcp_flags & XLB_CT_ESTABLISHED))
+			return 0;
+		from = tcp->ack_seq;
+		to = bpf_htonl(bpf_ntohl(from) + f->seq_delta);
+		tcp->ack_seq = to;
+	}
+	return csum_diff4(from, to);
+}
+
 /* Rewrites addresses and ports to the flow's NAT tuple; both checksums are
  * fixed incrementally from one difference of the addresses (the TCP one
  * covers them in its pseudo-header), a TCP seed (`seed`, see
@@ -230,12 +256,13 @@ static __always_inline void nat_rewrite(struct packet *pkt, const struct flow *f
 	struct iphdr *ip = pkt->ip;
 	struct tcphdr *tcp = pkt->tcp;
 	__u64 addrs = csum_diff4(ip->saddr, f->nat_saddr) + csum_diff4(ip->daddr, f->nat_daddr);
+	__u64 seqs = (f->tcp_flags & XLB_CT_PROXY) ? nat_translate_seq(tcp, f) : 0;
 
 	csum_apply(&ip->check, addrs);
 	if (seed)
 		csum_seed_apply(&tcp->check, addrs);
 	else
-		csum_apply(&tcp->check, addrs + csum_diff2(tcp->source, f->nat_sport) +
+		csum_apply(&tcp->check, addrs + seqs + csum_diff2(tcp->source, f->nat_sport) +
 						csum_diff2(tcp->dest, f->nat_dport));
 	ip->saddr = f->nat_saddr;
 	ip->daddr = f->nat_daddr;

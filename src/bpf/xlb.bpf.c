@@ -7,7 +7,9 @@
  *   conntrack -> find the connection; a client SYN creates one (maglev
  *                picks the backend, the reverse entry claims a NAT port)
  *                or reopens a closed one in place, or, while draining, is
- *                answered with a RST
+ *                answered with a RST; under a SYN flood (syn_proxy) it is
+ *                answered with a SYN cookie instead, and the client's ACK
+ *                creates the connection (synproxy.h)
  *   route -> FIB lookup for the rewritten addresses; a packet too big for
  *            the egress link is answered with ICMP fragmentation needed
  *   NAT -> rewrite addresses and ports, fix checksums incrementally
@@ -28,6 +30,7 @@
 #include "nat.h"
 #include "forward.h"
 #include "rst.h"
+#include "synproxy.h"
 #include "icmp.h"
 #include "icmp_reply.h"
 
@@ -104,6 +107,87 @@ static __always_inline struct outcome nat_forward(struct xdp_md *ctx, struct pac
 	return transmit(ctx, pkt, rc, &fib, in, sent);
 }
 
+/* While draining, a new connection is refused at once, within its budget,
+ * so the client retries elsewhere; tracked connections keep flowing. */
+static __always_inline struct outcome drain_refuse(struct xdp_md *ctx, struct packet *pkt)
+{
+	if (!budget_take(XLB_BUDGET_DRAIN_RST))
+		return verdict(XDP_DROP, XLB_CNT_DROP_DRAIN_LIMIT);
+	if (tcp_reset(ctx, pkt))
+		return verdict(XDP_DROP, XLB_CNT_DRAIN_RST);
+	return verdict(bounce(ctx, ingress_iface(ctx)), XLB_CNT_DRAIN_RST);
+}
+
+/* A client's ACK of no connection that may answer a SYN cookie: if it
+ * does, the connection is created now and the ACK goes on as the backend's
+ * SYN; if not, it is a packet of no known connection. */
+static __always_inline struct outcome synproxy_open(struct xdp_md *ctx, struct packet *pkt,
+						    const struct flow_key *key, __u16 remote_port,
+						    __u64 now)
+{
+	__u32 isn = bpf_ntohl(pkt->tcp->seq) - 1;
+	__u32 cookie = bpf_ntohl(pkt->tcp->ack_seq) - 1;
+	const struct backend *be;
+	struct flow *f;
+	int why;
+
+	if (!synproxy_cookie_ok(pkt)) {
+		count(XLB_CNT_SYNPROXY_FAILED);
+		return unknown_flow(ctx, pkt);
+	}
+	if (config.flags & XLB_F_DRAIN)
+		return drain_refuse(ctx, pkt);
+	be = pick_backend(key);
+	if (!be)
+		return verdict(XDP_DROP, XLB_CNT_DROP_NO_BACKEND);
+	if (synproxy_as_syn(ctx, pkt, isn))
+		return verdict(XDP_DROP, XLB_CNT_DROP_SYNPROXY_WAIT);
+	f = ct_create(key, be, remote_port, isn, now, &why);
+	if (!f)
+		return verdict(XDP_DROP, why);
+	ct_mark_proxy(f, isn, cookie);
+	return nat_forward(ctx, pkt, f, now, XLB_CNT_SYNPROXY_VALID);
+}
+
+/* A client segment of a proxied connection the backend has not answered
+ * yet. The client's first segments after the handshake (its ACK again, its
+ * first data, or its FIN) send the backend's SYN again, in case it was lost
+ * (a backend whose accept queue is full drops SYNs), and are themselves
+ * sent again by the client later; anything further on waits for that, and
+ * a RST goes through. */
+static __always_inline struct outcome synproxy_waiting(struct xdp_md *ctx, struct packet *pkt,
+						       struct flow *f, __u64 now)
+{
+	__u8 flags = tcp_flags(pkt->tcp);
+
+	if (flags & XLB_TCP_RST)
+		return nat_forward(ctx, pkt, f, now, XLB_CNT_FWD_TO_BACKEND);
+	if ((flags & XLB_TCP_SYN) || bpf_ntohl(pkt->tcp->seq) != f->client_isn + 1)
+		return verdict(XDP_DROP, XLB_CNT_DROP_SYNPROXY_WAIT);
+	if (synproxy_as_syn(ctx, pkt, f->client_isn))
+		return verdict(XDP_DROP, XLB_CNT_DROP_SYNPROXY_WAIT);
+	return nat_forward(ctx, pkt, f, now, XLB_CNT_SYNPROXY_RESENT);
+}
+
+/* The backend's SYN-ACK for a proxied connection (f: its reverse entry),
+ * first or retransmitted: its ISN fixes the translation, and it is answered
+ * with the ACK that completes the backend's handshake. The client already
+ * has its connection: it gets nothing. */
+static __always_inline struct outcome
+synproxy_backend_answered(struct xdp_md *ctx, struct packet *pkt, struct flow *f, __u64 now)
+{
+	if ((tcp_flags(pkt->tcp) & (XLB_TCP_SYN | XLB_TCP_ACK | XLB_TCP_RST)) !=
+		    (XLB_TCP_SYN | XLB_TCP_ACK) ||
+	    bpf_ntohl(pkt->tcp->ack_seq) != f->client_isn + 1)
+		return verdict(XDP_DROP, XLB_CNT_DROP_NO_FLOW);
+	flow_touch(f, pkt, now);
+	if (!(f->tcp_flags & XLB_CT_ESTABLISHED))
+		ct_proxy_ready(f, bpf_ntohl(pkt->tcp->seq));
+	if (synproxy_ack_backend(ctx, pkt, f->client_isn))
+		return verdict(XDP_DROP, XLB_CNT_DROP_NO_FLOW);
+	return verdict(bounce(ctx, ingress_iface(ctx)), XLB_CNT_SYNPROXY_ACKED);
+}
+
 /* A client packet to listen_ip:local_port. */
 static __always_inline struct outcome to_backend(struct xdp_md *ctx, struct packet *pkt,
 						 const struct flow_key *key, __u16 remote_port)
@@ -123,24 +207,32 @@ static __always_inline struct outcome to_backend(struct xdp_md *ctx, struct pack
 	/* A packet of a tracked connection, a retransmitted SYN included. A
 	 * SYN on the tuple of a closed one opens a new connection (the client
 	 * reused its port), like a SYN without an entry. */
-	if (f && !(bare_syn && ct_closed(f)))
+	if (f && !(bare_syn && ct_closed(f))) {
+		if ((f->tcp_flags & (XLB_CT_PROXY | XLB_CT_ESTABLISHED)) == XLB_CT_PROXY)
+			return synproxy_waiting(ctx, pkt, f, now);
 		return nat_forward(ctx, pkt, f, now, XLB_CNT_FWD_TO_BACKEND);
-	/* Only a bare SYN opens a connection; anything else without an entry
-	 * belongs to no connection we know. */
-	if (!bare_syn)
-		return unknown_flow(ctx, pkt);
-	/* Draining: refuse at once so the client retries elsewhere;
-	 * connections already tracked keep flowing above. */
-	if (config.flags & XLB_F_DRAIN) {
-		if (!budget_take(XLB_BUDGET_DRAIN_RST))
-			return verdict(XDP_DROP, XLB_CNT_DROP_DRAIN_LIMIT);
-		if (tcp_reset(ctx, pkt))
-			return verdict(XDP_DROP, XLB_CNT_DRAIN_RST);
-		return verdict(bounce(ctx, ingress_iface(ctx)), XLB_CNT_DRAIN_RST);
 	}
+	/* Only a bare SYN opens a connection, or an ACK answering a SYN
+	 * cookie; anything else without an entry belongs to no connection we
+	 * know. */
+	if (!bare_syn) {
+		if (!f && (config.flags & XLB_F_SYN_COOKIES) &&
+		    (tcp_flags(pkt->tcp) &
+		     (XLB_TCP_SYN | XLB_TCP_ACK | XLB_TCP_RST | XLB_TCP_FIN)) == XLB_TCP_ACK)
+			return synproxy_open(ctx, pkt, key, remote_port, now);
+		return unknown_flow(ctx, pkt);
+	}
+	if (config.flags & XLB_F_DRAIN)
+		return drain_refuse(ctx, pkt);
 	be = pick_backend(key);
 	if (!be)
 		return verdict(XDP_DROP, XLB_CNT_DROP_NO_BACKEND);
+	/* Under a SYN flood: no state until the client answers a cookie. */
+	if (!f && (config.flags & XLB_F_SYN_PROXY)) {
+		if (synproxy_answer(ctx, pkt))
+			return verdict(XDP_DROP, XLB_CNT_DROP_NO_FLOW);
+		return verdict(bounce(ctx, ingress_iface(ctx)), XLB_CNT_SYNPROXY_COOKIE);
+	}
 	seq = bpf_ntohl(pkt->tcp->seq);
 	if (f)
 		f = ct_reopen(key, f, be, remote_port, seq, now, &why);
@@ -190,6 +282,8 @@ static __always_inline struct outcome to_client(struct xdp_md *ctx, struct packe
 	now = bpf_ktime_get_coarse_ns();
 	if (!reply_on_its_route(ctx, pkt, f, now))
 		return verdict(XDP_DROP, XLB_CNT_DROP_REPLY_IFACE);
+	if ((f->tcp_flags & XLB_CT_PROXY) && (tcp_flags(pkt->tcp) & XLB_TCP_SYN))
+		return synproxy_backend_answered(ctx, pkt, f, now);
 	if (pkt->ip->ttl <= 1)
 		return expired(ctx, pkt);
 	return nat_forward(ctx, pkt, f, now, XLB_CNT_FWD_TO_CLIENT);

@@ -5,7 +5,7 @@
 
 /* Layout version of the maps a restarted XLB adopts from its pins
  * (struct flow_key, struct flow). Bump on any change to them. */
-#define XLB_ABI_VERSION 3
+#define XLB_ABI_VERSION 4
 
 /* Port mappings one listener can carry (the config schema allows 1..8). */
 #define XLB_MAX_PORTS 8
@@ -85,6 +85,7 @@
 #define XLB_CT_SEQ	 (1U << 12) /* seq_next is set */
 #define XLB_CT_ESTABLISHED                                                                         \
 	(1U << 13) /* the client acked the backend's SYN-ACK (both entries): not half-open */
+#define XLB_CT_PROXY (1U << 14) /* opened by the SYN proxy: sequence numbers translated */
 
 /* Flow directions stored in struct flow.dir. */
 #define XLB_DIR_TO_BACKEND 1 /* client -> listen ip, rewritten to backend */
@@ -93,6 +94,17 @@
 /* struct xlb_config.flags */
 #define XLB_F_DRAIN	  (1U << 0) /* shutdown: answer new SYNs with RST */
 #define XLB_F_UNKNOWN_RST (1U << 1) /* unknown_flow: rst */
+#define XLB_F_SYN_PROXY	  (1U << 2) /* answer new SYNs with SYN cookies */
+#define XLB_F_SYN_COOKIES (1U << 3) /* an ACK of no connection may carry a cookie */
+
+/* The SYN proxy's own segments: its SYN-ACK carries the MSS option only (a
+ * cookie from bpf_tcp_raw_gen_syncookie_ipv4 remembers nothing else, so
+ * window scaling, SACK and timestamps are not offered on either side); the
+ * SYN to the backend offers this MSS. */
+#define XLB_SYNPROXY_TCP_LEN 24
+#define XLB_SYNPROXY_MSS     1460
+#define XLB_SYNPROXY_WINDOW  65535
+#define XLB_TCP_MAX_LEN	     60
 
 /* TCP flag bits as they sit in byte 13 of the TCP header. */
 #define XLB_TCP_FIN 0x01

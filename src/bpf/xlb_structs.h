@@ -51,6 +51,12 @@ enum xlb_counter {
 	XLB_CNT_DROP_REPLY_IFACE,    /* a backend reply on an interface it is not routed by */
 	XLB_CNT_DROP_DRAIN_LIMIT,    /* a drain RST over the rate limit: dropped */
 	XLB_CNT_NAT_RECYCLED,	     /* NAT port: the oldest half-open pair sampled, recycled */
+	XLB_CNT_SYNPROXY_COOKIE,     /* a SYN answered with a SYN cookie (SYN proxy) */
+	XLB_CNT_SYNPROXY_VALID,	 /* an ACK with a valid cookie: sent to the backend as its SYN */
+	XLB_CNT_SYNPROXY_FAILED, /* an ACK of no connection whose cookie failed */
+	XLB_CNT_SYNPROXY_RESENT, /* the backend's SYN sent again (the client's ACK retransmitted) */
+	XLB_CNT_SYNPROXY_ACKED,	 /* the backend's SYN-ACK answered with its ACK */
+	XLB_CNT_DROP_SYNPROXY_WAIT, /* client data before the backend answered: dropped, resent */
 	XLB_CNT_MAX,
 };
 
@@ -191,6 +197,13 @@ struct flow {
 	/* Reverse entry: the interface (L3 ifindex) the backend's replies were
 	 * last found to arrive on through its route; 0 until the first one. */
 	__u32 reply_ifindex;
+	/* With XLB_CT_PROXY (both entries): the client's ISN, and the SYN
+	 * cookie XLB answered it with; once the backend answered
+	 * (XLB_CT_ESTABLISHED), seq_delta is the backend's ISN minus the
+	 * cookie: its sequence numbers are that far from the client's view. */
+	__u32 client_isn;
+	__u32 cookie;
+	__u32 seq_delta;
 	__u32 pad2;
 };
 

@@ -165,6 +165,9 @@ pub struct GcPolicy {
 pub struct GcStats {
     /// Open connections (tracked, and not closed both ways or reset).
     pub active: u64,
+    /// Of `active`, those whose handshake has not completed (syn_sent): a
+    /// SYN flood's state, or connections still opening.
+    pub half_open: u64,
     /// Pairs removed because both sides closed or one reset.
     pub closed: u64,
     /// Pairs removed because they idled past the orphan TTL.
@@ -357,6 +360,7 @@ pub(super) fn expire(map: &MapMut<'_>, p: &GcPolicy) -> Result<GcStats> {
                 b.held_fin += 1;
             } else {
                 stats.active += 1;
+                stats.half_open += u64::from(state == "syn_sent");
                 b.active += 1;
                 stats.backend_addrs.insert(backend);
             }

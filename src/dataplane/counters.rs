@@ -47,6 +47,12 @@ pub const ALL: &[(Counter, &str)] = &[
     (Counter::XLB_CNT_DROP_REPLY_IFACE, "drop_reply_wrong_iface"),
     (Counter::XLB_CNT_DROP_DRAIN_LIMIT, "drop_drain_rst_ratelimit"),
     (Counter::XLB_CNT_NAT_RECYCLED, "nat_port_recycled"),
+    (Counter::XLB_CNT_SYNPROXY_COOKIE, "synproxy_cookie_sent"),
+    (Counter::XLB_CNT_SYNPROXY_VALID, "synproxy_cookie_valid"),
+    (Counter::XLB_CNT_SYNPROXY_FAILED, "synproxy_cookie_failed"),
+    (Counter::XLB_CNT_SYNPROXY_RESENT, "synproxy_syn_resent"),
+    (Counter::XLB_CNT_SYNPROXY_ACKED, "synproxy_backend_acked"),
+    (Counter::XLB_CNT_DROP_SYNPROXY_WAIT, "drop_synproxy_waiting"),
 ];
 
 /// The stable name of a counter.

@@ -59,6 +59,9 @@ pub struct Service {
     pub unknown_flow_rst: bool,
     /// How fast the program answers itself, per CPU.
     pub rate_limits: crate::config::RateLimits,
+    /// SYN cookies: `On` answers every new SYN with one; `Auto` only while
+    /// engaged (`set_syn_proxy`); both accept an ACK carrying one.
+    pub syn_proxy: crate::config::SynProxy,
 }
 
 /// A VLAN interface over a lower interface.
@@ -275,6 +278,13 @@ impl Dataplane {
         cfg.hash_seed = rand_u32();
         cfg.flags =
             if s.unknown_flow_rst { cfg.flags | UNKNOWN_RST_FLAG } else { cfg.flags & !UNKNOWN_RST_FLAG };
+        use crate::config::SynProxy;
+        cfg.flags &= !(SYN_PROXY_FLAG | SYN_COOKIES_FLAG);
+        cfg.flags |= match s.syn_proxy {
+            SynProxy::On => SYN_PROXY_FLAG | SYN_COOKIES_FLAG,
+            SynProxy::Auto => SYN_COOKIES_FLAG,
+            SynProxy::Off => 0,
+        };
         let r = &s.rate_limits;
         for (slot, limit) in cfg.limits.iter_mut().zip([r.icmp, r.rst, r.drain_rst]) {
             // XLB_BUDGET_ICMP, _RST, _DRAIN_RST; credit in nanoseconds.
@@ -345,8 +355,18 @@ impl Dataplane {
 
     /// Sets or clears the drain flag (new SYNs answered with RST).
     pub fn set_drain(&mut self, on: bool) {
+        self.set_flag(DRAIN_FLAG, on);
+    }
+
+    /// Engages or releases the SYN proxy (new SYNs answered with cookies),
+    /// for syn_proxy: auto.
+    pub fn set_syn_proxy(&mut self, on: bool) {
+        self.set_flag(SYN_PROXY_FLAG, on);
+    }
+
+    fn set_flag(&mut self, flag: u32, on: bool) {
         let flags = &mut self.config_mut().flags;
-        let v = if on { *flags | DRAIN_FLAG } else { *flags & !DRAIN_FLAG };
+        let v = if on { *flags | flag } else { *flags & !flag };
         // SAFETY: as in set_backends.
         unsafe { std::ptr::write_volatile(flags, v) };
     }
@@ -715,6 +735,9 @@ fn query_mode(prog: std::os::fd::BorrowedFd<'_>, ifindex: u32) -> XdpMode {
 const UNKNOWN_RST_FLAG: u32 = 2;
 /// XLB_F_DRAIN in xlb_consts.h.
 const DRAIN_FLAG: u32 = 1;
+/// XLB_F_SYN_PROXY, XLB_F_SYN_COOKIES in xlb_consts.h.
+const SYN_PROXY_FLAG: u32 = 4;
+const SYN_COOKIES_FLAG: u32 = 8;
 
 fn link_xdp(prog_fd: i32, ifindex: u32, flags: u32) -> std::io::Result<OwnedFd> {
     let opts = libbpf_sys::bpf_link_create_opts {

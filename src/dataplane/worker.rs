@@ -27,6 +27,7 @@ enum Cmd {
     Counters(Reply<Counters>),
     Expire(GcPolicy, Reply<GcStats>),
     Drain(bool, Reply<()>),
+    SynProxy(bool, Reply<()>),
     InvalidateNexthops(Reply<()>),
     FlowsActive(Reply<u64>),
     Stop(bool, Reply<()>),
@@ -127,6 +128,11 @@ impl DataplaneHandle {
 
     pub async fn set_drain(&self, on: bool) -> Result<()> {
         self.call(|r| Cmd::Drain(on, r)).await
+    }
+
+    /// Engages or releases the SYN proxy (syn_proxy: auto).
+    pub async fn set_syn_proxy(&self, on: bool) -> Result<()> {
+        self.call(|r| Cmd::SynProxy(on, r)).await
     }
 
     /// Makes every cached next hop stale (see crate::nexthops).
@@ -244,6 +250,10 @@ fn serve(mut dp: Dataplane, rx: mpsc::Receiver<Cmd>, busy: &std::sync::atomic::A
             }
             Cmd::Drain(on, r) => {
                 dp.set_drain(on);
+                let _ = r.send(Ok(()));
+            }
+            Cmd::SynProxy(on, r) => {
+                dp.set_syn_proxy(on);
                 let _ = r.send(Ok(()));
             }
             Cmd::InvalidateNexthops(r) => {

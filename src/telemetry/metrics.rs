@@ -126,6 +126,12 @@ pub static CATALOG: &[Desc] = &[
         "NAT ports claimed, by how: preserved (the client's own), derived (from its tuple), probed (random), reclaimed (a closed connection's, under port pressure), recycled (the oldest half-open connection's seen, under port pressure)"),
     desc("xlb.nat.port_collisions", Counter, U64, "{event}", &[],
         "NAT port choices found taken (each costs one more try): rising against new connections is port pressure"),
+    desc("xlb.synproxy.cookies", Counter, U64, "{packet}", &["result"],
+        "SYN cookies of the SYN proxy: sent (a SYN answered with one), validated (an ACK carrying one opened a connection), failed (an ACK of no connection without a valid one)"),
+    desc("xlb.synproxy.engaged", Gauge, U64, "1", &[],
+        "1 while new SYNs are answered with SYN cookies (syn_proxy: on, or auto during a SYN flood), else 0"),
+    desc("xlb.conntrack.half_open", Gauge, U64, "{connection}", &[],
+        "Tracked connections whose handshake had not completed at the last sweep (syn_proxy: auto engages at syn_proxy_threshold)"),
     desc("xlb.conntrack.reopened", Counter, U64, "{connection}", &[],
         "Closed connections whose tuple a new SYN reopened in place (same backend, same NAT port)"),
     desc("xlb.nexthop.misses", Counter, U64, "{packet}", &[],
@@ -348,6 +354,7 @@ const NOT_PACKET_OUTCOMES: &[&str] = &[
     "nat_port_reclaimed",
     "nat_port_recycled",
     "nat_port_collision",
+    "synproxy_cookie_failed",
     "ct_reopened",
     "nexthop_miss",
 ];
@@ -432,6 +439,15 @@ pub fn snapshot(s: &Status, tracker: &mut Tracker, now: Instant, now_unix_ms: u6
         b.u64("xlb.nat.ports", vec![("choice", choice.to_string())], v);
     }
     b.u64("xlb.nat.port_collisions", none(), counter("nat_port_collision").unwrap_or(0));
+    for (result, name) in [
+        ("sent", "synproxy_cookie_sent"),
+        ("validated", "synproxy_cookie_valid"),
+        ("failed", "synproxy_cookie_failed"),
+    ] {
+        b.u64("xlb.synproxy.cookies", vec![("result", result.to_string())], counter(name).unwrap_or(0));
+    }
+    b.u64("xlb.synproxy.engaged", none(), u64::from(s.syn_proxy_engaged));
+    b.u64("xlb.conntrack.half_open", none(), s.connections_half_open);
     b.u64("xlb.conntrack.reopened", none(), counter("ct_reopened").unwrap_or(0));
     b.u64("xlb.nexthop.misses", none(), counter("nexthop_miss").unwrap_or(0));
     // Only data paths that can drain with RSTs have this counter.

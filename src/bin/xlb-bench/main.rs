@@ -345,6 +345,7 @@ fn normal_service() -> Service {
         vlans: vec![],
         unknown_flow_rst: false,
         rate_limits: Default::default(),
+        syn_proxy: xlb::config::SynProxy::Off,
     }
 }
 
@@ -357,6 +358,7 @@ fn loop_service() -> Service {
         vlans: vec![],
         unknown_flow_rst: false,
         rate_limits: Default::default(),
+        syn_proxy: xlb::config::SynProxy::Off,
     }
 }
 
