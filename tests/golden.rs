@@ -1039,7 +1039,11 @@ fn a_valid_cookie_opens_the_connection_and_sequence_numbers_are_translated() {
             assert!(tcp.syn && !tcp.ack);
             assert_eq!(tcp.sequence_number, syn.seq);
             assert_eq!(tcp.options.as_slice(), &[2, 4, 0x05, 0xb4], "MSS 1460");
-            lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 1), (Counter::XLB_CNT_SYNPROXY_VALID, 1)]);
+            lb.counters_moved(&[
+                (Counter::XLB_CNT_NEW_FLOW, 1),
+                (Counter::XLB_CNT_SYNPROXY_VALID, 1),
+                (Counter::XLB_CNT_FWD_TO_BACKEND, 1),
+            ]);
             // Data before the backend answered waits for a retransmission.
             expect_dropped(lb, &Tcp { seq: syn.seq + 1 + 5, ack_no: cookie + 1, ..request(&syn) }, "early");
             // The backend answers: XLB completes its handshake, the client
@@ -1097,6 +1101,7 @@ fn a_proxied_connection_resends_the_backends_syn_and_relays_its_refusal() {
                 (Counter::XLB_CNT_SYNPROXY_COOKIE, 1),
                 (Counter::XLB_CNT_NEW_FLOW, 1),
                 (Counter::XLB_CNT_SYNPROXY_VALID, 1),
+                (Counter::XLB_CNT_FWD_TO_BACKEND, 1),
                 (Counter::XLB_CNT_SYNPROXY_RESENT, 1),
             ]);
             let refuse = Tcp { rst: true, seq: 0, ack_no: syn.seq + 1, ..from_backend(BACKEND, port) };
@@ -1135,6 +1140,7 @@ fn with_syn_proxy_auto_syns_pass_until_engaged() {
                 (Counter::XLB_CNT_SYNPROXY_COOKIE, 1),
                 (Counter::XLB_CNT_NEW_FLOW, 1),
                 (Counter::XLB_CNT_SYNPROXY_VALID, 1),
+                (Counter::XLB_CNT_FWD_TO_BACKEND, 1),
             ]);
         },
     );

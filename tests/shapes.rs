@@ -178,3 +178,57 @@ fn endpoints_with_checksum_offload_on() {
     let shape = Shape { client: &t.client, lb: &t.lb, listen: LISTEN, backends: 2 };
     shape.workout(&mut xlb);
 }
+
+/// Every connection through the SYN proxy (syn_proxy: on), in both shapes:
+/// the same workout, each connection opened by a cookie and its backend's
+/// sequence numbers translated both ways.
+fn proxied(shape_name: &str) {
+    let extra = "shutdown_timeout: 3\nsyn_proxy: on\n";
+    match shape_name {
+        "one-armed" => {
+            let t = OneArmed::new(2, false);
+            let _b1 = start_backend(&t.backends[0], "be1");
+            let _b2 = start_backend(&t.backends[1], "be2");
+            let mut xlb = XlbProcess::start(&t.lb, &t.config(2, extra));
+            let shape = Shape { client: &t.client, lb: &t.lb, listen: ONE_ARMED_LISTEN, backends: 2 };
+            proxied_workout(&shape, &mut xlb);
+        }
+        _ => {
+            let t = Topology::new(2);
+            let _b1 = start_backend(&t.backends[0], "be1");
+            let _b2 = start_backend(&t.backends[1], "be2");
+            let mut xlb = XlbProcess::start(&t.lb, &lb_config(2, extra));
+            let shape = Shape { client: &t.client, lb: &t.lb, listen: LISTEN, backends: 2 };
+            proxied_workout(&shape, &mut xlb);
+        }
+    }
+}
+
+fn proxied_workout(shape: &Shape, xlb: &mut XlbProcess) {
+    shape.hundred_requests_reach_every_backend();
+    shape.ten_megabytes_arrive_byte_identical();
+    shape.two_hundred_concurrent_connections();
+    // 301 connections (100 requests, the download, 200 at once), each
+    // through a cookie (the counters are read once a second).
+    for name in ["synproxy_cookie_sent", "synproxy_cookie_valid", "synproxy_backend_acked", "new_flow"] {
+        assert!(shape.counter_reaches(name, 301) >= 301, "{name}: {}", status(shape.lb));
+    }
+    let s = status(shape.lb);
+    assert_eq!(s["syn_proxy_engaged"], true, "{s}");
+    assert_eq!(
+        counter(&s, "synproxy_cookie_valid"),
+        counter(&s, "new_flow"),
+        "only cookies open connections: {s}"
+    );
+    shape.drain_refuses_with_rst(xlb);
+}
+
+#[test]
+fn one_armed_through_the_syn_proxy() {
+    proxied("one-armed");
+}
+
+#[test]
+fn two_armed_through_the_syn_proxy() {
+    proxied("two-armed");
+}

@@ -135,6 +135,7 @@ static __always_inline struct outcome synproxy_open(struct xdp_md *ctx, struct p
 		count(XLB_CNT_SYNPROXY_FAILED);
 		return unknown_flow(ctx, pkt);
 	}
+	count(XLB_CNT_SYNPROXY_VALID);
 	if (config.flags & XLB_F_DRAIN)
 		return drain_refuse(ctx, pkt);
 	be = pick_backend(key);
@@ -146,7 +147,7 @@ static __always_inline struct outcome synproxy_open(struct xdp_md *ctx, struct p
 	if (!f)
 		return verdict(XDP_DROP, why);
 	ct_mark_proxy(f, isn, cookie);
-	return nat_forward(ctx, pkt, f, now, XLB_CNT_SYNPROXY_VALID);
+	return nat_forward(ctx, pkt, f, now, XLB_CNT_FWD_TO_BACKEND);
 }
 
 /* A client segment of a proxied connection the backend has not answered

@@ -354,6 +354,7 @@ const NOT_PACKET_OUTCOMES: &[&str] = &[
     "nat_port_reclaimed",
     "nat_port_recycled",
     "nat_port_collision",
+    "synproxy_cookie_valid",
     "synproxy_cookie_failed",
     "ct_reopened",
     "nexthop_miss",
