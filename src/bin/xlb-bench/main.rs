@@ -20,6 +20,10 @@
 //!
 //! `xlb-bench flood --kind syn|rst|ttl ...` sends forged segments as fast as
 //! one core can (flood.rs): the attack tests' SYN, RST and TTL floods.
+//! `xlb-bench fill-pinned --instance NAME ...` writes a million connections
+//! (or any number) straight into a running instance's pinned conntrack map,
+//! live, closed, idle and half-finished ones (fill.rs): the memory test's
+//! and the sweep's scale workload.
 //!
 //! `xlb-bench hold-stats --secs N` keeps the kernel's BPF run-time statistics
 //! on (BPF_ENABLE_STATS, reference counted: they turn off when this exits)
@@ -53,6 +57,7 @@ use xlb::balancer::BackendSet;
 use xlb::dataplane::{Counter, Counters, Dataplane, Flow, FlowKey, GcPolicy, LoadOptions, Service};
 use xlb::provider::Backend;
 
+mod fill;
 mod flood;
 mod load;
 
@@ -99,13 +104,15 @@ fn main() {
         Some("spin") => spin_cmd(&args[1..]),
         Some("connect") => load::connect_cmd(&args[1..]),
         Some("flood") => flood::flood_cmd(&args[1..]),
+        Some("fill-pinned") => fill::fill_pinned_cmd(&args[1..]),
         _ => {
             eprintln!(
                 "usage: xlb-bench dataplane --out FILE [--quick]\n       xlb-bench hold-stats --secs N\n       \
                  xlb-bench spin --case established|reply|syn|synchain|pass --secs N   (for perf record -p)\n       \
-                 {}\n       {}",
+                 {}\n       {}\n       {}",
                 load::USAGE,
-                flood::USAGE
+                flood::USAGE,
+                fill::USAGE
             );
             std::process::exit(2);
         }
