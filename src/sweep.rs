@@ -100,15 +100,16 @@ pub async fn sweep_loop(
         };
         // A sweep reads every entry: with millions of connections, sweep
         // less often so it stays under ~10% of one core.
-        pause = STATS_INTERVAL.max(sweep_started.elapsed() * 10);
-        if gc.closed + gc.orphaned + gc.unpaired > 0 {
-            tracing::debug!(
-                closed = gc.closed,
-                orphaned = gc.orphaned,
-                unpaired = gc.unpaired,
-                "expired connections"
-            );
-        }
+        let took = sweep_started.elapsed();
+        pause = STATS_INTERVAL.max(took * 10);
+        tracing::debug!(
+            ms = took.as_millis() as u64,
+            active = gc.active,
+            closed = gc.closed,
+            orphaned = gc.orphaned,
+            unpaired = gc.unpaired,
+            "conntrack sweep"
+        );
         accounting::fold_sweep(&totals, &gc);
         // Where connections still go, as of this sweep's start.
         let busy: Vec<Ipv4Addr> = gc.backend_addrs.iter().copied().collect();
