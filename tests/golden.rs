@@ -2005,6 +2005,41 @@ fn a_sweep_reads_the_whole_table_and_deletes_no_open_connection() {
     });
 }
 
+#[test]
+fn a_sweep_removes_each_ended_pair_once_whichever_batches_hold_its_halves() {
+    let ns = golden_ns();
+    ns.run(|| {
+        // More entries than one batch read returns (8192): the sweep walks
+        // the table batch by batch, so most pairs have their halves in
+        // different batches, and it deletes as it goes.
+        let lb = Lb::with_capacity(&[BACKEND, FAR_BACKEND, UNRESOLVED_BACKEND], 20_000);
+        let mut opened = 0u64;
+        for i in 0..5000u16 {
+            let t = Tcp { src: (CLIENT, 1024 + i), ..from_client(if i % 2 == 0 { 80 } else { 443 }) };
+            if lb.run(&t.frame()).0 != XDP_DROP {
+                opened += 1;
+            }
+        }
+        assert!(opened > 4500, "{opened} connections opened");
+        let now = xlb::dataplane::now_ns();
+        let p = GcPolicy {
+            now_ns: now + 301_000_000_000,
+            idle_ns: 300_000_000_000,
+            closed_ns: 10_000_000_000,
+            tombstone_ns: 10_000_000_000,
+            half_open_ns: 30_000_000_000,
+        };
+        let stats = lb.dp.expire_flows(&p).unwrap();
+        assert_eq!((stats.active, stats.closed, stats.orphaned, stats.unpaired), (0, 0, opened, 0));
+        let per_backend: u64 = stats.per_backend.values().map(|b| b.orphaned).sum();
+        assert_eq!(per_backend, opened, "each pair counted once, for its backend");
+        assert!(stats.backend_addrs.is_empty());
+        assert!(lb.dp.flows().unwrap().is_empty(), "both entries of every pair removed");
+        let again = lb.dp.expire_flows(&p).unwrap();
+        assert_eq!((again.active, again.closed, again.orphaned, again.unpaired), (0, 0, 0, 0));
+    });
+}
+
 /// Path MTUs in the namespace of a `case_in(&narrow_paths(), ..)`, as locked
 /// route metrics (bpf_fib_lookup checks a route's MTU only when it is
 /// locked, or with ip_forward_use_pmtu): the way to the backend takes

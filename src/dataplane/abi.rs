@@ -27,6 +27,12 @@ pub fn bytes<T: plain::Plain>(v: &T) -> &[u8] {
     unsafe { plain::as_bytes(v) }
 }
 
+/// The raw bytes of an ABI value, for a map syscall to fill in place.
+pub fn bytes_mut<T: plain::Plain>(v: &mut T) -> &mut [u8] {
+    // SAFETY: T is Plain: every byte pattern written is a valid value.
+    unsafe { plain::as_mut_bytes(v) }
+}
+
 /// An ABI value from the bytes a map lookup returned (any alignment).
 pub fn from_bytes<T: plain::Plain + Default>(b: &[u8]) -> T {
     let mut v = T::default();

@@ -105,42 +105,70 @@ pub struct Connection {
     pub traffic: Traffic,
 }
 
-/// Pairs up entries into connections.
-pub fn connections(all: &[FlowEntry], now_ns: u64) -> Vec<Connection> {
-    let by_key: HashMap<Vec<u8>, &Flow> = all.iter().map(|e| (bytes(&e.key).to_vec(), &e.flow)).collect();
+/// One connection from its forward entry and, when it pairs, its reverse.
+fn connection(e: &FlowEntry, rev: Option<&Flow>, now_ns: u64) -> Connection {
     let secs = |ns: u64| now_ns.saturating_sub(ns) as f64 / 1e9;
-    let mut out: Vec<Connection> = all
-        .iter()
-        .filter(|e| e.is_forward())
-        .map(|e| {
-            let rev = by_key.get(bytes(&peer_key(&e.flow))).copied().filter(|r| pairs_with(r, &e.key));
-            let ((_, nat_port), backend) = e.nat();
-            let last = rev.map_or(e.flow.last_seen_ns, |r| r.last_seen_ns.max(e.flow.last_seen_ns));
-            Connection {
-                client: std::net::SocketAddrV4::new(e.src().0, e.src().1),
-                listen: std::net::SocketAddrV4::new(e.dst().0, e.dst().1),
-                backend: std::net::SocketAddrV4::new(backend.0, backend.1),
-                nat_port,
-                state: connection_state(&e.flow, rev),
-                age_secs: secs(e.flow.created_ns),
-                idle_secs: secs(last),
-                backend_id: e.flow.backend_id,
-                traffic: rev.map_or(Traffic::default(), |r| Traffic::of(&e.flow, r)),
-            }
-        })
-        .collect();
-    out.sort_by_key(|c| c.client);
-    out
+    let ((_, nat_port), backend) = e.nat();
+    let last = rev.map_or(e.flow.last_seen_ns, |r| r.last_seen_ns.max(e.flow.last_seen_ns));
+    Connection {
+        client: std::net::SocketAddrV4::new(e.src().0, e.src().1),
+        listen: std::net::SocketAddrV4::new(e.dst().0, e.dst().1),
+        backend: std::net::SocketAddrV4::new(backend.0, backend.1),
+        nat_port,
+        state: connection_state(&e.flow, rev),
+        age_secs: secs(e.flow.created_ns),
+        idle_secs: secs(last),
+        backend_id: e.flow.backend_id,
+        traffic: rev.map_or(Traffic::default(), |r| Traffic::of(&e.flow, r)),
+    }
+}
+
+/// Every connection (forward entry) in the map, batch by batch: each one's
+/// reverse entry is looked up by key, so memory stays one batch whatever
+/// the table holds.
+pub fn for_each_connection(map: &dyn MapCore, now_ns: u64, mut f: impl FnMut(Connection)) -> Result<()> {
+    for_each_batch(map, |batch| {
+        for e in batch.iter().filter(|e| e.is_forward()) {
+            let rev = lookup(map, &peer_key(&e.flow))?.filter(|r| pairs_with(r, &e.key));
+            f(connection(e, rev.as_ref(), now_ns));
+        }
+        Ok(())
+    })
+}
+
+/// Open connections (not closed both ways, not reset) right now.
+pub(super) fn open_connections(map: &dyn MapCore) -> Result<u64> {
+    let mut open = 0;
+    for_each_connection(map, super::now_ns(), |c| {
+        if c.state != "closed" && c.state != "reset" {
+            open += 1;
+        }
+    })?;
+    Ok(open)
+}
+
+/// Connections (forward entries) in the map, whatever their state.
+pub(super) fn count_connections(map: &dyn MapCore) -> Result<u64> {
+    let mut n = 0;
+    for_each_batch(map, |batch| {
+        n += batch.iter().filter(|e| e.is_forward()).count() as u64;
+        Ok(())
+    })?;
+    Ok(n)
 }
 
 /// Every connection in an instance's pinned conntrack map: works while the
-/// instance runs, and after it crashed.
+/// instance runs, and after it crashed. Holds the answer and one batch,
+/// never a second copy of the table.
 pub fn pinned_connections(pins: &super::pins::PinDir) -> Result<Vec<Connection>> {
     let path = pins.map("conntrack");
     let map = libbpf_rs::MapHandle::from_pinned_path(&path).with_context(|| {
         format!("opening {} (is the instance running, and are you root?)", path.display())
     })?;
-    Ok(connections(&read_all(&map)?, super::now_ns()))
+    let mut out = Vec::new();
+    for_each_connection(&map, super::now_ns(), |c| out.push(c))?;
+    out.sort_by_key(|c| c.client);
+    Ok(out)
 }
 
 /// When connections are removed.
@@ -251,17 +279,36 @@ impl Traffic {
     }
 }
 
+/// Entries one batch read asks for: whole hash buckets come back, so a
+/// batch holds about this many (16 + 64 bytes each, decoded once more).
 const BATCH: u32 = 8192;
 
 pub(super) fn entries(map: &MapMut<'_>) -> Result<Vec<FlowEntry>> {
     read_all(map)
 }
 
-/// Every entry, read in batches until the kernel says the table ended.
-/// (A hash map returns whole buckets per batch, so a short batch is normal:
-/// only ENOENT means the end. libbpf-rs's batch iterator stops at the first
-/// short batch, which would make a sweep see part of a large table.)
+/// Every entry, in one Vec (tests, the bench and inspection tools: the
+/// running daemon walks the map with `for_each_batch` instead).
 pub fn read_all(map: &dyn MapCore) -> Result<Vec<FlowEntry>> {
+    let mut out = Vec::new();
+    for_each_batch(map, |batch| {
+        out.extend_from_slice(batch);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Walks every entry, one batch at a time, until the kernel says the table
+/// ended: memory is one batch, whatever the table holds. (A hash map returns
+/// whole buckets per batch, so a short batch is normal: only ENOENT means the
+/// end. libbpf-rs's batch iterator stops at the first short batch, which
+/// would make a sweep see part of a large table.)
+///
+/// `f` may delete and update entries: the batch token is a bucket index, so
+/// entries of buckets already read are not read again, and an entry deleted
+/// from a bucket not yet read is simply not seen. An entry is never seen
+/// twice in one walk (a key always hashes to the same bucket).
+pub fn for_each_batch(map: &dyn MapCore, mut f: impl FnMut(&[FlowEntry]) -> Result<()>) -> Result<()> {
     use std::os::fd::AsRawFd;
     let (ks, vs) = (std::mem::size_of::<FlowKey>(), std::mem::size_of::<Flow>());
     anyhow::ensure!(
@@ -270,13 +317,13 @@ pub fn read_all(map: &dyn MapCore) -> Result<Vec<FlowEntry>> {
     );
     let mut keys = vec![0u8; BATCH as usize * ks];
     let mut vals = vec![0u8; BATCH as usize * vs];
+    let mut batch = Vec::with_capacity(BATCH as usize);
     // The batch token is a u32 bucket index for hash maps; room to spare.
     let (mut token_in, mut token_out) = ([0u8; 16], [0u8; 16]);
     let opts = libbpf_rs::libbpf_sys::bpf_map_batch_opts {
         sz: std::mem::size_of::<libbpf_rs::libbpf_sys::bpf_map_batch_opts>() as _,
         ..Default::default()
     };
-    let mut out = Vec::new();
     let mut first = true;
     // Bounded: every call returns at least one bucket or ends the table.
     for _ in 0..=map.max_entries() as usize + 1 {
@@ -294,17 +341,19 @@ pub fn read_all(map: &dyn MapCore) -> Result<Vec<FlowEntry>> {
                 &opts,
             )
         };
+        if ret < 0 && ret != -nix::libc::ENOENT {
+            return Err(std::io::Error::from_raw_os_error(-ret)).context("reading conntrack");
+        }
+        batch.clear();
         for i in 0..count as usize {
-            out.push(FlowEntry {
+            batch.push(FlowEntry {
                 key: from_bytes(&keys[i * ks..(i + 1) * ks]),
                 flow: from_bytes(&vals[i * vs..(i + 1) * vs]),
             });
         }
+        f(&batch)?;
         if ret == -nix::libc::ENOENT {
-            return Ok(out);
-        }
-        if ret < 0 {
-            return Err(std::io::Error::from_raw_os_error(-ret)).context("reading conntrack");
+            return Ok(());
         }
         token_in = token_out;
         first = false;
@@ -312,97 +361,123 @@ pub fn read_all(map: &dyn MapCore) -> Result<Vec<FlowEntry>> {
     anyhow::bail!("reading conntrack did not end")
 }
 
+/// Removes what `p` says has ended, batch by batch (memory: one batch and the
+/// per-backend tallies). Each forward entry's reverse is looked up by key;
+/// a reverse entry costs a lookup only when it has idled past its hold, to
+/// learn whether a forward entry still carries it.
 pub(super) fn expire(map: &MapMut<'_>, p: &GcPolicy) -> Result<GcStats> {
-    let all = entries(map)?;
-    let mut by_key = HashMap::with_capacity(all.len());
-    for e in &all {
-        by_key.insert(bytes(&e.key).to_vec(), e.flow);
-    }
     let mut stats = GcStats::default();
+    for_each_batch(map, |batch| {
+        for e in batch.iter().filter(|e| e.is_forward()) {
+            expire_pair(map, p, e, &mut stats)?;
+        }
+        for e in batch.iter().filter(|e| e.flow.dir == DIR_TO_CLIENT) {
+            expire_lone_reverse(map, p, e, &mut stats)?;
+        }
+        Ok(())
+    })?;
+    Ok(stats)
+}
+
+/// A forward entry and the reverse entry it pairs with: counted, or removed
+/// together when the connection has ended.
+fn expire_pair(map: &MapMut<'_>, p: &GcPolicy, e: &FlowEntry, stats: &mut GcStats) -> Result<()> {
     let idle_for = |f: &Flow| p.now_ns.saturating_sub(f.last_seen_ns);
-    for e in all.iter().filter(|e| e.is_forward()) {
-        let rk = peer_key(&e.flow);
-        let Some(rev) = by_key.get(bytes(&rk)).filter(|r| pairs_with(r, &e.key)) else {
-            // A pair is created reverse-first, so a lone forward entry is a
-            // half-finished insert, or its port was taken over (nat.h); give
-            // it the closed grace period. Its peer's absence is confirmed by
-            // key, never from the sweep's snapshot.
-            if idle_for(&e.flow) > p.closed_ns && !paired(map, &rk, &e.key) && unchanged(map, &e.key, &e.flow)
-            {
-                delete(map, &e.key)?;
-                stats.unpaired += 1;
-            }
-            continue;
-        };
-        let idle = idle_for(&e.flow).min(idle_for(rev));
-        let state = connection_state(&e.flow, Some(rev));
-        let reset = state == "reset";
-        let closed = reset || state == "closed";
-        let hold = if backend_holds_time_wait(rev) { p.tombstone_ns } else { p.closed_ns };
-        let traffic = Traffic::of(&e.flow, rev);
-        let backend = std::net::Ipv4Addr::from(e.flow.nat_daddr.to_ne_bytes());
-        let b = stats.per_backend.entry(backend).or_default();
-        if closed && idle > hold {
-            stats.closed += 1;
-            if reset {
-                b.closed_rst += 1;
-            } else {
-                b.closed_fin += 1;
-            }
-        } else if idle > p.idle_ns || (state == "syn_sent" && idle > p.half_open_ns) {
-            stats.orphaned += 1;
-            b.orphaned += 1;
-        } else {
-            // Closed ones only hold their port: not active.
-            if reset {
-                b.held_rst += 1;
-            } else if closed {
-                b.held_fin += 1;
-            } else {
-                stats.active += 1;
-                stats.half_open += u64::from(state == "syn_sent");
-                b.active += 1;
-                stats.backend_addrs.insert(backend);
-            }
-            b.live.add(&traffic);
-            continue;
-        }
-        // The sweep judged a snapshot: if the connection moved since (a
-        // packet, or its tuple reopened for a new one), leave it for later.
-        // Each entry is taken out atomically and put back if it moved in the
-        // moment between: a SYN reopening the pair then keeps both halves.
-        if !unchanged(map, &e.key, &e.flow) || !take(map, &e.key, &e.flow)? {
-            stats.active += 1;
-            stats.backend_addrs.insert(backend);
-            continue;
-        }
-        b.removed.add(&traffic);
-        // Forward first: once it is gone no client packet can use the NAT
-        // port, and only then is the port freed with the reverse.
-        take(map, &rk, rev)?;
-    }
-    // Reverse entries whose forward entry is gone or moved on: a half-finished
-    // insert, a crash, or the tombstone of a connection that moved to another
-    // backend, which holds its port as long as a paired one would.
-    for e in all.iter().filter(|e| e.flow.dir == DIR_TO_CLIENT) {
-        let fk = peer_key(&e.flow);
-        if by_key.get(bytes(&fk)).is_some_and(|f| pairs_with(f, &e.key)) {
-            continue;
-        }
-        let hold = if backend_holds_time_wait(&e.flow) { p.tombstone_ns } else { p.closed_ns };
-        if idle_for(&e.flow) > hold && !paired(map, &fk, &e.key) && unchanged(map, &e.key, &e.flow) {
-            take(map, &e.key, &e.flow)?;
+    let rk = peer_key(&e.flow);
+    let Some(rev) = lookup(map, &rk)?.filter(|r| pairs_with(r, &e.key)) else {
+        // A pair is created reverse-first, so a lone forward entry is a
+        // half-finished insert, or its port was taken over (nat.h); give
+        // it the closed grace period. Its peer's absence was just read by
+        // key, never from an earlier reading.
+        if idle_for(&e.flow) > p.closed_ns && unchanged(map, &e.key, &e.flow) {
+            delete(map, &e.key)?;
             stats.unpaired += 1;
         }
+        return Ok(());
+    };
+    let idle = idle_for(&e.flow).min(idle_for(&rev));
+    let state = connection_state(&e.flow, Some(&rev));
+    let reset = state == "reset";
+    let closed = reset || state == "closed";
+    let hold = if backend_holds_time_wait(&rev) { p.tombstone_ns } else { p.closed_ns };
+    let traffic = Traffic::of(&e.flow, &rev);
+    let backend = std::net::Ipv4Addr::from(e.flow.nat_daddr.to_ne_bytes());
+    let b = stats.per_backend.entry(backend).or_default();
+    if closed && idle > hold {
+        stats.closed += 1;
+        if reset {
+            b.closed_rst += 1;
+        } else {
+            b.closed_fin += 1;
+        }
+    } else if idle > p.idle_ns || (state == "syn_sent" && idle_for(&e.flow) > p.half_open_ns) {
+        // A half-open pair idles from the client side only: a backend
+        // retransmitting its SYN-ACK to a forged client keeps nothing alive.
+        stats.orphaned += 1;
+        b.orphaned += 1;
+    } else {
+        // Closed ones only hold their port: not active.
+        if reset {
+            b.held_rst += 1;
+        } else if closed {
+            b.held_fin += 1;
+        } else {
+            stats.active += 1;
+            stats.half_open += u64::from(state == "syn_sent");
+            b.active += 1;
+            stats.backend_addrs.insert(backend);
+        }
+        b.live.add(&traffic);
+        return Ok(());
     }
-    Ok(stats)
+    // The sweep judged what it read: if the connection moved since (a
+    // packet, or its tuple reopened for a new one), leave it for later.
+    // Each entry is taken out atomically and put back if it moved in the
+    // moment between: a SYN reopening the pair then keeps both halves.
+    if !unchanged(map, &e.key, &e.flow) || !take(map, &e.key, &e.flow)? {
+        stats.active += 1;
+        stats.backend_addrs.insert(backend);
+        return Ok(());
+    }
+    b.removed.add(&traffic);
+    // Forward first: once it is gone no client packet can use the NAT
+    // port, and only then is the port freed with the reverse.
+    take(map, &rk, &rev)?;
+    Ok(())
+}
+
+/// A reverse entry whose forward entry is gone or moved on: a half-finished
+/// insert, a crash, or the tombstone of a connection that moved to another
+/// backend, which holds its port as long as a paired one would. One whose
+/// forward entry pairs with it is that forward entry's to judge (and count),
+/// whichever batch it is in.
+fn expire_lone_reverse(map: &MapMut<'_>, p: &GcPolicy, e: &FlowEntry, stats: &mut GcStats) -> Result<()> {
+    let hold = if backend_holds_time_wait(&e.flow) { p.tombstone_ns } else { p.closed_ns };
+    if p.now_ns.saturating_sub(e.flow.last_seen_ns) <= hold {
+        return Ok(());
+    }
+    if !paired(map, &peer_key(&e.flow), &e.key) && unchanged(map, &e.key, &e.flow) {
+        take(map, &e.key, &e.flow)?;
+        stats.unpaired += 1;
+    }
+    Ok(())
+}
+
+/// The entry keyed `key`, read into place (no allocation: the sweep does
+/// this once per connection).
+fn lookup(map: &dyn MapCore, key: &FlowKey) -> Result<Option<Flow>> {
+    let mut v = Flow::default();
+    let found = map
+        .lookup_into(bytes(key), super::abi::bytes_mut(&mut v), MapFlags::ANY)
+        .context("reading a conntrack entry")?;
+    Ok(found.then_some(v))
 }
 
 /// Whether the entry keyed `key` exists and pairs with `with`. On a failed
 /// lookup, assume it does: never delete on doubt.
 fn paired(map: &MapMut<'_>, key: &FlowKey, with: &FlowKey) -> bool {
-    match map.lookup(bytes(key), MapFlags::ANY) {
-        Ok(Some(v)) => pairs_with(&from_bytes(&v), with),
+    match lookup(map, key) {
+        Ok(Some(v)) => pairs_with(&v, with),
         Ok(None) => false,
         Err(_) => true,
     }
@@ -428,8 +503,8 @@ fn take(map: &MapMut<'_>, key: &FlowKey, seen: &Flow) -> Result<bool> {
 }
 
 fn unchanged(map: &MapMut<'_>, key: &FlowKey, seen: &Flow) -> bool {
-    match map.lookup(bytes(key), MapFlags::ANY) {
-        Ok(Some(v)) => same(&from_bytes(&v), seen),
+    match lookup(map, key) {
+        Ok(Some(v)) => same(&v, seen),
         _ => false,
     }
 }

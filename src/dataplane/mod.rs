@@ -20,8 +20,9 @@ use libbpf_rs::{MapCore, MapFlags, ProgramInput};
 
 pub use abi::{BackendSlot, Flow, FlowKey};
 pub use conntrack::{
-    peer_key, pinned_connections, read_all as read_conntrack, BackendFlows, Connection, FlowEntry, GcPolicy,
-    GcStats, RetiredFlows, Traffic,
+    for_each_batch as for_each_conntrack_batch, for_each_connection, peer_key, pinned_connections,
+    read_all as read_conntrack, BackendFlows, Connection, FlowEntry, GcPolicy, GcStats, RetiredFlows,
+    Traffic,
 };
 pub use counters::{counter_name, Counter, Counters};
 pub use worker::{DataplaneHandle, Started};
@@ -600,9 +601,22 @@ impl Dataplane {
         counters::read(&self.skel.maps.counters)
     }
 
-    /// Every conntrack entry (both directions).
+    /// Every conntrack entry (both directions), in one Vec: for tests and
+    /// tools; the running control plane uses the counts below, which read
+    /// the table one batch at a time.
     pub fn flows(&self) -> Result<Vec<FlowEntry>> {
         conntrack::entries(&self.skel.maps.conntrack)
+    }
+
+    /// Connections in the table (forward entries), in any state.
+    pub fn connections_tracked(&self) -> Result<u64> {
+        conntrack::count_connections(&self.skel.maps.conntrack)
+    }
+
+    /// Open connections right now (closed ones waiting out their grace
+    /// period are not counted).
+    pub fn connections_open(&self) -> Result<u64> {
+        conntrack::open_connections(&self.skel.maps.conntrack)
     }
 
     /// Removes expired connections, both entries of each at once.

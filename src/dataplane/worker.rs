@@ -73,11 +73,7 @@ impl DataplaneHandle {
                     }
                 };
                 let mut setup = || -> Result<Started> {
-                    let adopted = if dp.adopted() {
-                        Some(dp.flows()?.iter().filter(|f| f.is_forward()).count())
-                    } else {
-                        None
-                    };
+                    let adopted = if dp.adopted() { Some(dp.connections_tracked()? as usize) } else { None };
                     dp.set_service(&service)?;
                     // Backends before the first attach: no packet ever meets
                     // an attached program with an empty table.
@@ -261,14 +257,7 @@ fn serve(mut dp: Dataplane, rx: mpsc::Receiver<Cmd>, busy: &std::sync::atomic::A
                 let _ = r.send(Ok(()));
             }
             Cmd::FlowsActive(r) => {
-                let open = dp.flows().map(|all| {
-                    let now = super::now_ns();
-                    super::conntrack::connections(&all, now)
-                        .iter()
-                        .filter(|c| c.state != "closed" && c.state != "reset")
-                        .count() as u64
-                });
-                let _ = r.send(open);
+                let _ = r.send(dp.connections_open());
             }
             Cmd::Attach(name, ifindex, mode, r) => {
                 let _ = r.send(dp.attach_as(&name, ifindex, mode));
