@@ -274,11 +274,43 @@ impl XlbProcess {
         binary: &std::path::Path,
         env: &[(&str, &str)],
     ) -> XlbProcess {
+        Self::spawn_in(ns, config, binary, env, None)
+    }
+
+    /// Started inside a cgroup: the shell that becomes xlb (by exec, same
+    /// pid) first writes itself into `cgroup_procs` (a cgroup's
+    /// cgroup.procs), so all xlb allocates, its BPF maps included, is
+    /// charged there. Waited for like `start`.
+    pub fn start_in_cgroup(
+        ns: &NsRef,
+        config: &str,
+        cgroup_procs: &std::path::Path,
+        env: &[(&str, &str)],
+    ) -> XlbProcess {
+        let binary = std::path::Path::new(env!("CARGO_BIN_EXE_xlb"));
+        Self::spawn_in(ns, config, binary, env, Some(cgroup_procs)).ready(ns)
+    }
+
+    fn spawn_in(
+        ns: &NsRef,
+        config: &str,
+        binary: &std::path::Path,
+        env: &[(&str, &str)],
+        cgroup_procs: Option<&std::path::Path>,
+    ) -> XlbProcess {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("xlb.yaml");
         std::fs::write(&cfg, config).unwrap();
         let log = dir.path().join("xlb.log");
-        let child = Command::new("nsenter")
+        let mut cmd = match cgroup_procs {
+            None => Command::new("nsenter"),
+            Some(procs) => {
+                let mut c = Command::new("sh");
+                c.args(["-c", r#"echo $$ > "$0" && exec nsenter "$@""#]).arg(procs);
+                c
+            }
+        };
+        let child = cmd
             .arg(format!("--net={}", ns.path().display()))
             .arg(binary)
             .args(["run", "-c"])
