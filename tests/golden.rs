@@ -1955,19 +1955,40 @@ fn a_full_conntrack_refuses_new_connections_and_keeps_the_old() {
     ns.run(|| {
         let mut lb = Lb::with_capacity(ONE, 4);
         for sport in 0..4u16 {
-            let (action, _) = lb.run(&Tcp { src: (CLIENT, 30000 + sport), ..from_client(80) }.frame());
-            assert_eq!(action, XDP_TX, "connection {sport} fits");
+            open(&mut lb, &Tcp { src: (CLIENT, 30000 + sport), ..from_client(80) }, BACKEND);
         }
-        lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 4), (Counter::XLB_CNT_FWD_TO_BACKEND, 4)]);
+        lb.counters_moved(&[
+            (Counter::XLB_CNT_NEW_FLOW, 4),
+            (Counter::XLB_CNT_FWD_TO_BACKEND, 8),
+            (Counter::XLB_CNT_FWD_TO_CLIENT, 4),
+        ]);
         let (action, out) = lb.run(&Tcp { src: (CLIENT, 31000), ..from_client(80) }.frame());
-        assert_eq!(action, XDP_DROP, "a full table refuses");
+        assert_eq!(action, XDP_DROP, "a full table of established connections refuses");
         assert_eq!(out, Tcp { src: (CLIENT, 31000), ..from_client(80) }.frame(), "nothing rewritten");
-        lb.counters_moved(&[(Counter::XLB_CNT_DROP_CT_FULL, 1)]);
+        let d = lb.dp.counters().unwrap().since(&lb.seen);
+        assert_eq!(d.get(Counter::XLB_CNT_DROP_CT_FULL), 1);
+        assert_eq!(d.get(Counter::XLB_CNT_NAT_RECYCLED) + d.get(Counter::XLB_CNT_NEW_FLOW), 0);
         for sport in 0..4u16 {
             let (action, _) = lb.run(&Tcp { src: (CLIENT, 30000 + sport), ..from_client(80) }.ack().frame());
             assert_eq!(action, XDP_TX, "established connection {sport} is never evicted");
         }
         assert_eq!(lb.dp.flows().unwrap().len(), 8);
+    });
+    // Full of a SYN flood's half-open pairs (on every NAT port): a new SYN
+    // recycles one.
+    let ns = golden_ns();
+    ns.run(|| {
+        let mut lb = Lb::load(ONE, 4, (20000, 20003), &[LISTEN], false, Default::default(), SynProxy::Off);
+        for i in 0..4u16 {
+            let spoofed = Tcp { src: (Ipv4Addr::new(198, 51, 100, 1 + i as u8), 1234), ..from_client(80) };
+            assert_eq!(lb.run(&spoofed.frame()).0, XDP_TX);
+        }
+        let (action, _) = lb.run(&from_client(80).frame());
+        assert_eq!(action, XDP_TX, "a full table of half-open pairs makes room");
+        let d = lb.dp.counters().unwrap().since(&lb.seen);
+        assert_eq!((d.get(Counter::XLB_CNT_NAT_RECYCLED), d.get(Counter::XLB_CNT_NEW_FLOW)), (1, 5));
+        assert_eq!(lb.dp.flows().unwrap().len(), 8);
+        lb.seen = lb.dp.counters().unwrap();
     });
 }
 
@@ -2021,6 +2042,9 @@ fn a_sweep_removes_each_ended_pair_once_whichever_batches_hold_its_halves() {
             }
         }
         assert!(opened > 4500, "{opened} connections opened");
+        // Near a full port range a SYN may recycle a half-open pair (these
+        // all are): that pair is gone.
+        let opened = opened - lb.dp.counters().unwrap().get(Counter::XLB_CNT_NAT_RECYCLED);
         let now = xlb::dataplane::now_ns();
         let p = GcPolicy {
             now_ns: now + 301_000_000_000,
