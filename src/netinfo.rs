@@ -700,6 +700,25 @@ mod tests {
         mount(&target, &target, libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY);
     }
 
+    /// d0.7 from forwarding, accept_local and rp_filter 0, with conf.all
+    /// strict: all three set, conf.all left alone.
+    async fn d07_is_prepared() {
+        let changes = prepare_sysctls("d0.7").await.unwrap();
+        assert_eq!(
+            changes,
+            [
+                "net.ipv4.conf.d0/7.forwarding 0 -> 1",
+                "net.ipv4.conf.d0/7.accept_local 0 -> 1",
+                "net.ipv4.conf.d0/7.rp_filter 0 -> 2",
+            ]
+        );
+        assert_eq!(conf("d0.7", "forwarding"), 1);
+        assert_eq!(conf("d0.7", "accept_local"), 1);
+        // Effective rp_filter is max(all, d0.7) = 2: loose, with conf.all left strict.
+        assert_eq!(conf("d0.7", "rp_filter"), 2);
+        assert_eq!(conf("all", "rp_filter"), 1, "conf.all untouched");
+    }
+
     #[test]
     fn prepare_sysctls_sets_once() {
         let ns = TestNs::new();
@@ -713,20 +732,7 @@ mod tests {
             set_conf("all", "rp_filter", 1);
             set_conf("d1", "rp_filter", 1);
 
-            let changes = prepare_sysctls("d0.7").await.unwrap();
-            assert_eq!(
-                changes,
-                [
-                    "net.ipv4.conf.d0/7.forwarding 0 -> 1",
-                    "net.ipv4.conf.d0/7.accept_local 0 -> 1",
-                    "net.ipv4.conf.d0/7.rp_filter 0 -> 2",
-                ]
-            );
-            assert_eq!(conf("d0.7", "forwarding"), 1);
-            assert_eq!(conf("d0.7", "accept_local"), 1);
-            // Effective rp_filter is max(all, d0.7) = 2: loose, with conf.all left strict.
-            assert_eq!(conf("d0.7", "rp_filter"), 2);
-            assert_eq!(conf("all", "rp_filter"), 1, "conf.all untouched");
+            d07_is_prepared().await;
             assert_eq!(conf("d1", "rp_filter"), 1, "other interfaces untouched");
             assert_eq!(conf("d1", "forwarding"), 0, "other interfaces untouched");
             assert_eq!(prepare_sysctls("d0.7").await.unwrap(), Vec::<String>::new());
@@ -775,19 +781,7 @@ mod tests {
             let err = fs::write(Path::new(CONF_DIR).join("d0.7/forwarding"), "1\n").unwrap_err();
             assert_eq!(err.raw_os_error(), Some(nix::libc::EROFS), "{err}");
 
-            let changes = prepare_sysctls("d0.7").await.unwrap();
-            assert_eq!(
-                changes,
-                [
-                    "net.ipv4.conf.d0/7.forwarding 0 -> 1",
-                    "net.ipv4.conf.d0/7.accept_local 0 -> 1",
-                    "net.ipv4.conf.d0/7.rp_filter 0 -> 2",
-                ]
-            );
-            assert_eq!(conf("d0.7", "forwarding"), 1);
-            assert_eq!(conf("d0.7", "accept_local"), 1);
-            assert_eq!(conf("d0.7", "rp_filter"), 2);
-            assert_eq!(conf("all", "rp_filter"), 1, "conf.all untouched");
+            d07_is_prepared().await;
             assert_eq!(
                 (conf("d1", "forwarding"), conf("d1", "rp_filter")),
                 (0, 1),
