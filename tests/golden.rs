@@ -868,10 +868,10 @@ fn rsts_outside_their_senders_window_are_ignored_and_an_in_window_one_closes() {
         let client_rst = |seq: u32| Tcp { rst: true, ack: false, syn: false, seq, ..syn.clone() };
         let guesses = [
             backend_rst(BACKEND_ISN + 1 + (1 << 20) + 1),
-            backend_rst((BACKEND_ISN + 1).wrapping_sub((1 << 16) + 1)),
+            backend_rst((BACKEND_ISN + 1).wrapping_sub((1 << 20) + 1)),
             backend_rst(BACKEND_ISN.wrapping_add(1 << 31)),
             client_rst(client_next + (1 << 20) + 1),
-            client_rst(client_next.wrapping_sub((1 << 16) + 1)),
+            client_rst(client_next.wrapping_sub((1 << 20) + 1)),
         ];
         for g in &guesses {
             expect_dropped(lb, g, "out-of-window RST");
@@ -884,6 +884,49 @@ fn rsts_outside_their_senders_window_are_ignored_and_an_in_window_one_closes() {
         expect_sent(lb, &genuine, &natted_to_client(&genuine, syn.src), "in-window RST");
         lb.counters_moved(&[(Counter::XLB_CNT_FWD_TO_CLIENT, 1)]);
         assert!(flags_of(lb).iter().all(|(_, f)| f & CT_CLOSED != 0), "closed: {:?}", flags_of(lb));
+    });
+}
+
+/// A forger cannot walk a sender's mark to where its RST would land: the
+/// mark moves by at most 1 MiB at a time, and a FIN far from it is not
+/// taken for one.
+#[test]
+fn forged_segments_cannot_move_the_window_a_rst_or_fin_is_judged_by() {
+    case(ONE, |lb| {
+        let syn = from_client(80);
+        let port = open(lb, &syn, BACKEND);
+        let before = flags_of(lb);
+        let far = BACKEND_ISN.wrapping_add(7 << 30);
+        for k in 0..8u32 {
+            let forged = Tcp { seq: BACKEND_ISN.wrapping_add(k << 30), ..from_backend(BACKEND, port) };
+            lb.run(&forged.frame());
+        }
+        let rst = Tcp { rst: true, ack: false, seq: far, ..from_backend(BACKEND, port) };
+        expect_dropped(lb, &rst, "RST where the forgeries pointed");
+        let fin = Tcp { fin: true, seq: far, ..from_backend(BACKEND, port) };
+        lb.run(&fin.frame());
+        let client_fin = Tcp { fin: true, seq: syn.seq.wrapping_add(1 << 31), ..syn.clone().ack() };
+        lb.run(&client_fin.frame());
+        assert_eq!(flags_of(lb), before, "nothing closed, nothing reset");
+        let d = lb.dp.counters().unwrap().since(&lb.seen);
+        assert_eq!(d.get(Counter::XLB_CNT_DROP_RST_WINDOW), 1);
+        lb.seen = lb.dp.counters().unwrap();
+    });
+}
+
+/// A forged reply bigger than the backend's path MTU is still checked
+/// against the backend's route (the size must not decide it).
+#[test]
+fn an_oversized_forged_reply_on_the_wrong_interface_is_dropped() {
+    case_in(&narrow_paths(), ONE, |lb| {
+        let syn = from_client(80);
+        let port = open(lb, &syn, BACKEND);
+        let big = Tcp { seq: BACKEND_ISN + 1, payload: vec![0x42; 1100], ..from_backend(BACKEND, port) };
+        let frame = big.frame();
+        assert_eq!(lb.run_on_far(&frame), (XDP_DROP, frame.clone()));
+        let d = lb.dp.counters().unwrap().since(&lb.seen);
+        assert_eq!(d.get(Counter::XLB_CNT_DROP_REPLY_IFACE), 1);
+        lb.seen = lb.dp.counters().unwrap();
     });
 }
 
@@ -1038,7 +1081,7 @@ fn a_valid_cookie_opens_the_connection_and_sequence_numbers_are_translated() {
             assert_eq!((tcp.source_port, tcp.destination_port), (port, 8080));
             assert!(tcp.syn && !tcp.ack);
             assert_eq!(tcp.sequence_number, syn.seq);
-            assert_eq!(tcp.options.as_slice(), &[2, 4, 0x05, 0xb4], "MSS 1460");
+            assert_eq!(tcp.options.as_slice(), &[2, 4, 0x05, 0x14], "MSS 1300");
             lb.counters_moved(&[
                 (Counter::XLB_CNT_NEW_FLOW, 1),
                 (Counter::XLB_CNT_SYNPROXY_VALID, 1),
@@ -1154,17 +1197,10 @@ fn closed_and_idle_flows_are_expired_in_pairs() {
         lb.run(&a.frame());
         lb.run(&b.frame());
         let port_a = lb.nat_port(a.src);
-        // a: FIN from the client, FIN from the backend.
+        // a: the backend answers, FIN from the client, FIN from the backend.
+        lb.run(&Tcp { syn: true, ..from_backend(BACKEND, port_a) }.frame());
         lb.run(&Tcp { fin: true, ..a.clone().ack() }.frame());
-        let back_fin = Tcp {
-            smac: BACKEND_MAC,
-            src: (BACKEND, 8080),
-            dst: (LISTEN, port_a),
-            ack: true,
-            fin: true,
-            syn: false,
-            ..a.clone()
-        };
+        let back_fin = Tcp { fin: true, seq: BACKEND_ISN + 1, ..from_backend(BACKEND, port_a) };
         lb.run(&back_fin.frame());
         assert_eq!(lb.dp.flows().unwrap().len(), 4);
 
@@ -1417,22 +1453,16 @@ fn a_syn_after_the_connection_closed_starts_a_fresh_one() {
     case(&[BACKEND, FAR_BACKEND], |lb| {
         let syn = from_client(80);
         lb.run(&syn.frame());
+        let fwd = fwd_of(lb, syn.src);
+        let (be, port) = (fwd.nat().1 .0, fwd.nat().0 .1);
+        let synack = Tcp { syn: true, ..from_backend(be, port) };
+        lb.run(&synack.frame());
         lb.run(&Tcp { fin: true, ..syn.clone().ack() }.frame());
         let before = lb.dp.flows().unwrap();
         let fwd = before.iter().find(|f| f.is_forward()).unwrap();
         assert_eq!(fwd.flow.tcp_flags & 0x01, 0x01, "FIN recorded");
         // The backend closes too: now the connection is over.
-        let (be, port) = (fwd.nat().1 .0, fwd.nat().0 .1);
-        let be_mac = if be == BACKEND { BACKEND_MAC } else { FAR_BACKEND_MAC };
-        let back_fin = Tcp {
-            smac: be_mac,
-            src: (be, 8080),
-            dst: (LISTEN, port),
-            syn: false,
-            ack: true,
-            fin: true,
-            ..syn.clone()
-        };
+        let back_fin = Tcp { fin: true, seq: BACKEND_ISN + 1, ..from_backend(be, port) };
         lb.run(&back_fin.frame());
 
         let again = Tcp { seq: 999_999, ..syn.clone() };
@@ -1449,7 +1479,7 @@ fn a_syn_after_the_connection_closed_starts_a_fresh_one() {
             (Counter::XLB_CNT_NAT_DERIVED, 1),
             (Counter::XLB_CNT_CT_REOPENED, 1),
             (Counter::XLB_CNT_FWD_TO_BACKEND, 3),
-            (Counter::XLB_CNT_FWD_TO_CLIENT, 1),
+            (Counter::XLB_CNT_FWD_TO_CLIENT, 2),
         ]);
         // The replaced pair's traffic is kept for the control plane's
         // totals: no sweep saw it end.
@@ -1462,10 +1492,10 @@ fn a_syn_after_the_connection_closed_starts_a_fresh_one() {
         };
         let retired = lb.dp.expire_flows(&policy).unwrap().retired;
         let t = retired.get(&be).copied().unwrap_or_default().traffic;
-        assert_eq!((t.packets_to_backend, t.packets_to_client), (2, 1), "{retired:?}");
+        assert_eq!((t.packets_to_backend, t.packets_to_client), (2, 2), "{retired:?}");
         let fin = Tcp { fin: true, ..syn.clone().ack() };
         assert_eq!(t.bytes_to_backend, (syn.frame().len() + fin.frame().len()) as u64);
-        assert_eq!(t.bytes_to_client, back_fin.frame().len() as u64);
+        assert_eq!(t.bytes_to_client, (synack.frame().len() + back_fin.frame().len()) as u64);
     });
 }
 
@@ -1912,10 +1942,8 @@ fn half_open_connections_expire_early_established_ones_do_not() {
         lb.run(&a.frame());
         lb.run(&b.frame());
         let port_b = lb.nat_port(b.src);
-        let synack =
-            Tcp { smac: BACKEND_MAC, src: (BACKEND, 8080), dst: (LISTEN, port_b), ack: true, ..b.clone() };
-        lb.run(&synack.frame());
-        lb.run(&b.clone().ack().frame());
+        lb.run(&Tcp { syn: true, seq: BACKEND_ISN, ..from_backend(BACKEND, port_b) }.frame());
+        lb.run(&request(&b).frame());
         let now = xlb::dataplane::now_ns();
         let p = GcPolicy {
             now_ns: now + 31_000_000_000,
@@ -2729,6 +2757,9 @@ fn from_backend_to(backend: Ipv4Addr, snat: Ipv4Addr, port: u16) -> Tcp {
         syn: false,
         ack: true,
         seq: 5000,
+        // Acks from_client's SYN (seq 1000): a SYN-ACK built from this is
+        // the one XLB takes to start tracking the backend's sequence.
+        ack_no: 1001,
         ..from_client(80)
     }
 }
@@ -2811,7 +2842,7 @@ fn open_and_close(lb: &mut Lb, syn: &Tcp, backend: Ipv4Addr, backend_first: bool
 
 /// The client's FIN of `close`: 3 bytes of data, ending at CLIENT_FIN_END.
 fn client_fin(syn: &Tcp) -> Tcp {
-    Tcp { fin: true, seq: 1019, payload: b"bye".to_vec(), ..syn.clone().ack() }
+    Tcp { fin: true, seq: syn.seq + 19, payload: b"bye".to_vec(), ..syn.clone().ack() }
 }
 
 /// Closes a connection `open` opened: FIN both ways, the backend's first
@@ -3171,7 +3202,7 @@ fn a_port_with_no_time_wait_behind_it_is_taken_over_whatever_the_sequence() {
         assert_eq!(retired(lb)[&BACKEND], open_close_traffic(&first, BACKEND, port));
 
         // The backend closes first, then resets: a reset ends TIME_WAIT.
-        let synack = Tcp { syn: true, ..from_backend(BACKEND, port) };
+        let synack = Tcp { syn: true, ack_no: second.seq + 1, ..from_backend(BACKEND, port) };
         expect_sent(lb, &synack, &natted_to_client(&synack, second.src), "SYN-ACK");
         let back_fin = Tcp { fin: true, seq: 5001, ..from_backend(BACKEND, port) };
         expect_sent(lb, &back_fin, &natted_to_client(&back_fin, second.src), "backend FIN");

@@ -252,8 +252,12 @@ fn a_million_connections_fit_the_pod_limit_and_xlb_stays_small() {
     let cgroup = MemCgroup::new(POD_LIMIT);
     let ips = BACKENDS.map(|d| format!("10.101.0.{d}"));
     let cfg = static_config(LISTEN, ips, "shutdown_timeout: 1\n");
-    let mut xlb =
-        XlbProcess::start_in_cgroup(&t.lb, &cfg, &cgroup.procs(), &[("RUST_LOG", "info,xlb::sweep=debug")]);
+    let mut xlb = XlbProcess::start_in_cgroup(
+        &t.lb,
+        &cfg,
+        &cgroup.procs(),
+        &[("RUST_LOG", "info,xlb::sweep=debug"), ("XLB_SWEEP_MAX_PAUSE_MS", "5000")],
+    );
     let pid = xlb.child.id();
     let sampler = Sampler::start(pid);
     let instance = xlb.instance.clone().unwrap();
@@ -275,7 +279,7 @@ fn a_million_connections_fit_the_pod_limit_and_xlb_stays_small() {
     assert_eq!(filled["entries_written"].as_u64(), Some(2 * (LIVE + CLOSED + ORPHANED)), "{filled}");
     // Sweeps until one has found exactly the live ones and every ended one
     // is gone; none may have taken a live half for a lone one.
-    let settled = wait_for(Duration::from_secs(90), || {
+    let settled = wait_for(Duration::from_secs(150), || {
         let all = sweeps(&xlb.log());
         let (closed, orphaned, _) = removed_since(&all, before);
         (all.last().is_some_and(|s| s.active == LIVE) && closed == CLOSED && orphaned == ORPHANED)
@@ -295,7 +299,7 @@ fn a_million_connections_fit_the_pod_limit_and_xlb_stays_small() {
     // 5,000 reverse entries without their forward, removed as unpaired.
     let before_lone = all.len();
     fill(&instance, &snat, &["--from", "1000000", "--lone", &LONE.to_string()]);
-    let cleaned = wait_for(Duration::from_secs(60), || {
+    let cleaned = wait_for(Duration::from_secs(120), || {
         let all = sweeps(&xlb.log());
         (removed_since(&all, before_lone).2 == 2 * LONE).then_some(())
     });
@@ -318,7 +322,7 @@ fn a_million_connections_fit_the_pod_limit_and_xlb_stays_small() {
     // fill), the last two at least over all of it, and nothing removed but
     // what had ended.
     let since_fill = |all: &[Sweep]| all.len() - before;
-    wait_for(Duration::from_secs(60), || (since_fill(&sweeps(&xlb.log())) >= 3).then_some(()));
+    wait_for(Duration::from_secs(120), || (since_fill(&sweeps(&xlb.log())) >= 3).then_some(()));
     let all = sweeps(&xlb.log());
     assert!(
         since_fill(&all) >= 3,

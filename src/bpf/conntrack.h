@@ -86,18 +86,20 @@ static __always_inline void ct_note_close(struct flow *f, const struct packet *p
 }
 
 /* Marks the handshake complete on both entries, once it shows: data or a
- * FIN from the backend (its TCP sends them only once established; a bare
- * ACK may be its answer to anyone's out-of-window segment), or a client ACK for the backend's
+ * FIN from the backend right where its sequence was (its TCP sends them only
+ * once established; a bare ACK may be its answer to anyone's out-of-window
+ * segment), or a client ACK for the backend's
  * SYN-ACK (a blind sender cannot know the backend's ISN, so the ack must be near where the
  * backend's sequence was seen). A complete pair is no longer half-open: its port can no longer be
  * recycled (nat.h). Costs a peer lookup per segment until then, which in practice is the client's
  * first ACK. */
-static __always_inline void ct_note_established(struct flow *f, const struct packet *pkt)
+static __always_inline void ct_note_established(struct flow *f, const struct packet *pkt,
+						int in_order)
 {
 	struct flow_key peer = {};
 	struct flow *p;
 
-	if (f->dir == XLB_DIR_TO_CLIENT && seg_end(pkt) == bpf_ntohl(pkt->tcp->seq))
+	if (f->dir == XLB_DIR_TO_CLIENT && (seg_end(pkt) == bpf_ntohl(pkt->tcp->seq) || !in_order))
 		return;
 	flow_peer_key(&peer, f);
 	p = bpf_map_lookup_elem(&conntrack, &peer);
@@ -151,6 +153,30 @@ static __always_inline void ct_proxy_ready(struct flow *f, __u32 backend_isn)
 		__sync_fetch_and_or(&p->tcp_flags, XLB_CT_ESTABLISHED);
 }
 
+/* Whether `seq` lies near where f's sender's sequence was last seen. */
+static __always_inline int seq_near(const struct flow *f, __u32 seq)
+{
+	return seq - (f->seq_next - XLB_RST_BEHIND) < XLB_RST_BEHIND + XLB_RST_AHEAD;
+}
+
+/* Whether a segment may start tracking f's sequence: the client's SYN, or
+ * the backend's SYN-ACK that acks it exactly (a forger cannot know the
+ * client's ISN, so cannot plant the backend's mark). */
+static __always_inline int seq_first(const struct flow *f, const struct packet *pkt, __u32 flags)
+{
+	struct flow_key peer = {};
+	const struct flow *p;
+
+	if (!(flags & XLB_TCP_SYN))
+		return 0;
+	if (f->dir == XLB_DIR_TO_BACKEND)
+		return 1;
+	flow_peer_key(&peer, f);
+	p = bpf_map_lookup_elem(&conntrack, &peer);
+	return (flags & XLB_TCP_ACK) && p && (p->tcp_flags & XLB_CT_SEQ) &&
+	       bpf_ntohl(pkt->tcp->ack_seq) == p->seq_next;
+}
+
 /* Whether a RST may end the connection (RFC 5961 §3, as a middlebox can
  * apply it): its sequence number near where its sender's was last seen
  * (XLB_RST_BEHIND, XLB_RST_AHEAD). A side that has sent nothing yet (the
@@ -163,7 +189,7 @@ static __always_inline int rst_acceptable(const struct flow *f, const struct pac
 	__u32 seq = bpf_ntohl(pkt->tcp->seq);
 
 	if (f->tcp_flags & XLB_CT_SEQ)
-		return seq - (f->seq_next - XLB_RST_BEHIND) < XLB_RST_BEHIND + XLB_RST_AHEAD;
+		return seq_near(f, seq);
 	if (!pkt->tcp->ack)
 		return 0;
 	flow_peer_key(&peer, f);
@@ -181,16 +207,23 @@ static __always_inline int rst_acceptable(const struct flow *f, const struct pac
 static __always_inline void flow_touch(struct flow *f, const struct packet *pkt, __u64 now)
 {
 	__u32 flags = tcp_flags(pkt->tcp);
-	__u32 end = seg_end(pkt), fresh;
+	__u32 seq = bpf_ntohl(pkt->tcp->seq), end = seg_end(pkt), fresh;
+	int tracked = f->tcp_flags & XLB_CT_SEQ;
+	int in_order = tracked && seq == f->seq_next;
 
 	f->packets += 1;
 	f->bytes += pkt->len;
-	/* A RST's sequence number says nothing about what was sent. */
+	/* The sender's mark moves on with its segments, never by a leap a
+	 * forger could make (nor by a RST, which says nothing of what was
+	 * sent). A FIN far from it is no FIN of the sender's. */
 	if (!(flags & XLB_TCP_RST)) {
-		if (!(f->tcp_flags & XLB_CT_SEQ) || (__s32)(end - f->seq_next) > 0)
+		if (tracked ? end - f->seq_next - 1 < XLB_RST_AHEAD : seq_first(f, pkt, flags)) {
 			f->seq_next = end;
-		flags |= XLB_CT_SEQ;
+			flags |= XLB_CT_SEQ;
+		}
 	}
+	if ((flags & XLB_TCP_FIN) && !(tracked && seq_near(f, seq)))
+		flags &= ~XLB_TCP_FIN;
 	fresh = flags & ~f->tcp_flags;
 	if (fresh) {
 		/* seq_next first: the other side reads it once the mark is set. */
@@ -200,7 +233,7 @@ static __always_inline void flow_touch(struct flow *f, const struct packet *pkt,
 		__sync_fetch_and_or(&f->tcp_flags, flags);
 	}
 	if (!(f->tcp_flags & XLB_CT_ESTABLISHED) && !(flags & (XLB_TCP_SYN | XLB_TCP_RST)))
-		ct_note_established(f, pkt);
+		ct_note_established(f, pkt, in_order);
 	if (now - f->last_seen_ns >= XLB_LAST_SEEN_STEP_NS)
 		f->last_seen_ns = now;
 }

@@ -101,6 +101,18 @@ static __always_inline struct outcome icmp_error(struct xdp_md *ctx, struct pack
 	q.ip->daddr = dst;
 	q.ports[0] = sport;
 	q.ports[1] = dport;
+	/* A segment XLB sent a proxied connection's client carries the
+	 * backend's sequence in the client's view (nat.h): the backend only
+	 * believes an error quoting its own. */
+	if (y->dir == XLB_DIR_TO_BACKEND && (y->tcp_flags & XLB_CT_PROXY) &&
+	    (y->tcp_flags & XLB_CT_ESTABLISHED) &&
+	    (void *)(q.ports + 4) <= (void *)(long)ctx->data_end) {
+		__u32 *seq = (__u32 *)(q.ports + 2);
+		__u32 was = *seq, now = bpf_htonl(bpf_ntohl(was) + y->seq_delta);
+
+		csum_replace4(&q.icmp->checksum, was, now);
+		*seq = now;
+	}
 
 	/* A path MTU below the floor is a forgery or a broken link: raise it,
 	 * so one error cannot shrink the path of everyone behind the NAT. */

@@ -128,7 +128,10 @@ static __always_inline int nat_claim_port(struct flow_key *rev_key, const struct
 			port = min + bpf_get_prandom_u32() % span;
 		}
 		rev_key->dport = bpf_htons(port);
-		err = bpf_map_update_elem(&conntrack, rev_key, rev, BPF_NOEXIST);
+		/* A full table refuses every insert: the rest only look. */
+		err = why == XLB_CNT_DROP_CT_FULL
+			      ? -E2BIG
+			      : bpf_map_update_elem(&conntrack, rev_key, rev, BPF_NOEXIST);
 		if (!err) {
 			count(how);
 			return -1;

@@ -131,6 +131,10 @@ static __always_inline struct outcome synproxy_open(struct xdp_md *ctx, struct p
 	struct flow *f;
 	int why;
 
+	/* A local sender's checksum left to offload cannot be rewritten into
+	 * a segment of XLB's own: such a client is not proxied. */
+	if (is_generic(ingress_iface(ctx)) && tcp_csum_is_seed(ctx, pkt))
+		return unknown_flow(ctx, pkt);
 	if (!synproxy_cookie_ok(pkt)) {
 		count(XLB_CNT_SYNPROXY_FAILED);
 		return unknown_flow(ctx, pkt);
@@ -228,8 +232,10 @@ static __always_inline struct outcome to_backend(struct xdp_md *ctx, struct pack
 	be = pick_backend(key);
 	if (!be)
 		return verdict(XDP_DROP, XLB_CNT_DROP_NO_BACKEND);
-	/* Under a SYN flood: no state until the client answers a cookie. */
-	if (!f && (config.flags & XLB_F_SYN_PROXY)) {
+	/* Under a SYN flood: no state until the client answers a cookie (a
+	 * local sender's, whose checksum is left to offload, excepted). */
+	if (!f && (config.flags & XLB_F_SYN_PROXY) &&
+	    !(is_generic(ingress_iface(ctx)) && tcp_csum_is_seed(ctx, pkt))) {
 		if (synproxy_answer(ctx, pkt))
 			return verdict(XDP_DROP, XLB_CNT_DROP_NO_FLOW);
 		return verdict(bounce(ctx, ingress_iface(ctx)), XLB_CNT_SYNPROXY_COOKIE);
@@ -252,18 +258,23 @@ static __always_inline struct outcome to_backend(struct xdp_md *ctx, struct pack
  * interface XLB did not attach is a test run (BPF_PROG_TEST_RUN), which
  * injects every frame on one interface: not checked. */
 static __always_inline int reply_on_its_route(struct xdp_md *ctx, struct packet *pkt,
-					      struct flow *f, __u64 now)
+					      struct flow *f)
 {
-	const struct iface *in = ingress_iface(ctx);
-	struct bpf_fib_lookup fib = {};
+	/* No MTU check (tot_len 0): only the interface is asked, and a
+	 * forged reply's size must not decide it. */
+	struct bpf_fib_lookup fib = {
+		.family = AF_INET,
+		.l4_protocol = IPPROTO_TCP,
+		.ipv4_src = pkt->ip->daddr,
+		.ipv4_dst = pkt->ip->saddr,
+		.ifindex = pkt->l3_ifindex,
+	};
 	long rc;
 
-	if (f->reply_ifindex == pkt->l3_ifindex || !in)
+	if (f->reply_ifindex == pkt->l3_ifindex || !ingress_iface(ctx))
 		return 1;
-	rc = route(ctx, pkt, pkt->ip->daddr, pkt->ip->saddr, in, &fib, now);
-	/* A cached answer for a smaller MTU names no interface: take it. */
-	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
-		return 1;
+	count(XLB_CNT_NEXTHOP_MISS);
+	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
 	if ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) ||
 	    fib.ifindex != pkt->l3_ifindex)
 		return 0;
@@ -281,7 +292,7 @@ static __always_inline struct outcome to_client(struct xdp_md *ctx, struct packe
 	if (!f)
 		return verdict(XDP_PASS, XLB_CNT_PASS_NOT_OURS);
 	now = bpf_ktime_get_coarse_ns();
-	if (!reply_on_its_route(ctx, pkt, f, now))
+	if (!reply_on_its_route(ctx, pkt, f))
 		return verdict(XDP_DROP, XLB_CNT_DROP_REPLY_IFACE);
 	if ((f->tcp_flags & XLB_CT_PROXY) && (tcp_flags(pkt->tcp) & XLB_TCP_SYN))
 		return synproxy_backend_answered(ctx, pkt, f, now);

@@ -39,13 +39,15 @@
 #define XLB_BUDGET_DRAIN_RST 2
 #define XLB_BUDGETS	     3
 
-/* A RST is acted on only if its sequence number lies this far behind or
- * ahead of where its sender's sequence was last seen (RFC 5961 §3 as a
- * middlebox can apply it: XLB does not track windows, and a sender's RST
- * carries its snd_nxt, which can be ahead of what XLB saw only by what was
- * lost before reaching it). A blind attacker needs 2^32 / (behind + ahead)
+/* A RST or FIN is acted on only if its sequence number lies this far behind
+ * or ahead of where its sender's sequence was last seen, and that mark only
+ * moves forward by at most XLB_RST_AHEAD at a time (RFC 5961 §3 as a
+ * middlebox can apply it: XLB does not track windows). A sender's RST
+ * carries its snd_nxt, ahead of what XLB saw only by what was lost before
+ * reaching it; a RST answering the peer's ACK carries that ACK, behind by
+ * what was in flight. A blind attacker needs about 2^32 / 2 MiB = 2048
  * guesses per connection. */
-#define XLB_RST_BEHIND (1U << 16)
+#define XLB_RST_BEHIND (1U << 20)
 #define XLB_RST_AHEAD  (1U << 20)
 
 /* A translated "fragmentation needed" never advertises less than this (the
@@ -99,10 +101,13 @@
 
 /* The SYN proxy's own segments: its SYN-ACK carries the MSS option only (a
  * cookie from bpf_tcp_raw_gen_syncookie_ipv4 remembers nothing else, so
- * window scaling, SACK and timestamps are not offered on either side); the
- * SYN to the backend offers this MSS. */
+ * window scaling, SACK and timestamps are not offered on either side). The
+ * client's MSS is not known either (the cookie encodes it, keyed): the SYN
+ * to the backend offers 1300, the kernel's cookie table's value below 1440,
+ * so clients behind PPPoE or a VPN get segments they can take; smaller ones
+ * are found by path MTU discovery (icmp.h translates the quoted sequence). */
 #define XLB_SYNPROXY_TCP_LEN 24
-#define XLB_SYNPROXY_MSS     1460
+#define XLB_SYNPROXY_MSS     1300
 #define XLB_SYNPROXY_WINDOW  65535
 #define XLB_TCP_MAX_LEN	     60
 

@@ -14,6 +14,7 @@ const TCP_RST: u32 = 0x04;
 const CT_FIN_FIRST: u32 = 1 << 8;
 const CT_CLOSED: u32 = 1 << 10;
 const CT_RESET: u32 = 1 << 11;
+const CT_ESTABLISHED: u32 = 1 << 13;
 
 /// One conntrack entry, decoded.
 #[derive(Debug, Clone, Copy)]
@@ -76,15 +77,15 @@ fn backend_holds_time_wait(rev: &Flow) -> bool {
 /// A TCP connection's state as XLB sees it, from the flags seen each way.
 pub fn connection_state(fwd: &Flow, rev: Option<&Flow>) -> &'static str {
     let (f, r) = (fwd.tcp_flags, rev.map_or(0, |r| r.tcp_flags));
-    const SYN: u32 = 0x02;
-    const ACK: u32 = 0x10;
     if (f | r) & TCP_RST != 0 {
         "reset"
     } else if f & TCP_FIN != 0 && r & TCP_FIN != 0 {
         "closed"
     } else if (f | r) & TCP_FIN != 0 {
         "closing"
-    } else if r & SYN != 0 && f & ACK != 0 {
+    } else if (f | r) & CT_ESTABLISHED != 0 {
+        // The data path's mark, not the flags seen: a forged ACK sets ACK,
+        // and a proxied client's handshake ACK became the backend's SYN.
         "established"
     } else {
         "syn_sent"
@@ -456,8 +457,10 @@ fn expire_lone_reverse(map: &MapMut<'_>, p: &GcPolicy, e: &FlowEntry, stats: &mu
     if p.now_ns.saturating_sub(e.flow.last_seen_ns) <= hold {
         return Ok(());
     }
-    if !paired(map, &peer_key(&e.flow), &e.key) && unchanged(map, &e.key, &e.flow) {
-        take(map, &e.key, &e.flow)?;
+    if !paired(map, &peer_key(&e.flow), &e.key)
+        && unchanged(map, &e.key, &e.flow)
+        && take(map, &e.key, &e.flow)?
+    {
         stats.unpaired += 1;
     }
     Ok(())
@@ -485,12 +488,15 @@ fn paired(map: &MapMut<'_>, key: &FlowKey, with: &FlowKey) -> bool {
 
 /// Removes an entry the sweep judged from `seen`, atomically; one that moved
 /// in the meantime is put back (the data path rewrites an entry whole when it
-/// reopens it). Whether the judged entry is gone.
+/// reopens it). Whether this call removed the judged entry (not if it had
+/// gone already, or moved).
 fn take(map: &MapMut<'_>, key: &FlowKey, seen: &Flow) -> Result<bool> {
     let now: Flow = match map.lookup_and_delete(bytes(key)) {
         Ok(Some(v)) => from_bytes(&v),
-        Ok(None) => return Ok(true),
-        Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => return Ok(true),
+        // Gone already: the data path recycled or reopened it meanwhile, so
+        // what the sweep judged is no more; its partner stays.
+        Ok(None) => return Ok(false),
+        Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(e).context("deleting a conntrack entry"),
     };
     if same(&now, seen) {

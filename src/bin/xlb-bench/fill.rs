@@ -41,6 +41,8 @@ const TCP_ACK: u32 = 0x10;
 /// struct flow.tcp_flags marks (xlb_consts.h XLB_CT_*).
 const CT_FIN_FIRST: u32 = 1 << 8;
 const CT_CLOSED: u32 = 1 << 10;
+const CT_SEQ: u32 = 1 << 12;
+const CT_ESTABLISHED: u32 = 1 << 13;
 const DIR_TO_BACKEND: u8 = 1;
 const DIR_TO_CLIENT: u8 = 2;
 /// Idle time of closed and lone entries: past the sweep's 10 s grace period.
@@ -102,7 +104,7 @@ impl Plan {
             last_seen_ns: now,
             packets: 10,
             bytes: 1_000,
-            tcp_flags: TCP_SYN | TCP_ACK,
+            tcp_flags: TCP_SYN | TCP_ACK | CT_SEQ | CT_ESTABLISHED,
             dir: DIR_TO_BACKEND,
             ..Default::default()
         };
@@ -117,7 +119,7 @@ impl Plan {
             last_seen_ns: now,
             packets: 10,
             bytes: 10_000,
-            tcp_flags: TCP_SYN | TCP_ACK,
+            tcp_flags: TCP_SYN | TCP_ACK | CT_SEQ | CT_ESTABLISHED,
             dir: DIR_TO_CLIENT,
             ..Default::default()
         };
