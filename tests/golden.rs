@@ -832,6 +832,36 @@ fn half_open_pairs_are_recycled_when_ports_run_out_established_ones_never() {
     );
 }
 
+/// A backend may still hold a recycled pair's SYN_RECV on the very 4-tuple,
+/// and answers a SYN inside that connection's window with a RST: such a SYN
+/// is not given the port. A client answering the backend's stale ACK with
+/// a RST gets it through (the handshake has not completed).
+#[test]
+fn a_half_open_pair_is_not_recycled_for_a_syn_inside_its_window() {
+    case_on(
+        "true",
+        || Lb::with_nat_ports(ONE, (20000, 20000)),
+        |lb| {
+            let spoofed = Tcp { src: ([198, 51, 100, 7].into(), 1234), seq: 1_000_000, ..from_client(80) };
+            lb.run(&spoofed.frame());
+            let close = Tcp { seq: 1_000_005, ..from_client(80) };
+            expect_dropped(lb, &close, "inside the old window");
+            let far = Tcp { seq: 1_000_000u32.wrapping_add(1 << 31), ..from_client(80) };
+            assert_eq!(lb.run(&far.frame()).0, XDP_TX, "outside it: recycled");
+            let d = lb.dp.counters().unwrap().since(&lb.seen);
+            assert_eq!(
+                (d.get(Counter::XLB_CNT_NAT_RECYCLED), d.get(Counter::XLB_CNT_DROP_NAT_EXHAUSTED)),
+                (1, 1)
+            );
+            // The client's RST for the backend's stale ACK goes through.
+            let rst = Tcp { syn: false, rst: true, seq: 1_000_001, ..from_client(80) };
+            let (action, _) = lb.run(&rst.frame());
+            assert_eq!(action, XDP_TX);
+            lb.seen = lb.dp.counters().unwrap();
+        },
+    );
+}
+
 /// A client ACK that does not ack the backend's SYN-ACK (a blind guess)
 /// does not complete the handshake: the pair stays recyclable.
 #[test]

@@ -188,6 +188,13 @@ static __always_inline int rst_acceptable(const struct flow *f, const struct pac
 	const struct flow *p;
 	__u32 seq = bpf_ntohl(pkt->tcp->seq);
 
+	/* A client whose handshake has not completed answers a backend's ACK
+	 * for some older connection on the tuple (a recycled port whose
+	 * SYN_RECV the backend still holds) with a RST of that ACK's number:
+	 * it must get through, or the backend keeps refusing the tuple. A
+	 * forged one only ends a half-open pair, which a SYN reopens. */
+	if (f->dir == XLB_DIR_TO_BACKEND && !(f->tcp_flags & XLB_CT_ESTABLISHED))
+		return 1;
 	if (f->tcp_flags & XLB_CT_SEQ)
 		return seq_near(f, seq);
 	if (!pkt->tcp->ack)
@@ -322,6 +329,12 @@ static __always_inline int ct_claim(struct flow_key *rev_key, const struct flow 
 	old = *t;
 	flow_peer_key(&old_fwd, &old);
 	of = bpf_map_lookup_elem(&conntrack, &old_fwd);
+	/* The backend may still hold the half-open connection (SYN_RECV) on
+	 * this very 4-tuple, and answers a SYN inside its window with a RST:
+	 * not with this SYN's sequence number. */
+	if (!spare.tombstone && of && flow_pairs_with(of, rev_key) &&
+	    (of->tcp_flags & XLB_CT_SEQ) && syn_seq - of->seq_next < XLB_RST_AHEAD)
+		return why;
 	if (bpf_map_update_elem(&conntrack, rev_key, rev, BPF_EXIST))
 		return why;
 	if (spare.tombstone) {
