@@ -101,6 +101,7 @@ pub fn backend_status(
                 connections_closed_rst: t.closed_reported.rst,
                 connections_orphaned: t.orphaned,
                 traffic,
+                check: Default::default(),
             })
         })
         .collect();

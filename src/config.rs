@@ -78,6 +78,10 @@ pub struct Config {
     /// engages (it lets go below half of it).
     #[serde(default = "default_syn_proxy_threshold")]
     pub syn_proxy_threshold: u32,
+    /// Active health checks of every backend; absent: none (every backend
+    /// the provider lists is eligible, as without checks).
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
 }
 
 fn default_syn_proxy_threshold() -> u32 {
@@ -97,6 +101,183 @@ pub enum SynProxy {
     On,
     /// Never: SYNs go to the backends as they come.
     Off,
+}
+
+/// `health_check`: probes XLB sends to every backend from the node's own
+/// network stack. A backend that fails `fall` in a row leaves the Maglev
+/// table for new connections; `rise` successes in a row bring it back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    #[serde(rename = "type", default)]
+    pub kind: CheckType,
+    /// Default: the first `ports[]` mapping's remote_port (filled in at parse).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// http only; default `/` (filled in at parse).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// http only: the statuses that pass, a code or a range; default 200-399.
+    #[serde(default)]
+    pub expect_status: Option<StatusRange>,
+    #[serde(default = "default_check_interval_ms")]
+    pub interval_ms: u64,
+    #[serde(default = "default_check_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Consecutive successes to become healthy.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Consecutive failures to become unhealthy.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+}
+
+fn default_check_interval_ms() -> u64 {
+    1000
+}
+fn default_check_timeout_ms() -> u64 {
+    500
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
+}
+
+/// The bounds of `health_check` values.
+pub const CHECK_INTERVAL_MS: RangeInclusive<u64> = 50..=3_600_000;
+pub const CHECK_RISE_FALL: RangeInclusive<u32> = 1..=100;
+
+/// `health_check.type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckType {
+    /// A TCP connect that completes.
+    #[default]
+    Tcp,
+    /// An HTTP/1.1 GET of `path` answered with a status in `expect_status`.
+    Http,
+}
+
+impl CheckType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckType::Tcp => "tcp",
+            CheckType::Http => "http",
+        }
+    }
+}
+
+/// HTTP statuses `min..=max`, written `200` or `200-399`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+impl StatusRange {
+    pub fn contains(&self, code: u16) -> bool {
+        (self.min..=self.max).contains(&code)
+    }
+}
+
+impl Default for StatusRange {
+    fn default() -> Self {
+        StatusRange { min: 200, max: 399 }
+    }
+}
+
+impl fmt::Display for StatusRange {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        if self.min == self.max {
+            write!(f, "{}", self.min)
+        } else {
+            write!(f, "{}-{}", self.min, self.max)
+        }
+    }
+}
+
+impl Serialize for StatusRange {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.min == self.max {
+            s.serialize_u16(self.min)
+        } else {
+            s.serialize_str(&self.to_string())
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for StatusRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct RangeVisitor;
+        impl Visitor<'_> for RangeVisitor {
+            type Value = StatusRange;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an HTTP status code such as 200 or a range such as 200-399")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<StatusRange, E> {
+                let code = u16::try_from(v).map_err(|_| E::invalid_value(Unexpected::Unsigned(v), &self))?;
+                Ok(StatusRange { min: code, max: code })
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<StatusRange, E> {
+                Err(E::invalid_value(Unexpected::Signed(v), &self))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<StatusRange, E> {
+                let bad = || E::invalid_value(Unexpected::Str(v), &self);
+                let (a, b) = v.split_once('-').unwrap_or((v, v));
+                let min = a.trim().parse().map_err(|_| bad())?;
+                let max = b.trim().parse().map_err(|_| bad())?;
+                Ok(StatusRange { min, max })
+            }
+        }
+        d.deserialize_any(RangeVisitor)
+    }
+}
+
+impl HealthCheck {
+    /// Writes out the defaults that depend on the rest of the config, so
+    /// `xlb check` prints them: the port, and for http the path and statuses.
+    fn fill_defaults(&mut self, ports: &[PortMap]) {
+        if self.port.is_none() {
+            self.port = ports.first().map(|p| p.remote_port);
+        }
+        if self.kind == CheckType::Http {
+            self.path.get_or_insert_with(|| "/".into());
+            self.expect_status.get_or_insert_with(StatusRange::default);
+        }
+    }
+
+    fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        if let Some(port) = self.port {
+            in_range(port, 1..=u16::MAX, format!("{at}.port"))?;
+        }
+        if self.kind == CheckType::Tcp {
+            let message = "is for type: http only; remove it or set type: http";
+            ensure(self.path.is_none(), format!("{at}.path"), message)?;
+            ensure(self.expect_status.is_none(), format!("{at}.expect_status"), message)?;
+        }
+        if let Some(path) = &self.path {
+            // It goes into the request line as it is.
+            let message = format!(
+                "`{path}` is not a request path; it must start with '/' and hold printable ASCII without spaces"
+            );
+            let ok =
+                path.starts_with('/') && path.len() <= 1024 && path.bytes().all(|b| b.is_ascii_graphic());
+            ensure(ok, format!("{at}.path"), message)?;
+        }
+        if let Some(r) = self.expect_status {
+            in_range(r.min, 100..=599, format!("{at}.expect_status"))?;
+            in_range(r.max, 100..=599, format!("{at}.expect_status"))?;
+            let message = format!("{}-{} is empty; write the lower code first", r.min, r.max);
+            ensure(r.min <= r.max, format!("{at}.expect_status"), message)?;
+        }
+        in_range(self.interval_ms, CHECK_INTERVAL_MS, format!("{at}.interval_ms"))?;
+        // A probe ends before the next one to the same backend starts.
+        in_range(self.timeout_ms, 1..=self.interval_ms, format!("{at}.timeout_ms"))?;
+        in_range(self.rise, CHECK_RISE_FALL, format!("{at}.rise"))?;
+        in_range(self.fall, CHECK_RISE_FALL, format!("{at}.fall"))
+    }
 }
 
 fn default_orphan_ttl_secs() -> u64 {
@@ -657,6 +838,12 @@ impl Config {
                 }
                 _ => ConfigError::from_serde(e),
             })
+            .map(|mut config: Config| {
+                if let Some(hc) = &mut config.health_check {
+                    hc.fill_defaults(&config.ports);
+                }
+                config
+            })
             .and_then(|config: Config| config.validate().map(|()| config))
             .map_err(|e| e.in_file(origin))
     }
@@ -708,6 +895,9 @@ impl Config {
         self.rate_limits.rst.validate("rate_limits.rst")?;
         self.rate_limits.drain_rst.validate("rate_limits.drain_rst")?;
         in_range(self.syn_proxy_threshold, 1..=50_000_000, "syn_proxy_threshold")?;
+        if let Some(hc) = &self.health_check {
+            hc.validate("health_check")?;
+        }
         ensure(self.admin.port != 0, "admin.port", "is 0; allowed 1..=65535")?;
         if let Some(auth) = &self.admin.auth {
             auth.validate("admin.auth")?;
@@ -1492,5 +1682,123 @@ provider: {static: {backends: [{name: a, ip: 10.0.0.2}]}}
         reject |c| c.maglev_table_size = 65_536
             => "maglev_table_size", "not prime; Maglev needs a prime, e.g. 65537";
         accept |c| c.maglev_table_size = 65_521;
+    }
+
+    fn check(kind: CheckType) -> HealthCheck {
+        let mut hc = HealthCheck {
+            kind,
+            port: None,
+            path: None,
+            expect_status: None,
+            interval_ms: 1000,
+            timeout_ms: 500,
+            rise: 2,
+            fall: 3,
+        };
+        hc.fill_defaults(&base().ports);
+        hc
+    }
+
+    fn hc(c: &mut Config) -> &mut HealthCheck {
+        c.health_check.get_or_insert_with(|| check(CheckType::Tcp))
+    }
+
+    fn http(c: &mut Config) -> &mut HealthCheck {
+        c.health_check.insert(check(CheckType::Http))
+    }
+
+    #[test]
+    fn health_check_is_off_unless_set_and_fills_its_defaults() {
+        assert_eq!(base().health_check, None);
+        assert!(base().to_yaml().contains("health_check: null\n"));
+        let c = Config::parse(&format!("{MINIMAL}health_check: {{}}\n"), "t.yaml").unwrap();
+        let hc = c.health_check.clone().unwrap();
+        assert_eq!(hc, check(CheckType::Tcp));
+        assert_eq!((hc.port, hc.interval_ms, hc.timeout_ms, hc.rise, hc.fall), (Some(8080), 1000, 500, 2, 3));
+        assert_eq!((hc.path, hc.expect_status), (None, None), "tcp has no path or statuses");
+        let yaml = c.to_yaml();
+        assert!(yaml.contains("health_check:\n  type: tcp\n  port: 8080\n"), "{yaml}");
+        assert_eq!(Config::parse(&yaml, "out").unwrap(), c);
+
+        let c = Config::parse(&format!("{MINIMAL}health_check: {{type: http}}\n"), "t.yaml").unwrap();
+        let hc = c.health_check.clone().unwrap();
+        assert_eq!(
+            (hc.path.as_deref(), hc.expect_status),
+            (Some("/"), Some(StatusRange { min: 200, max: 399 }))
+        );
+        let yaml = c.to_yaml();
+        assert!(yaml.contains("path: /\n") && yaml.contains("expect_status: 200-399\n"), "{yaml}");
+        assert_eq!(Config::parse(&yaml, "out").unwrap(), c);
+
+        let text = format!(
+            "{MINIMAL}health_check: {{type: http, port: 9000, path: /healthz, expect_status: 204, \
+             interval_ms: 200, timeout_ms: 100, rise: 1, fall: 5}}\n"
+        );
+        let hc = Config::parse(&text, "t.yaml").unwrap().health_check.unwrap();
+        assert_eq!(hc.port, Some(9000));
+        assert_eq!(hc.path.as_deref(), Some("/healthz"));
+        assert_eq!(hc.expect_status, Some(StatusRange { min: 204, max: 204 }));
+        assert_eq!((hc.interval_ms, hc.timeout_ms, hc.rise, hc.fall), (200, 100, 1, 5));
+    }
+
+    #[test]
+    fn health_check_shape_errors() {
+        let fails = |v: &str, needle| parse_fails(&format!("{MINIMAL}health_check: {v}\n"), needle);
+        fails("{type: udp}", "health_check.type: unknown variant `udp`, expected `tcp` or `http`");
+        fails(
+            "{type: http, expect_status: 2xx}",
+            "health_check.expect_status: invalid value: string \"2xx\"",
+        );
+        fails("{type: http, expect_status: -1}", "health_check.expect_status: invalid value");
+        fails("{interval: 5}", "health_check.interval: unknown field `interval`, expected one of");
+        fails("{port: 70000}", "health_check.port");
+        // passive_health is not implemented: the key is unknown, not silently ignored.
+        parse_fails(&format!("{MINIMAL}passive_health: {{fall: 5}}\n"), "unknown field `passive_health`");
+    }
+
+    rule! { health_check_port_nonzero:
+        reject |c| hc(c).port = Some(0) => "health_check.port", "allowed 1..=65535";
+        accept |c| hc(c).port = Some(65535);
+    }
+    rule! { health_check_path_http_only:
+        reject |c| hc(c).path = Some("/healthz".into()) => "health_check.path", "type: http only";
+        accept |c| http(c).path = Some("/healthz".into());
+    }
+    rule! { health_check_path_is_a_request_path:
+        reject |c| http(c).path = Some("healthz".into()) => "health_check.path", "must start with '/'";
+        reject |c| http(c).path = Some("/a b".into()) => "health_check.path", "without spaces";
+        reject |c| http(c).path = Some("/a\r\nX: y".into()) => "health_check.path", "printable ASCII";
+        accept |c| http(c).path = Some("/status/ready?full=1".into());
+    }
+    rule! { health_check_expect_status_range:
+        reject |c| hc(c).expect_status = Some(StatusRange::default()) => "health_check.expect_status", "type: http only";
+        reject |c| http(c).expect_status = Some(StatusRange { min: 99, max: 200 }) => "health_check.expect_status", "allowed 100..=599";
+        reject |c| http(c).expect_status = Some(StatusRange { min: 300, max: 200 }) => "health_check.expect_status", "300-200 is empty";
+        accept |c| http(c).expect_status = Some(StatusRange { min: 100, max: 599 });
+        accept |c| http(c).expect_status = Some(StatusRange { min: 204, max: 204 });
+    }
+    rule! { health_check_interval_ms_range:
+        reject |c| hc(c).interval_ms = 49 => "health_check.interval_ms", "allowed 50..=3600000";
+        reject |c| hc(c).interval_ms = 3_600_001 => "health_check.interval_ms", "out of range";
+        accept |c| { hc(c).interval_ms = 50; hc(c).timeout_ms = 50; };
+        accept |c| hc(c).interval_ms = 3_600_000;
+    }
+    rule! { health_check_timeout_ms_within_interval:
+        reject |c| hc(c).timeout_ms = 0 => "health_check.timeout_ms", "allowed 1..=1000";
+        reject |c| hc(c).timeout_ms = 1001 => "health_check.timeout_ms", "allowed 1..=1000";
+        accept |c| hc(c).timeout_ms = 1000;
+        accept |c| hc(c).timeout_ms = 1;
+    }
+    rule! { health_check_rise_1_to_100:
+        reject |c| hc(c).rise = 0 => "health_check.rise", "allowed 1..=100";
+        reject |c| hc(c).rise = 101 => "health_check.rise", "out of range";
+        accept |c| hc(c).rise = 1;
+        accept |c| hc(c).rise = 100;
+    }
+    rule! { health_check_fall_1_to_100:
+        reject |c| hc(c).fall = 0 => "health_check.fall", "allowed 1..=100";
+        reject |c| hc(c).fall = 101 => "health_check.fall", "out of range";
+        accept |c| hc(c).fall = 1;
+        accept |c| hc(c).fall = 100;
     }
 }

@@ -7,6 +7,7 @@ pub mod balancer;
 pub mod cli;
 pub mod config;
 pub mod dataplane;
+pub mod health;
 pub mod ifaces;
 pub mod inspect;
 pub mod lifecycle;

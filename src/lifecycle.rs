@@ -25,6 +25,10 @@ use crate::triggers::{Request, Triggers};
 /// How long startup waits for a provider's first complete backend set.
 const FIRST_SYNC_WAIT: Duration = Duration::from_secs(5);
 
+/// How long startup waits for the first health check results beyond one
+/// probe's timeout (the first probes are spread over up to 200 ms).
+const FIRST_CHECK_SLACK: Duration = Duration::from_millis(500);
+
 /// The host-side facts a config resolves to.
 #[derive(Debug)]
 struct Network {
@@ -52,7 +56,22 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
             FIRST_SYNC_WAIT.as_secs()
         );
     }
-    let initial = provider.backends.borrow().clone();
+    // With health checks, the balancer follows the backends that pass
+    // them; the first result of each decides, so wait for those (bounded
+    // by one probe's timeout) before the first table is built.
+    let (backends, checks) = match &cfg.health_check {
+        None => (provider.backends, None),
+        Some(hc) => {
+            let default_port = cfg.ports.first().map_or(0, |p| p.remote_port);
+            let mut gate = crate::health::start(hc, default_port, provider.backends);
+            let wait = Duration::from_millis(hc.timeout_ms) + FIRST_CHECK_SLACK;
+            if tokio::time::timeout(wait, gate.report.wait_for(|r| r.decided())).await.is_err() {
+                warn!("not every backend has a health check result after {wait:?}; starting anyway");
+            }
+            (gate.eligible.clone(), Some(gate))
+        }
+    };
+    let initial = backends.borrow().clone();
     let net = resolve_network(&cfg).await?;
     check_nat_range(&cfg)?;
     report_nat_capacity(&cfg, net.snat.len());
@@ -141,13 +160,8 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
     }
     let (set_tx, set_rx) = watch::channel(set.current_with_ids());
     let (in_use_tx, in_use_rx) = watch::channel(None);
-    let balancer = tokio::spawn(crate::balancer::feed::balancer_loop(
-        set,
-        provider.backends,
-        dp.clone(),
-        set_tx,
-        status.clone(),
-    ));
+    let balancer =
+        tokio::spawn(crate::balancer::feed::balancer_loop(set, backends, dp.clone(), set_tx, status.clone()));
     let interfaces = tokio::spawn(ifaces.run(set_rx.clone(), in_use_rx));
     let nexthops = tokio::spawn(crate::nexthops::invalidate_loop(dp.clone()));
     let totals = crate::accounting::Totals::default();
@@ -168,6 +182,7 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
         totals,
         set_rx,
         provider.health,
+        checks.as_ref().map(|g| g.report.clone()),
     ));
     status.update(|s| {
         s.phase = Phase::Running;

@@ -37,8 +37,9 @@ pub struct BackendStatus {
     pub name: String,
     pub address: Ipv4Addr,
     pub weight: u32,
-    /// `active` (gets new connections) or `draining` (left the set; its
-    /// existing connections continue).
+    /// `active` (gets new connections), `excluded` (listed, but its health
+    /// check keeps it out of the table; existing connections continue) or
+    /// `draining` (left the set; its existing connections continue).
     pub state: &'static str,
     /// Live connections at the last sweep.
     pub connections_active: u64,
@@ -50,6 +51,37 @@ pub struct BackendStatus {
     /// Bytes and packets since start, both directions (ended connections
     /// plus live ones as of the last sweep).
     pub traffic: Traffic,
+    /// Its health check (all null without `health_check`).
+    #[serde(flatten)]
+    pub check: CheckStatus,
+}
+
+/// One backend's health check, as the status document shows it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct CheckStatus {
+    /// `unknown`, `healthy` or `unhealthy`.
+    pub health: Option<&'static str>,
+    /// What the last check saw: `connect ok`, `connect refused`, `status 500`, ...
+    pub last_check: Option<String>,
+    /// When `health` last changed (unix ms).
+    pub health_changed_unix_ms: Option<u64>,
+    /// How long the last check took.
+    pub check_latency_ms: Option<f64>,
+}
+
+/// The health checks as a whole (`health_check` in the config).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct HealthChecks {
+    /// `tcp` or `http`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// Listed backends by health.
+    pub healthy: u64,
+    pub unhealthy: u64,
+    pub unknown: u64,
+    /// No backend passes its check: all listed backends stay eligible
+    /// (readiness says `no_healthy_backends`).
+    pub fail_open: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -71,6 +103,8 @@ pub struct Status {
     pub interfaces: Vec<InterfaceStatus>,
     pub backends: Vec<BackendStatus>,
     pub provider: Option<ProviderHealth>,
+    /// Null without `health_check`.
+    pub health_checks: Option<HealthChecks>,
     /// Connections tracked at the last sweep.
     pub connections_active: u64,
     /// Of those, the ones whose handshake had not completed.
@@ -113,6 +147,7 @@ impl Default for Status {
             interfaces: Vec::new(),
             backends: Vec::new(),
             provider: None,
+            health_checks: None,
             connections_active: 0,
             connections_half_open: 0,
             syn_proxy: "off",
@@ -146,6 +181,10 @@ impl Status {
             }
             Phase::Running if !self.converged => Some("not_converged"),
             Phase::Running if !self.backends.iter().any(|b| b.state == "active") => Some("no_backends"),
+            // Still serving: every listed backend stays eligible.
+            Phase::Running if self.health_checks.as_ref().is_some_and(|h| h.fail_open) => {
+                Some("no_healthy_backends")
+            }
             Phase::Running => None,
         }
     }

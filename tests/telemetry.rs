@@ -84,6 +84,7 @@ fn backend(name: &str, last: u8, state: &'static str, bytes: u64) -> BackendStat
             bytes_to_client: bytes * 4,
             packets_to_client: 30,
         },
+        check: Default::default(),
     }
 }
 

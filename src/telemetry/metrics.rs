@@ -512,6 +512,7 @@ pub(crate) mod tests {
                 bytes_to_client: bytes * 10,
                 packets_to_client: bytes / 10,
             },
+            check: Default::default(),
         }
     }
 

@@ -364,6 +364,10 @@ def refuses_bad_values():
         ({"config": {"ports": [{"local_port": 70000, "remote_port": 80}]}}, "/config/ports/0/local_port"),
         ({"config": {"admin": {"address": "10.0.0.1"}}}, "/config/admin/address"),
         ({"config": {"proto": "udp"}}, "/config/proto"),
+        ({"config": {"health_check": {"type": "udp"}}}, "/config/health_check/type"),
+        ({"config": {"health_check": {"interval": 100}}}, "interval"),
+        ({"config": {"health_check": {"expect_status": "2xx"}}}, "/config/health_check/expect_status"),
+        ({"config": {"health_check": {"fall": 0}}}, "/config/health_check/fall"),
         ({"service": {"type": "NodePort"}}, "/service/type"),
         ({"terminationGracePeriod": 90}, "terminationGracePeriod"),
         ({"hostNetwork": False}, "/hostNetwork"),
@@ -383,7 +387,7 @@ def config_keys_match_xlb():
     key xlb refuses. The key tree comes from `xlb check` (every key, unset
     ones as null)."""
     schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["config"]
-    base = {"ports": [{"local_port": 80, "remote_port": 8080}], "name": "x", "interfaces": ["eth0"], "snat_ip": "10.0.0.5"}
+    base = {"ports": [{"local_port": 80, "remote_port": 8080}], "name": "x", "interfaces": ["eth0"], "snat_ip": "10.0.0.5", "health_check": {"type": "http"}}
     trees = [
         xlb_check(yaml.safe_dump({**base, "provider": {"kubernetes": {"service": "web"}}})),
         xlb_check(yaml.safe_dump({**base, "provider": {"static": {"backends": [{"name": "a", "ip": "10.0.0.1"}]}}})),
@@ -418,6 +422,8 @@ def rendered_config_passes_xlb_check():
         with_quick_start({"config": {"listen": {"ip": "192.0.2.10"}, "interfaces": ["eth0", "eth1"], "name": "edge"}}),
         with_quick_start({"config": {"admin": {"address": "0.0.0.0", "port": 9191}, "shutdown_file": "/tmp/drain"}}),
         with_quick_start({"config": {"otel": {"enabled": True, "protocol": "http", "headers": {"Authorization": "Bearer t"}}}}),
+        with_quick_start({"config": {"health_check": {"type": "http", "path": "/healthz", "expect_status": "200-299", "interval_ms": 500, "timeout_ms": 200}}}),
+        with_quick_start({"config": {"health_check": {"type": "tcp", "fall": 2}}}),
     ]
     for values in variants:
         r = render(values)
