@@ -25,7 +25,9 @@ use otlp::Receiver;
 use xlb::admin::BasicAuth;
 use xlb::config::Config;
 use xlb::provider::ProviderHealth;
-use xlb::status::{BackendStatus, InterfaceStatus, Phase, PortStatus, SharedStatus, Traffic};
+use xlb::status::{
+    BackendStatus, CheckStatus, HealthChecks, InterfaceStatus, Phase, PortStatus, SharedStatus, Traffic,
+};
 use xlb::telemetry::metrics::{Kind, CATALOG};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -84,7 +86,12 @@ fn backend(name: &str, last: u8, state: &'static str, bytes: u64) -> BackendStat
             bytes_to_client: bytes * 4,
             packets_to_client: 30,
         },
-        check: Default::default(),
+        check: CheckStatus {
+            health: Some("healthy"),
+            last_check: Some("connect ok".into()),
+            health_changed_unix_ms: Some(1_000),
+            check_latency_ms: Some(0.25),
+        },
     }
 }
 
@@ -116,6 +123,8 @@ fn running_status() -> SharedStatus {
         let mut p = ProviderHealth::new("static", "static");
         p.synced_now();
         s.provider = Some(p);
+        s.health_checks =
+            Some(HealthChecks { kind: "tcp", healthy: 1, unhealthy: 0, unknown: 0, fail_open: false });
         s.connections_active = 14;
         s.conntrack_capacity = 1000;
         for (k, v) in [

@@ -224,13 +224,31 @@ pub fn summary(base: &str, doc: &Value, ready: &str, now_unix_ms: u64) -> String
 
     let backends = doc["backends"].as_array().cloned().unwrap_or_default();
     let draining = backends.iter().filter(|b| b["state"] == "draining").count();
-    let _ = writeln!(out, "\nbackends: {} active, {draining} draining", backends.len() - draining);
+    let excluded = backends.iter().filter(|b| b["state"] == "excluded").count();
+    let mut line =
+        format!("\nbackends: {} active, {draining} draining", backends.len() - draining - excluded);
+    if let Some(h) = doc.get("health_checks").filter(|h| !h.is_null()) {
+        let _ = write!(
+            line,
+            ", {excluded} excluded; {} checks: {} healthy, {} unhealthy, {} unknown",
+            s(h, "type"),
+            n(h, "healthy"),
+            n(h, "unhealthy"),
+            n(h, "unknown")
+        );
+        if h["fail_open"].as_bool().unwrap_or(false) {
+            line += " (none healthy: failing open, every listed backend stays eligible)";
+        }
+    }
+    let _ = writeln!(out, "{line}");
     if !backends.is_empty() {
         let mut rows = vec![[
             "NAME",
             "ADDRESS",
             "WEIGHT",
             "STATE",
+            "HEALTH",
+            "LAST CHECK",
             "ACTIVE",
             "FIN",
             "RST",
@@ -247,6 +265,11 @@ pub fn summary(base: &str, doc: &Value, ready: &str, now_unix_ms: u64) -> String
                 s(b, "address").to_string(),
                 n(b, "weight").to_string(),
                 s(b, "state").to_string(),
+                s(b, "health").to_string(),
+                match (b["last_check"].as_str(), b["check_latency_ms"].as_f64()) {
+                    (Some(r), Some(ms)) => format!("{r} ({ms:.1} ms)"),
+                    _ => "-".to_string(),
+                },
                 n(b, "connections_active").to_string(),
                 n(b, "connections_closed_fin").to_string(),
                 n(b, "connections_closed_rst").to_string(),
@@ -317,7 +340,32 @@ mod tests {
         assert!(text.contains("static (static): connected, synced, last sync 3s ago, 0 errors"), "{text}");
         assert!(text.contains("connections  4 active of 100 (4.0% of conntrack)"), "{text}");
         assert!(text.contains("backends: 1 active, 1 draining"), "{text}");
-        assert!(text.contains("be2   10.0.0.3  1       draining"), "{text}");
+        assert!(text.contains("be2   10.0.0.3  1       draining  -       -"), "{text}");
+
+        let mut checked = crate::telemetry::metrics::tests::running();
+        checked.backends[1].state = "excluded";
+        checked.backends[1].check.health = Some("unhealthy");
+        checked.backends[1].check.last_check = Some("connect refused".into());
+        checked.backends[1].check.check_latency_ms = Some(0.42);
+        checked.health_checks = Some(crate::status::HealthChecks {
+            kind: "tcp",
+            healthy: 1,
+            unhealthy: 1,
+            unknown: 0,
+            fail_open: false,
+        });
+        let doc = serde_json::to_value(&checked).unwrap();
+        let text = summary("http://127.0.0.1:9090", &doc, "ready", 4_000);
+        assert!(
+            text.contains(
+                "backends: 1 active, 0 draining, 1 excluded; tcp checks: 1 healthy, 1 unhealthy, 0 unknown\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("be2   10.0.0.3  1       excluded  unhealthy  connect refused (0.4 ms)"),
+            "{text}"
+        );
         assert!(
             text.contains("30 forwarded, 0 passed to the kernel, 1 dropped; 3 connections opened"),
             "{text}"

@@ -78,6 +78,10 @@ pub static CATALOG: &[Desc] = &[
     // Global.
     desc("xlb.global.backends.available", Gauge, U64, "{backend}", &[],
         "Backends in the current set (receiving new connections)"),
+    desc("xlb.global.backends.healthy", Gauge, U64, "{backend}", &[],
+        "Listed backends whose health check passes (with health_check)"),
+    desc("xlb.health.fail_open", Gauge, U64, "1", &[],
+        "1 while no backend passes its health check and all listed backends stay eligible (with health_check), else 0"),
     desc("xlb.global.connections.active", Gauge, U64, "{connection}", &[],
         "Connections tracked at the last conntrack sweep"),
     desc("xlb.global.connections.opened", Counter, U64, "{connection}", &[],
@@ -117,6 +121,10 @@ pub static CATALOG: &[Desc] = &[
         "The backend's Maglev weight"),
     desc("xlb.backend.draining", Gauge, U64, "1", BACKEND,
         "1 while the backend has left the set and its connections drain, else 0"),
+    desc("xlb.backend.healthy", Gauge, U64, "1", BACKEND,
+        "1 while the backend's health check passes, 0 while it fails or has no result yet (with health_check)"),
+    desc("xlb.backend.check.latency", Gauge, F64, "s", BACKEND,
+        "How long the backend's last health check took (with health_check)"),
     // Data path.
     desc("xlb.packets", Counter, U64, "{packet}", &["action", "reason"],
         "Packets seen by the XDP program, by outcome: action forward|pass|drop|rst and its reason"),
@@ -394,6 +402,10 @@ pub fn snapshot(s: &Status, tracker: &mut Tracker, now: Instant, now_unix_ms: u6
 
     let available = s.backends.iter().filter(|b| b.state == "active").count() as u64;
     b.u64("xlb.global.backends.available", none(), available);
+    if let Some(h) = &s.health_checks {
+        b.u64("xlb.global.backends.healthy", none(), h.healthy);
+        b.u64("xlb.health.fail_open", none(), h.fail_open.into());
+    }
     b.u64("xlb.global.connections.active", none(), s.connections_active);
     b.u64("xlb.global.connections.opened", none(), counter("new_flow").unwrap_or(0));
     let closed = tracker.update_closed(&s.backends);
@@ -425,6 +437,12 @@ pub fn snapshot(s: &Status, tracker: &mut Tracker, now: Instant, now_unix_ms: u6
         b.u64("xlb.egress.flows.active", labels(), be.connections_active);
         b.u64("xlb.backend.weight", labels(), be.weight.into());
         b.u64("xlb.backend.draining", labels(), u64::from(be.state == "draining"));
+        if let Some(h) = be.check.health {
+            b.u64("xlb.backend.healthy", labels(), u64::from(h == "healthy"));
+        }
+        if let Some(ms) = be.check.check_latency_ms {
+            b.f64("xlb.backend.check.latency", labels(), ms / 1000.0);
+        }
     }
 
     for (name, &v) in &s.counters {
@@ -660,6 +678,32 @@ pub(crate) mod tests {
         s.backends[0].connections_closed_fin = 1;
         s.backends[0].connections_closed_rst = 0;
         assert_eq!(closed(&snapshot(&s, &mut t, now, 0)), 13.0, "be1's accounting restarted at 1");
+    }
+
+    #[test]
+    fn health_metrics_only_with_health_checks() {
+        let s = snapshot(&running(), &mut Tracker::default(), Instant::now(), 0);
+        for name in ["xlb.global.backends.healthy", "xlb.health.fail_open", "xlb.backend.healthy"] {
+            assert!(s.family(name).unwrap().points.is_empty(), "{name}");
+        }
+        let mut st = running();
+        st.health_checks = Some(crate::status::HealthChecks {
+            kind: "tcp",
+            healthy: 0,
+            unhealthy: 2,
+            unknown: 0,
+            fail_open: true,
+        });
+        st.backends[1].check.health = Some("unhealthy");
+        st.backends[1].check.check_latency_ms = Some(1.5);
+        st.backends[0].check.health = Some("healthy");
+        let s = snapshot(&st, &mut Tracker::default(), Instant::now(), 0);
+        assert_eq!(value(&s, "xlb.global.backends.healthy", &[]), Some(0.0));
+        assert_eq!(value(&s, "xlb.health.fail_open", &[]), Some(1.0));
+        assert_eq!(value(&s, "xlb.backend.healthy", &[("backend_name", "be1")]), Some(1.0));
+        assert_eq!(value(&s, "xlb.backend.healthy", &[("backend_name", "be2")]), Some(0.0));
+        assert_eq!(value(&s, "xlb.backend.check.latency", &[("backend_name", "be2")]), Some(0.0015));
+        assert_eq!(value(&s, "xlb.ready", &[]), Some(0.0), "no_healthy_backends");
     }
 
     #[test]
