@@ -1036,3 +1036,72 @@ fn e2e_a_shutdown_file_created_during_startup_is_honoured() {
     assert!(t0.elapsed() >= Duration::from_secs(2), "{:?}", t0.elapsed());
     assert!(file.exists(), "the request is not deleted");
 }
+
+/// Health checks on top of the Kubernetes provider (root, network
+/// namespaces): every endpoint is ready in the API, but one fails its http
+/// check and gets no new connections until it passes; an endpoint that
+/// appears later is probed before it gets any; one that leaves the slice is
+/// no longer probed.
+#[test]
+fn e2e_an_endpoint_ready_in_the_api_but_failing_its_check_gets_no_connections() {
+    let t = common::Topology::new(3);
+    let servers: Vec<common::Backend> =
+        (0..3).map(|k| common::start_backend(&t.backends[k], &format!("be{}", k + 1))).collect();
+    servers[1].check.store(500, std::sync::atomic::Ordering::Relaxed);
+    servers[2].check.store(503, std::sync::atomic::Ordering::Relaxed);
+    let api = ApiInNetns::start(&t.lb);
+    let ep = |k: usize| Ep::ready(&common::backend_ip(k), &format!("be{k}"));
+    api.api().put(Kind::EndpointSlice, NS, slice("web-hc", SVC, &[ep(1), ep(2)]));
+    let mut xlb = KubeXlb::spawn(
+        &t.lb,
+        &api.api().url(),
+        "interfaces: [lb-client, lb-be1, lb-be2, lb-be3]\nshutdown_timeout: 1\n\
+         health_check: {type: http, path: /check, interval_ms: 200, timeout_ms: 150, rise: 2, fall: 2}\n",
+    );
+    common::wait_for(Duration::from_secs(30), || (readyz(&t.lb) == Some(200)).then_some(()))
+        .unwrap_or_else(|| panic!("xlb did not become ready:\n{}", xlb.log()));
+    let entry = |name: &str| -> Option<serde_json::Value> {
+        let s = common::status(&t.lb);
+        s["backends"].as_array()?.iter().find(|b| b["name"] == name).cloned()
+    };
+    let be2 = entry("be2").expect("be2 listed");
+    assert_eq!(
+        (be2["health"].as_str(), be2["state"].as_str()),
+        (Some("unhealthy"), Some("excluded")),
+        "{be2}"
+    );
+    assert_eq!(answering(&t.client), Ok(["backend be1".to_string()].into()), "be2 is ready in the API only");
+
+    // Passes again: in.
+    servers[1].check.store(200, std::sync::atomic::Ordering::Relaxed);
+    common::wait_for(Duration::from_secs(3), || (entry("be2")?["health"] == "healthy").then_some(()))
+        .unwrap_or_else(|| panic!("be2 healthy: {:?}", entry("be2")));
+    assert_eq!(answering(&t.client), Ok(["backend be1".to_string(), "backend be2".to_string()].into()));
+
+    // be3 appears ready in the API while failing its check: probed, kept out.
+    api.api().put(Kind::EndpointSlice, NS, slice("web-hc", SVC, &[ep(1), ep(2), ep(3)]));
+    common::wait_for(Duration::from_secs(5), || (entry("be3")?["health"] == "unhealthy").then_some(()))
+        .unwrap_or_else(|| panic!("be3 probed: {}\n{}", common::status(&t.lb), xlb.log()));
+    assert_eq!(answering(&t.client), Ok(["backend be1".to_string(), "backend be2".to_string()].into()));
+
+    // be2 leaves the slice: no longer listed, no longer probed.
+    api.api().put(Kind::EndpointSlice, NS, slice("web-hc", SVC, &[ep(1), ep(3)]));
+    common::wait_for(Duration::from_secs(5), || entry("be2").is_none().then_some(()))
+        .unwrap_or_else(|| panic!("be2 gone: {}", common::status(&t.lb)));
+    servers[1].check.store(500, std::sync::atomic::Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(answering(&t.client), Ok(["backend be1".to_string()].into()));
+    let log = xlb.log();
+    let be2_ip = common::backend_ip(2);
+    assert!(
+        log.contains(&format!("backend be2 {be2_ip} unhealthy: status 500, expected 200-399 (1/2)")),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches(&format!("backend be2 {be2_ip} unhealthy")).count(),
+        1,
+        "not probed once removed: {log}"
+    );
+    assert!(log.contains(&format!("backend be3 {} unhealthy: status 503", common::backend_ip(3))), "{log}");
+    assert!(xlb.terminate().success(), "{}", xlb.log());
+}

@@ -417,10 +417,13 @@ pub fn blob(n: usize) -> Vec<u8> {
 }
 
 /// A small threaded HTTP/1.0 server on 0.0.0.0:8080 in `ns`: "/" answers
-/// "backend <name>\n", "/blob/<n>" answers blob(n). Stops on drop.
+/// "backend <name>\n", "/blob/<n>" answers blob(n), "/check" answers with
+/// the status in `check` (200 at first; 0: accepts and never answers).
+/// Stops listening on drop (connections it accepted carry on).
 pub struct Backend {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+    pub check: std::sync::Arc<std::sync::atomic::AtomicU16>,
 }
 
 pub fn start_backend(ns: &NsRef, name: &str) -> Backend {
@@ -429,6 +432,8 @@ pub fn start_backend(ns: &NsRef, name: &str) -> Backend {
     let stop = std::sync::Arc::new(AtomicBool::new(false));
     let (tx, rx) = std::sync::mpsc::channel();
     let flag = stop.clone();
+    let check = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(200));
+    let answer = check.clone();
     let thread = ns.spawn(move || {
         let l = std::net::TcpListener::bind("0.0.0.0:8080").expect("bind backend");
         l.set_nonblocking(true).unwrap();
@@ -437,15 +442,15 @@ pub fn start_backend(ns: &NsRef, name: &str) -> Backend {
             match l.accept() {
                 Ok((mut c, _)) => {
                     c.set_nonblocking(false).unwrap();
-                    let name = name.clone();
-                    std::thread::spawn(move || serve_one(&mut c, &name));
+                    let (name, answer) = (name.clone(), answer.clone());
+                    std::thread::spawn(move || serve_one(&mut c, &name, &answer));
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(5)),
             }
         }
     });
     rx.recv_timeout(Duration::from_secs(5)).expect("backend listening");
-    Backend { stop, thread: Some(thread) }
+    Backend { stop, thread: Some(thread), check }
 }
 
 impl Drop for Backend {
@@ -457,7 +462,7 @@ impl Drop for Backend {
     }
 }
 
-fn serve_one(c: &mut std::net::TcpStream, name: &str) {
+fn serve_one(c: &mut std::net::TcpStream, name: &str, check: &std::sync::atomic::AtomicU16) {
     use std::io::{BufRead, BufReader, Write};
     let _ = c.set_read_timeout(Some(Duration::from_secs(30)));
     let mut r = BufReader::new(c.try_clone().unwrap());
@@ -473,6 +478,16 @@ fn serve_one(c: &mut std::net::TcpStream, name: &str) {
         }
     }
     let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    if path == "/check" {
+        match check.load(Ordering::Relaxed) {
+            // Accepts, reads the request and never answers (for a while).
+            0 => std::thread::sleep(Duration::from_secs(3)),
+            code => {
+                let _ = write!(c, "HTTP/1.0 {code} Check\r\nContent-Length: 0\r\n\r\n");
+            }
+        }
+        return;
+    }
     if let Some(n) = path.strip_prefix("/upload/") {
         // Reads n bytes and answers whether they are blob(n).
         use std::io::Read;

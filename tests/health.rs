@@ -1,0 +1,259 @@
+//! Active health checks end to end: the real `xlb` binary in network
+//! namespaces, real backends whose servers stop, come back, answer a
+//! failing status or never answer. New connections must follow the
+//! checks; established ones must not notice.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// Probes every 200 ms (rise 2, fall 3 unless `extra` says otherwise).
+fn config(check: &str) -> String {
+    lb_config(
+        3,
+        &format!("shutdown_timeout: 1\nhealth_check: {{interval_ms: 200, timeout_ms: 150, {check}}}\n"),
+    )
+}
+
+const INTERVAL: Duration = Duration::from_millis(200);
+
+fn url() -> String {
+    format!("{LISTEN}:80")
+}
+
+/// `n` sequential new connections from the client: which backend answered
+/// each, and how many failed.
+fn connections(t: &Topology, n: usize) -> (HashMap<String, usize>, usize) {
+    t.client.run(move || {
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        let mut failed = 0;
+        for _ in 0..n {
+            match http_get(&url(), "/") {
+                Ok(r) if r.status == 200 => {
+                    let who =
+                        String::from_utf8_lossy(&r.body).trim().trim_start_matches("backend ").to_string();
+                    *seen.entry(who).or_default() += 1;
+                }
+                _ => failed += 1,
+            }
+        }
+        (seen, failed)
+    })
+}
+
+/// The status document's entry for backend `name`.
+fn backend(lb: &NsRef, name: &str) -> Value {
+    let s = status(lb);
+    s["backends"]
+        .as_array()
+        .and_then(|l| l.iter().find(|b| b["name"] == name).cloned())
+        .unwrap_or_else(|| panic!("{name} not in {s}"))
+}
+
+/// Waits (bounded) until backend `name` reports `health`; returns its entry.
+fn wait_health(lb: &NsRef, name: &str, health: &str, limit: Duration) -> Value {
+    let mut last = Value::Null;
+    let got = wait_for(limit, || {
+        last = backend(lb, name);
+        (last["health"] == health).then(|| last.clone())
+    });
+    got.unwrap_or_else(|| panic!("{name} not {health} within {limit:?}: {last}"))
+}
+
+fn readyz(lb: &NsRef) -> (u16, String) {
+    let r = lb.run(|| http_get("127.0.0.1:9090", "/readyz")).expect("readyz answers");
+    (r.status, String::from_utf8_lossy(&r.body).trim().to_string())
+}
+
+/// The value of an unlabelled (or first matching) Prometheus sample.
+fn metric(lb: &NsRef, line_start: &str) -> Option<f64> {
+    let r = lb.run(|| http_get("127.0.0.1:9090", "/metrics")).expect("metrics answer");
+    let text = String::from_utf8_lossy(&r.body).to_string();
+    text.lines().find(|l| l.starts_with(line_start)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// Sleeps until `at`.
+fn until(at: Instant) {
+    std::thread::sleep(at.saturating_duration_since(Instant::now()));
+}
+
+#[test]
+fn a_stopped_backend_gets_no_new_connections_until_it_is_back_and_transfers_carry_on() {
+    let t = Topology::new(3);
+    let mut servers: Vec<Option<Backend>> =
+        (0..3).map(|k| Some(start_backend(&t.backends[k], &format!("be{}", k + 1)))).collect();
+    let mut xlb = XlbProcess::start(&t.lb, &config("type: tcp, rise: 2, fall: 3"));
+    for k in 1..=3 {
+        assert_eq!(backend(&t.lb, &format!("be{k}"))["health"], "healthy", "the first result decides");
+    }
+
+    // Long transfers (2 MB paced over 12 s) on whatever backends Maglev picks.
+    const SIZE: usize = 2_000_000;
+    let transfers: Vec<_> =
+        (0..4).map(|_| t.client.spawn(|| http_get(&url(), &format!("/paced/{SIZE}/12")))).collect();
+    let carrying = wait_for(Duration::from_secs(5), || {
+        let s = status(&t.lb);
+        let per: Vec<u64> = (1..=3)
+            .map(|k| {
+                s["backends"].as_array().unwrap().iter().find(|b| b["name"] == format!("be{k}")).unwrap()
+                    ["connections_active"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        (per.iter().sum::<u64>() == 4).then_some(per)
+    })
+    .expect("the four transfers are tracked");
+    // Stop the server carrying the fewest of them: at least one transfer
+    // runs on a backend that stays up.
+    let victim = (0..3).min_by_key(|&k| carrying[k]).unwrap();
+    let name = format!("be{}", victim + 1);
+    let ip = backend_ip(victim + 1);
+
+    let stopped = Instant::now();
+    servers[victim] = None;
+    until(stopped + INTERVAL * 3 + Duration::from_secs(1));
+    let (seen, failed) = connections(&t, 100);
+    assert_eq!(failed, 0, "100 new connections after {name} stopped: {seen:?}\n{}", xlb.log());
+    assert_eq!(seen.get(&name), None, "{name} got new connections: {seen:?}");
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let b = backend(&t.lb, &name);
+    assert_eq!((b["health"].as_str(), b["state"].as_str()), (Some("unhealthy"), Some("excluded")), "{b}");
+    assert_eq!(b["last_check"], "connect refused", "{b}");
+    assert!(
+        b["health_changed_unix_ms"].as_u64().is_some() && b["check_latency_ms"].as_f64().is_some(),
+        "{b}"
+    );
+
+    let restarted = Instant::now();
+    servers[victim] = Some(start_backend(&t.backends[victim], &name));
+    until(restarted + INTERVAL * 2 + Duration::from_secs(1));
+    let (seen, failed) = connections(&t, 100);
+    assert_eq!(failed, 0, "{seen:?}");
+    let back = seen.get(&name).copied().unwrap_or(0);
+    assert!(back >= 10, "{name} is back but answered {back} of 100: {seen:?}");
+
+    for (i, tr) in transfers.into_iter().enumerate() {
+        let r = tr.join().unwrap().unwrap_or_else(|e| panic!("transfer {i} failed: {e}"));
+        assert!(r.status == 200 && r.body == blob(SIZE), "transfer {i} was disturbed");
+    }
+    let log = xlb.log();
+    assert_eq!(
+        log.matches(&format!("backend {name} {ip} unhealthy: connect refused (3/3)")).count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(log.matches(&format!("backend {name} {ip} healthy: connect ok (2/2)")).count(), 1, "{log}");
+    assert!(xlb.terminate().success());
+}
+
+#[test]
+fn a_backend_down_at_start_is_left_out_of_the_first_table() {
+    let t = Topology::new(3);
+    let _b1 = start_backend(&t.backends[0], "be1");
+    let _b3 = start_backend(&t.backends[2], "be3");
+    let started = Instant::now();
+    let mut xlb = XlbProcess::start(&t.lb, &config("type: tcp"));
+    assert!(started.elapsed() < Duration::from_secs(10), "ready quickly");
+    let b2 = backend(&t.lb, "be2");
+    assert_eq!((b2["health"].as_str(), b2["state"].as_str()), (Some("unhealthy"), Some("excluded")), "{b2}");
+    let (seen, failed) = connections(&t, 50);
+    assert_eq!(failed, 0, "{seen:?}");
+    assert_eq!(seen.get("be2"), None, "{seen:?}");
+    let log = xlb.log();
+    assert!(
+        log.contains(&format!("backend be2 {} unhealthy: connect refused (1/3)", backend_ip(2))),
+        "{log}"
+    );
+    assert_eq!(readyz(&t.lb), (200, "ready".into()));
+    assert!(xlb.terminate().success());
+}
+
+#[test]
+fn http_checks_follow_the_status_and_time_out_a_silent_backend() {
+    let t = Topology::new(3);
+    let servers: Vec<Backend> =
+        (0..3).map(|k| start_backend(&t.backends[k], &format!("be{}", k + 1))).collect();
+    let xlb = XlbProcess::start(&t.lb, &config("type: http, path: /check, rise: 2, fall: 2"));
+    let b = backend(&t.lb, "be1");
+    assert_eq!(
+        (b["health"].as_str(), b["last_check"].as_str()),
+        (Some("healthy"), Some("status 200")),
+        "{b}"
+    );
+
+    // 500 on the check path: unhealthy, though "/" still answers.
+    servers[1].check.store(500, Ordering::Relaxed);
+    let b = wait_health(&t.lb, "be2", "unhealthy", INTERVAL * 2 + Duration::from_secs(1));
+    assert_eq!(b["last_check"], "status 500, expected 200-399", "{b}");
+    let (seen, failed) = connections(&t, 60);
+    assert_eq!((failed, seen.get("be2")), (0, None), "{seen:?}");
+
+    // 200 again: back in.
+    servers[1].check.store(200, Ordering::Relaxed);
+    wait_health(&t.lb, "be2", "healthy", INTERVAL * 2 + Duration::from_secs(1));
+    let (seen, failed) = connections(&t, 100);
+    assert_eq!(failed, 0);
+    assert!(seen.get("be2").copied().unwrap_or(0) >= 10, "{seen:?}");
+
+    // Accepts, reads the request and never answers: a timeout.
+    servers[2].check.store(0, Ordering::Relaxed);
+    let b = wait_health(&t.lb, "be3", "unhealthy", INTERVAL * 2 + Duration::from_secs(1));
+    assert_eq!(b["last_check"], "no answer within 150 ms", "{b}");
+    assert!(b["check_latency_ms"].as_f64().unwrap() >= 140.0, "a timeout takes its full length: {b}");
+    let (seen, failed) = connections(&t, 60);
+    assert_eq!((failed, seen.get("be3")), (0, None), "{seen:?}");
+    assert_eq!(metric(&t.lb, "xlb_global_backends_healthy "), Some(2.0));
+    assert_eq!(metric(&t.lb, "xlb_backend_healthy{backend=\"10.103.0.2\",backend_name=\"be3\"}"), Some(0.0));
+    let log = xlb.log();
+    assert!(log.contains("backend be2 10.102.0.2 unhealthy: status 500, expected 200-399 (2/2)"), "{log}");
+    assert!(log.contains("backend be2 10.102.0.2 healthy: status 200 (2/2)"), "{log}");
+    assert!(log.contains("backend be3 10.103.0.2 unhealthy: no answer within 150 ms (2/2)"), "{log}");
+}
+
+#[test]
+fn all_backends_failing_their_check_fail_open() {
+    let t = Topology::new(3);
+    let servers: Vec<Backend> =
+        (0..3).map(|k| start_backend(&t.backends[k], &format!("be{}", k + 1))).collect();
+    let xlb = XlbProcess::start(&t.lb, &config("type: http, path: /check, rise: 1, fall: 1"));
+    assert_eq!(metric(&t.lb, "xlb_health_fail_open "), Some(0.0));
+
+    for s in &servers {
+        s.check.store(503, Ordering::Relaxed);
+    }
+    for k in 1..=3 {
+        wait_health(&t.lb, &format!("be{k}"), "unhealthy", Duration::from_secs(3));
+    }
+    let not_ready = wait_for(Duration::from_secs(3), || {
+        let r = readyz(&t.lb);
+        (r.0 == 503).then_some(r)
+    });
+    assert_eq!(not_ready, Some((503, "no_healthy_backends".into())));
+    assert_eq!(metric(&t.lb, "xlb_health_fail_open "), Some(1.0));
+    assert_eq!(metric(&t.lb, "xlb_global_backends_healthy "), Some(0.0));
+    // Still serving, and over every listed backend.
+    let (seen, failed) = connections(&t, 100);
+    assert_eq!(failed, 0, "{seen:?}");
+    assert_eq!(seen.len(), 3, "every backend stays eligible: {seen:?}");
+    let s = status(&t.lb);
+    assert_eq!(s["health_checks"]["fail_open"], true, "{s}");
+    assert!(s["backends"].as_array().unwrap().iter().all(|b| b["state"] == "active"), "{s}");
+
+    // One passes again: fail open ends, only it gets new connections.
+    servers[0].check.store(200, Ordering::Relaxed);
+    wait_health(&t.lb, "be1", "healthy", Duration::from_secs(3));
+    let ready = wait_for(Duration::from_secs(3), || (readyz(&t.lb).0 == 200).then_some(()));
+    assert!(ready.is_some(), "{:?}", readyz(&t.lb));
+    let (seen, failed) = connections(&t, 30);
+    assert_eq!((failed, seen.len(), seen.get("be1")), (0, 1, Some(&30)), "{seen:?}");
+    assert_eq!(metric(&t.lb, "xlb_health_fail_open "), Some(0.0));
+    let log = xlb.log();
+    assert_eq!(log.matches("no backend passes its health check: failing open").count(), 1, "{log}");
+    assert_eq!(log.matches("no longer failing open").count(), 1, "{log}");
+}
