@@ -257,3 +257,96 @@ fn all_backends_failing_their_check_fail_open() {
     assert_eq!(log.matches("no backend passes its health check: failing open").count(), 1, "{log}");
     assert_eq!(log.matches("no longer failing open").count(), 1, "{log}");
 }
+
+/// Not a pass/fail test: what probing 1,000 backends costs. Run as root with
+/// `cargo test --release --test health -- --ignored --nocapture probe_cost`
+/// (XLB_BIN=path picks another xlb binary). 1,000 static backends, all
+/// addresses of one backend namespace (a local route makes a /22 its own),
+/// one listener answering them; xlb with the same config once without
+/// checks, then with tcp and with http checks every second. Prints xlb's
+/// CPU (ms per second, from /proc/<pid>/stat), the probes the LB node's
+/// kernel opened (ActiveOpens in /proc/net/snmp), the sockets xlb held
+/// (sampled every 50 ms) and TIME_WAIT sockets on the node.
+#[test]
+#[ignore]
+fn probe_cost_at_1000_backends() {
+    const N: usize = 1000;
+    const WINDOW: Duration = Duration::from_secs(20);
+    let t = Topology::new(1);
+    t.backends[0].exec("ip route add local 10.50.0.0/22 dev lo");
+    t.lb.exec(&format!("ip route add 10.50.0.0/22 via {}", "10.101.0.2"));
+    let _server = start_backend(&t.backends[0], "be");
+    let ips: Vec<String> = (0..1024u32)
+        .map(|i| format!("10.50.{}.{}", i / 256, i % 256))
+        .filter(|ip| !ip.ends_with(".0") && !ip.ends_with(".255"))
+        .take(N)
+        .collect();
+    let binary =
+        std::env::var("XLB_BIN").map_or_else(|_| env!("CARGO_BIN_EXE_xlb").into(), std::path::PathBuf::from);
+    let snmp_active_opens = |ns: &NsRef| -> u64 {
+        let out = String::from_utf8(ns.exec("cat /proc/net/snmp").stdout).unwrap();
+        let tcp: Vec<&str> = out.lines().filter(|l| l.starts_with("Tcp:")).collect();
+        let keys: Vec<&str> = tcp[0].split_whitespace().collect();
+        let vals: Vec<&str> = tcp[1].split_whitespace().collect();
+        vals[keys.iter().position(|k| *k == "ActiveOpens").unwrap()].parse().unwrap()
+    };
+    // (user, system) clock ticks.
+    let cpu_ticks = |pid: u32| -> (u64, u64) {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = after.split(' ').collect();
+        (f[11].parse().unwrap(), f[12].parse().unwrap())
+    };
+    let sockets = |pid: u32| -> usize {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| {
+                        std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let hz = unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) } as f64;
+    println!("{N} backends, {WINDOW:?} window, xlb {}", binary.display());
+    for (label, check) in [
+        ("no checks", ""),
+        ("tcp every 1000 ms", "health_check: {type: tcp}\n"),
+        ("http every 1000 ms", "health_check: {type: http}\n"),
+    ] {
+        let config = static_config(
+            LISTEN,
+            ips.iter().cloned(),
+            &format!("maglev_table_size: 100003\nshutdown_timeout: 0\n{check}"),
+        );
+        let mut xlb = XlbProcess::start_binary(&t.lb, &config, &binary);
+        let pid = xlb.child.id();
+        std::thread::sleep(Duration::from_secs(3));
+        let s = status(&t.lb);
+        if !check.is_empty() {
+            assert_eq!(s["health_checks"]["healthy"], N, "every backend healthy: {}", s["health_checks"]);
+        }
+        let (cpu0, opens0, start) = (cpu_ticks(pid), snmp_active_opens(&t.lb), Instant::now());
+        let (mut max_sockets, mut sum_sockets, mut samples) = (0, 0, 0);
+        while start.elapsed() < WINDOW {
+            let n = sockets(pid);
+            (max_sockets, sum_sockets, samples) = (max_sockets.max(n), sum_sockets + n, samples + 1);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let cpu1 = cpu_ticks(pid);
+        let ms = |ticks: u64| ticks as f64 / hz * 1000.0 / secs;
+        let (user, sys) = (ms(cpu1.0 - cpu0.0), ms(cpu1.1 - cpu0.1));
+        let probes_per_s = (snmp_active_opens(&t.lb) - opens0) as f64 / secs;
+        let time_wait = String::from_utf8(t.lb.exec("ss -Htan state time-wait | wc -l").stdout).unwrap();
+        println!(
+            "{label:>20}: xlb CPU {:.1} ms/s (user {user:.1}, system {sys:.1}), {probes_per_s:.0} connects/s from the node, \
+             sockets held by xlb mean {:.1} max {max_sockets}, TIME_WAIT on the node {}",
+            user + sys,
+            sum_sockets as f64 / samples as f64,
+            time_wait.trim()
+        );
+        xlb.terminate();
+    }
+}
