@@ -331,6 +331,58 @@ mod tests {
         assert_eq!(eligible(&[], &HashMap::new()), (vec![], false));
     }
 
+    /// The gate end to end on loopback: 127.0.0.1 has a listener, 127.0.0.2
+    /// refuses.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_gate_follows_results_fails_open_and_follows_the_list() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hc = HealthCheck {
+            kind: crate::config::CheckType::Tcp,
+            port: Some(port),
+            path: None,
+            expect_status: None,
+            interval_ms: 50,
+            timeout_ms: 50,
+            rise: 1,
+            fall: 1,
+        };
+        let up = Backend { name: "up".into(), addr: Ipv4Addr::LOCALHOST, weight: 1 };
+        let down = Backend { name: "down".into(), addr: Ipv4Addr::new(127, 0, 0, 2), weight: 1 };
+        let (tx, rx) = watch::channel(vec![up.clone(), down.clone()]);
+        let mut gate = start(&hc, 0, rx);
+        let limit = Duration::from_secs(5);
+        let wait = |f: &'static (dyn Fn(&Report) -> bool + Sync)| {
+            let mut r = gate.report.clone();
+            async move {
+                tokio::time::timeout(limit, r.wait_for(|x| f(x))).await.expect("in time").unwrap().clone()
+            }
+        };
+        let r = wait(&|r: &Report| r.decided()).await;
+        assert_eq!(r.health[&down.addr].last_result.as_deref(), Some("connect refused"));
+        assert_eq!(
+            gate.eligible.borrow().as_slice(),
+            std::slice::from_ref(&up),
+            "decided before the report says so"
+        );
+
+        // Nobody passes: fail open, both eligible.
+        drop(listener);
+        wait(&|r: &Report| r.fail_open).await;
+        let both = tokio::time::timeout(limit, gate.eligible.wait_for(|e| e.len() == 2)).await.is_ok();
+        assert!(both, "fail open keeps every listed backend");
+
+        // Removed from the list: no longer reported (nor probed).
+        tx.send_replace(vec![up.clone()]);
+        let r = wait(&|r: &Report| r.listed.len() == 1).await;
+        assert!(!r.health.contains_key(&down.addr));
+
+        // Back: healthy, fail open ends.
+        let _listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        wait(&|r: &Report| !r.fail_open && r.count(Health::Healthy) == 1).await;
+        assert_eq!(*gate.eligible.borrow(), [up]);
+    }
+
     #[test]
     fn jitter_stays_in_its_range() {
         let mut j = Jitter::new(Ipv4Addr::new(10, 0, 0, 1), 1);
