@@ -124,7 +124,8 @@ struct Prober {
     _task: TaskGuard,
 }
 
-type Result_ = (Ipv4Addr, u64, Observation);
+/// One probe's result: the backend, its prober's generation, what was seen.
+type Outcome = (Ipv4Addr, u64, Observation);
 
 struct Checker {
     probe: Arc<Probe>,
@@ -142,7 +143,7 @@ struct Checker {
 
 impl Checker {
     async fn run(mut self, mut listed: watch::Receiver<Vec<Backend>>) {
-        let (tx, mut rx) = mpsc::channel::<Result_>(MAX_CONCURRENT_PROBES * 4);
+        let (tx, mut rx) = mpsc::channel::<Outcome>(MAX_CONCURRENT_PROBES * 4);
         let first = listed.borrow_and_update().clone();
         self.follow(first, &tx);
         let mut listed_open = true;
@@ -162,7 +163,7 @@ impl Checker {
     }
 
     /// Starts probing new backends, stops probing removed ones.
-    fn follow(&mut self, next: Vec<Backend>, tx: &mpsc::Sender<Result_>) {
+    fn follow(&mut self, next: Vec<Backend>, tx: &mpsc::Sender<Outcome>) {
         self.probers.retain(|addr, _| next.iter().any(|b| b.addr == *addr));
         self.health.retain(|addr, _| next.iter().any(|b| b.addr == *addr));
         for b in &next {
@@ -231,7 +232,11 @@ impl Checker {
                     set.len()
                 );
             } else {
-                info!("a backend passes its health check again: no longer failing open");
+                let healthy = set.len();
+                info!(
+                    "no longer failing open: {healthy} of {} listed backends pass their health check",
+                    self.listed.len()
+                );
             }
         }
         self.eligible.send_if_modified(|cur| {
@@ -253,7 +258,7 @@ async fn probe_loop(
     probe: Arc<Probe>,
     interval: Duration,
     slots: Arc<Semaphore>,
-    tx: mpsc::Sender<Result_>,
+    tx: mpsc::Sender<Outcome>,
 ) {
     let mut rng = Jitter::new(addr, generation);
     let mut next = Instant::now() + FIRST_PROBE_SPREAD.min(interval).mul_f64(rng.unit());
