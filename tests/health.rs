@@ -350,3 +350,44 @@ fn probe_cost_at_1000_backends() {
         xlb.terminate();
     }
 }
+
+#[test]
+fn all_servers_stopped_fail_open_and_connections_are_still_sent_to_every_backend() {
+    let t = Topology::new(3);
+    let servers: Vec<Backend> =
+        (0..3).map(|k| start_backend(&t.backends[k], &format!("be{}", k + 1))).collect();
+    let xlb = XlbProcess::start(&t.lb, &config("type: tcp, rise: 2, fall: 3"));
+    drop(servers);
+    let not_ready = wait_for(Duration::from_secs(3), || {
+        let r = readyz(&t.lb);
+        (r.0 == 503).then_some(r)
+    });
+    assert_eq!(not_ready, Some((503, "no_healthy_backends".into())), "{}", xlb.log());
+    assert_eq!(metric(&t.lb, "xlb_health_fail_open "), Some(1.0));
+    let packets = |s: &Value| -> Vec<u64> {
+        (1..=3)
+            .map(|k| {
+                let b =
+                    s["backends"].as_array().unwrap().iter().find(|b| b["name"] == format!("be{k}")).unwrap();
+                b["traffic"]["packets_to_backend"].as_u64().unwrap()
+            })
+            .collect()
+    };
+    let before = packets(&status(&t.lb));
+    // Every attempt is refused by the backend's kernel, but XDP sends each
+    // SYN to one of the three: all stay in the table.
+    let (_, failed) = connections(&t, 60);
+    assert_eq!(failed, 60, "nothing listens on any backend");
+    let moved = wait_for(Duration::from_secs(5), || {
+        let now = packets(&status(&t.lb));
+        now.iter().zip(&before).all(|(n, b)| n > b).then_some(now)
+    });
+    assert!(
+        moved.is_some(),
+        "SYNs reached every backend: before {before:?}, now {:?}",
+        packets(&status(&t.lb))
+    );
+    assert!(counter(&status(&t.lb), "new_flow") >= 60);
+    let log = xlb.log();
+    assert_eq!(log.matches("no backend passes its health check: failing open").count(), 1, "{log}");
+}
