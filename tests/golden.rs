@@ -10,6 +10,10 @@ use std::net::Ipv4Addr;
 
 use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, Ipv4Options, TcpHeader};
 use xlb::config::SynProxy;
+// TCP flag bits and XLB's marks as struct flow.tcp_flags holds them.
+use xlb::dataplane::tcp_flags::{
+    ACK, CT_CLOSED, CT_ESTABLISHED, CT_FIN_FIRST, CT_FIN_SEQ, CT_SEQ, FIN, RST, SYN,
+};
 use xlb::dataplane::{
     Bounce, Counter, Counters, Dataplane, FlowEntry, GcPolicy, LoadOptions, Service, Traffic, Transmit,
     XdpMode,
@@ -2736,17 +2740,6 @@ fn other_client_neigh() -> String {
 /// A NAT range of one port: a second connection to a backend must take a
 /// closed pair's port over or be refused.
 const ONE_PORT: (u16, u16) = (20000, 20000);
-
-/// TCP flag bits and XLB's marks as struct flow.tcp_flags holds them.
-const FIN: u32 = 0x01;
-const SYN: u32 = 0x02;
-const RST: u32 = 0x04;
-const ACK: u32 = 0x10;
-const CT_FIN_FIRST: u32 = 1 << 8;
-const CT_FIN_SEQ: u32 = 1 << 9;
-const CT_CLOSED: u32 = 1 << 10;
-const CT_SEQ: u32 = 1 << 12;
-const CT_ESTABLISHED: u32 = 1 << 13;
 
 /// The sequence number after the FIN `close` has the client send (seq 1019,
 /// 3 bytes of data): what a backend in TIME_WAIT expects next.

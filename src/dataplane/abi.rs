@@ -44,5 +44,21 @@ pub fn from_bytes<T: plain::Plain + Default>(b: &[u8]) -> T {
 pub const DIR_TO_BACKEND: u8 = 1;
 pub const DIR_TO_CLIENT: u8 = 2;
 
+/// struct flow.tcp_flags: the TCP flags seen (byte 13 of the header) and,
+/// above them, the data path's marks (xlb_consts.h XLB_TCP_*, XLB_CT_*).
+pub mod tcp_flags {
+    pub const FIN: u32 = 0x01;
+    pub const SYN: u32 = 0x02;
+    pub const RST: u32 = 0x04;
+    pub const ACK: u32 = 0x10;
+    pub const CT_FIN_FIRST: u32 = 1 << 8;
+    pub const CT_FIN_SEQ: u32 = 1 << 9;
+    pub const CT_CLOSED: u32 = 1 << 10;
+    pub const CT_RESET: u32 = 1 << 11;
+    pub const CT_SEQ: u32 = 1 << 12;
+    pub const CT_ESTABLISHED: u32 = 1 << 13;
+    pub const CT_PROXY: u32 = 1 << 14;
+}
+
 /// struct iface.flags, from xlb_consts.h.
 pub const IFACE_GENERIC: u32 = 1;

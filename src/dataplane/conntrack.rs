@@ -6,15 +6,10 @@ use std::net::Ipv4Addr;
 use anyhow::{Context, Result};
 use libbpf_rs::{MapCore, MapFlags, MapMut};
 
+use super::abi::tcp_flags::{
+    CT_CLOSED, CT_ESTABLISHED, CT_FIN_FIRST, CT_RESET, FIN as TCP_FIN, RST as TCP_RST,
+};
 use super::abi::{bytes, from_bytes, Flow, FlowKey, DIR_TO_BACKEND, DIR_TO_CLIENT};
-
-const TCP_FIN: u32 = 0x01;
-const TCP_RST: u32 = 0x04;
-/// Marks in struct flow.tcp_flags (xlb_consts.h XLB_CT_*).
-const CT_FIN_FIRST: u32 = 1 << 8;
-const CT_CLOSED: u32 = 1 << 10;
-const CT_RESET: u32 = 1 << 11;
-const CT_ESTABLISHED: u32 = 1 << 13;
 
 /// One conntrack entry, decoded.
 #[derive(Debug, Clone, Copy)]

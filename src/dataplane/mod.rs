@@ -18,7 +18,7 @@ use libbpf_rs::libbpf_sys;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, ProgramInput};
 
-pub use abi::{BackendSlot, Flow, FlowKey};
+pub use abi::{tcp_flags, BackendSlot, Flow, FlowKey, DIR_TO_BACKEND, DIR_TO_CLIENT};
 pub use conntrack::{
     for_each_batch as for_each_conntrack_batch, for_each_connection, peer_key, pinned_connections,
     read_all as read_conntrack, BackendFlows, Connection, FlowEntry, GcPolicy, GcStats, RetiredFlows,

@@ -27,7 +27,10 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 use serde_json::json;
-use xlb::dataplane::{Flow, FlowKey};
+use xlb::dataplane::tcp_flags::{
+    ACK as TCP_ACK, CT_CLOSED, CT_ESTABLISHED, CT_FIN_FIRST, CT_SEQ, FIN as TCP_FIN, SYN as TCP_SYN,
+};
+use xlb::dataplane::{Flow, FlowKey, DIR_TO_BACKEND, DIR_TO_CLIENT};
 
 use crate::{check_stop, flag_value, raw};
 
@@ -35,16 +38,6 @@ pub const USAGE: &str = "xlb-bench fill-pinned --instance NAME --listen IP:PORT 
                          --backends A.B.C.X-Y --backend-port P [--nat-ports LO-HI] [--from K] \
                          [--live N] [--closed N] [--orphaned N] [--orphan-idle-secs S] [--lone N]";
 
-const TCP_FIN: u32 = 0x01;
-const TCP_SYN: u32 = 0x02;
-const TCP_ACK: u32 = 0x10;
-/// struct flow.tcp_flags marks (xlb_consts.h XLB_CT_*).
-const CT_FIN_FIRST: u32 = 1 << 8;
-const CT_CLOSED: u32 = 1 << 10;
-const CT_SEQ: u32 = 1 << 12;
-const CT_ESTABLISHED: u32 = 1 << 13;
-const DIR_TO_BACKEND: u8 = 1;
-const DIR_TO_CLIENT: u8 = 2;
 /// Idle time of closed and lone entries: past the sweep's 10 s grace period.
 const ENDED_IDLE: Duration = Duration::from_secs(20);
 /// Client ports per client address.
