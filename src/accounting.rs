@@ -102,6 +102,7 @@ pub fn backend_status(
                 connections_orphaned: t.orphaned,
                 traffic,
                 check: Default::default(),
+                handshakes: Default::default(),
             })
         })
         .collect();

@@ -54,6 +54,53 @@ pub struct BackendStatus {
     /// Its health check (all null without `health_check`).
     #[serde(flatten)]
     pub check: CheckStatus,
+    /// How it answered the SYNs XLB forwarded, as the data path saw them.
+    pub handshakes: Handshakes,
+}
+
+/// One backend's handshakes as the data path saw them, since start: the
+/// passive health detector's input, and its SYN->SYN-ACK latency.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Handshakes {
+    /// New connections the backend answered with a SYN-ACK.
+    pub answered: u64,
+    /// New connections it answered with a RST.
+    pub refused: u64,
+    /// New connections with no answer within `passive_health.syn_timeout_ms`
+    /// (counted only with `passive_health`).
+    pub timed_out: u64,
+    /// The mean SYN->SYN-ACK latency of the answered ones (null before the
+    /// first).
+    pub latency_mean_ms: Option<f64>,
+    /// The same latencies as a histogram (the metric
+    /// `xlb.backend.syn_ack.latency`).
+    #[serde(skip)]
+    pub latency: LatencyHistogram,
+}
+
+/// A histogram of latencies in seconds with fixed bucket bounds: bucket i
+/// holds the values in (bounds[i-1], bounds[i]], the last one those above
+/// every bound. Each bucket keeps its own sum, so an exporter that can only
+/// record values one by one (OTLP's SDK) can replay a bucket's new counts at
+/// their mean and still land every one in its bucket, with the exact sum.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LatencyHistogram {
+    /// Upper bounds in seconds, ascending.
+    pub bounds: &'static [f64],
+    /// bounds.len() + 1 counts (empty: no data path behind it).
+    pub counts: Vec<u64>,
+    /// bounds.len() + 1 sums in seconds.
+    pub sums: Vec<f64>,
+}
+
+impl LatencyHistogram {
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    pub fn sum(&self) -> f64 {
+        self.sums.iter().sum()
+    }
 }
 
 /// One backend's health check, as the status document shows it.

@@ -88,6 +88,7 @@ pub fn with_health(mut backends: Vec<BackendStatus>, r: &Report) -> (Vec<Backend
                 connections_orphaned: 0,
                 traffic: Default::default(),
                 check: CheckStatus::default(),
+                handshakes: Default::default(),
             }),
         }
     }

@@ -92,6 +92,7 @@ fn backend(name: &str, last: u8, state: &'static str, bytes: u64) -> BackendStat
             health_changed_unix_ms: Some(1_000),
             check_latency_ms: Some(0.25),
         },
+        handshakes: Default::default(),
     }
 }
 

@@ -32,6 +32,14 @@ use abi::{bytes, XlbSkel, XlbSkelBuilder};
 /// Most port mappings one listener carries (XLB_MAX_PORTS in xlb_consts.h).
 pub const MAX_PORTS: usize = 8;
 
+/// The upper bounds (seconds) of the data path's SYN->SYN-ACK latency
+/// buckets, written into its config at load (so this is their one copy):
+/// from a veth pair's tens of microseconds to a SYN retransmitted twice.
+/// XLB_SYN_BUCKETS in xlb_consts.h is their number plus one.
+pub const SYN_ACK_LATENCY_BOUNDS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 3.5,
+];
+
 /// Sizes fixed when the program is loaded.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {

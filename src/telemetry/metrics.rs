@@ -531,6 +531,7 @@ pub(crate) mod tests {
                 packets_to_client: bytes / 10,
             },
             check: Default::default(),
+            handshakes: Default::default(),
         }
     }
 
