@@ -82,6 +82,10 @@ pub struct Config {
     /// the provider lists is eligible, as without checks).
     #[serde(default)]
     pub health_check: Option<HealthCheck>,
+    /// Outlier detection from the data path: backends that leave SYNs
+    /// unanswered (or refuse them) leave the table; absent: none.
+    #[serde(default)]
+    pub passive_health: Option<PassiveHealth>,
 }
 
 fn default_syn_proxy_threshold() -> u32 {
@@ -143,6 +147,56 @@ fn default_rise() -> u32 {
 }
 fn default_fall() -> u32 {
     3
+}
+
+/// `passive_health`: failures the data path sees in the handshakes of real
+/// connections. `fall` of them with no answered SYN in between mark a
+/// backend unhealthy, until an active check (`rise` successes) or, without
+/// `health_check`, interval_ms x rise (health_check's defaults: 2 s) without
+/// a failure clears it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PassiveHealth {
+    /// A SYN forwarded to a backend with no SYN-ACK back within this counts
+    /// as a failure.
+    #[serde(default = "default_syn_timeout_ms")]
+    pub syn_timeout_ms: u64,
+    /// A backend answering a SYN with a RST counts as a failure.
+    #[serde(default = "default_true")]
+    pub rst_on_syn: bool,
+    #[serde(default = "default_passive_fall")]
+    pub fall: u32,
+}
+
+impl Default for PassiveHealth {
+    fn default() -> Self {
+        PassiveHealth {
+            syn_timeout_ms: default_syn_timeout_ms(),
+            rst_on_syn: true,
+            fall: default_passive_fall(),
+        }
+    }
+}
+
+fn default_syn_timeout_ms() -> u64 {
+    1000
+}
+fn default_true() -> bool {
+    true
+}
+fn default_passive_fall() -> u32 {
+    5
+}
+
+/// `passive_health.syn_timeout_ms`: a handshake left unanswered is kept 30 s
+/// (the sweep's half-open hold), so a timeout must end well before that.
+pub const SYN_TIMEOUT_MS: RangeInclusive<u64> = 100..=20_000;
+
+impl PassiveHealth {
+    fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        in_range(self.syn_timeout_ms, SYN_TIMEOUT_MS, format!("{at}.syn_timeout_ms"))?;
+        in_range(self.fall, CHECK_RISE_FALL, format!("{at}.fall"))
+    }
 }
 
 /// The bounds of `health_check` values.
@@ -897,6 +951,9 @@ impl Config {
         in_range(self.syn_proxy_threshold, 1..=50_000_000, "syn_proxy_threshold")?;
         if let Some(hc) = &self.health_check {
             hc.validate("health_check")?;
+        }
+        if let Some(p) = &self.passive_health {
+            p.validate("passive_health")?;
         }
         ensure(self.admin.port != 0, "admin.port", "is 0; allowed 1..=65535")?;
         if let Some(auth) = &self.admin.auth {
@@ -1800,5 +1857,44 @@ provider: {static: {backends: [{name: a, ip: 10.0.0.2}]}}
         reject |c| hc(c).fall = 101 => "health_check.fall", "out of range";
         accept |c| hc(c).fall = 1;
         accept |c| hc(c).fall = 100;
+    }
+
+    fn ph(c: &mut Config) -> &mut PassiveHealth {
+        c.passive_health.get_or_insert_with(PassiveHealth::default)
+    }
+
+    #[test]
+    fn passive_health_is_off_unless_set_and_fills_its_defaults() {
+        assert_eq!(base().passive_health, None);
+        let c = Config::parse(&format!("{MINIMAL}passive_health: {{}}\n"), "t.yaml").unwrap();
+        assert_eq!(c.passive_health, Some(PassiveHealth { syn_timeout_ms: 1000, rst_on_syn: true, fall: 5 }));
+        assert!(c
+            .to_yaml()
+            .contains("passive_health:\n  syn_timeout_ms: 1000\n  rst_on_syn: true\n  fall: 5\n"));
+        let text = format!("{MINIMAL}passive_health: {{syn_timeout_ms: 300, rst_on_syn: false, fall: 2}}\n");
+        let p = Config::parse(&text, "t.yaml").unwrap().passive_health.unwrap();
+        assert_eq!(p, PassiveHealth { syn_timeout_ms: 300, rst_on_syn: false, fall: 2 });
+        let fails = |v: &str, needle| parse_fails(&format!("{MINIMAL}passive_health: {v}\n"), needle);
+        fails("{syn_timeout: 5}", "passive_health.syn_timeout: unknown field `syn_timeout`, expected one of");
+        fails("{rst_on_syn: maybe}", "passive_health.rst_on_syn: invalid type");
+        fails("{fall: -1}", "passive_health.fall: invalid type: integer `-1`");
+    }
+
+    rule! { passive_health_syn_timeout_ms_range:
+        reject |c| ph(c).syn_timeout_ms = 99 => "passive_health.syn_timeout_ms", "allowed 100..=20000";
+        reject |c| ph(c).syn_timeout_ms = 20_001 => "passive_health.syn_timeout_ms", "out of range";
+        accept |c| ph(c).syn_timeout_ms = 100;
+        accept |c| ph(c).syn_timeout_ms = 20_000;
+    }
+    rule! { passive_health_fall_1_to_100:
+        reject |c| ph(c).fall = 0 => "passive_health.fall", "allowed 1..=100";
+        reject |c| ph(c).fall = 101 => "passive_health.fall", "out of range";
+        accept |c| ph(c).fall = 1;
+        accept |c| ph(c).fall = 100;
+    }
+    rule! { passive_health_rst_on_syn_either_way:
+        reject |c| { ph(c).rst_on_syn = false; ph(c).fall = 0; } => "passive_health.fall", "out of range";
+        accept |c| ph(c).rst_on_syn = false;
+        accept |c| ph(c).rst_on_syn = true;
     }
 }
