@@ -1809,8 +1809,6 @@ provider: {static: {backends: [{name: a, ip: 10.0.0.2}]}}
         fails("{type: http, expect_status: -1}", "health_check.expect_status: invalid value");
         fails("{interval: 5}", "health_check.interval: unknown field `interval`, expected one of");
         fails("{port: 70000}", "health_check.port");
-        // passive_health is not implemented: the key is unknown, not silently ignored.
-        parse_fails(&format!("{MINIMAL}passive_health: {{fall: 5}}\n"), "unknown field `passive_health`");
     }
 
     rule! { health_check_port_nonzero:
