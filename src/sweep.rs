@@ -91,6 +91,7 @@ pub async fn sweep_loop(
         closed_ns: closed_ttl().as_nanos() as u64,
         tombstone_ns: TOMBSTONE_TTL.as_nanos() as u64,
         half_open_ns: HALF_OPEN_TTL.as_nanos() as u64,
+        unanswered_created: None,
     };
     loop {
         tokio::time::sleep(pause).await;

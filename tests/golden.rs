@@ -986,6 +986,60 @@ fn a_backend_rst_before_it_sent_anything_must_ack_the_syn() {
     });
 }
 
+/// Passive health: a backend's first answer to each SYN is noted per
+/// backend, a SYN-ACK in the latency bucket of the time since the SYN left
+/// (each bucket's sum keeps its mean inside it); a retransmitted SYN-ACK, or
+/// one that does not ack the SYN, is not noted again.
+#[test]
+fn a_backends_syn_ack_is_noted_once_with_its_latency() {
+    case(ONE, |lb| {
+        let syn = from_client(80);
+        lb.run(&syn.frame());
+        let port = lb.nat_port(syn.src);
+        assert!(lb.dp.handshakes().unwrap().is_empty(), "nothing answered yet");
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let wrong = Tcp { syn: true, seq: BACKEND_ISN, ack_no: syn.seq + 7, ..from_backend(BACKEND, port) };
+        lb.run(&wrong.frame());
+        assert!(lb.dp.handshakes().unwrap().is_empty(), "a SYN-ACK of something else");
+        // The forged one above was forwarded (the client judges it), so its
+        // SYN flag hides the genuine answer: open a second connection.
+        let syn = Tcp { src: (CLIENT, 40_001), ..from_client(80) };
+        lb.run(&syn.frame());
+        let port = lb.nat_port(syn.src);
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let synack = Tcp { syn: true, seq: BACKEND_ISN, ack_no: syn.seq + 1, ..from_backend(BACKEND, port) };
+        lb.run(&synack.frame());
+        lb.run(&synack.frame());
+        let h = lb.dp.handshakes().unwrap()[&BACKEND];
+        assert_eq!((h.answered(), h.refused), (1, 0), "{h:?}");
+        let b = h.answered.iter().position(|&n| n == 1).unwrap();
+        let bounds = xlb::dataplane::SYN_ACK_LATENCY_BOUNDS;
+        let ns = h.latency_ns[b] as f64 / 1e9;
+        assert!(ns >= 0.030, "at least the 30 ms slept: {ns}");
+        assert!(ns <= bounds.get(b).copied().unwrap_or(f64::MAX), "{ns} in bucket {b}");
+        assert!(b == 0 || ns > bounds[b - 1], "{ns} in bucket {b}");
+        lb.seen = lb.dp.counters().unwrap();
+    });
+}
+
+/// A RST acking the SYN is a refusal; a forged one (dropped) is not.
+#[test]
+fn a_backend_refusing_a_syn_is_noted() {
+    case(ONE, |lb| {
+        let syn = from_client(80);
+        lb.run(&syn.frame());
+        let port = lb.nat_port(syn.src);
+        let refuse = |ack_no: u32| Tcp { rst: true, seq: 0, ack_no, ..from_backend(BACKEND, port) };
+        expect_dropped(lb, &refuse(syn.seq + 2), "acks past the SYN");
+        assert!(lb.dp.handshakes().unwrap().is_empty());
+        lb.run(&refuse(syn.seq + 1).frame());
+        lb.run(&refuse(syn.seq + 1).frame());
+        let h = lb.dp.handshakes().unwrap()[&BACKEND];
+        assert_eq!((h.answered(), h.refused), (0, 1), "{h:?}");
+        lb.seen = lb.dp.counters().unwrap();
+    });
+}
+
 /// XDP runs before rp_filter: a reply to a NAT port must arrive on the
 /// interface its backend is routed by, or it is a forgery.
 #[test]
@@ -1139,6 +1193,8 @@ fn a_valid_cookie_opens_the_connection_and_sequence_numbers_are_translated() {
                 (Counter::XLB_CNT_DROP_SYNPROXY_WAIT, 1),
                 (Counter::XLB_CNT_SYNPROXY_ACKED, 1),
             ]);
+            let h = lb.dp.handshakes().unwrap()[&BACKEND];
+            assert_eq!((h.answered(), h.refused), (1, 0), "the backend's answer is noted: {h:?}");
             // Both ways, the backend's numbers in the client's view.
             let req = Tcp { ack_no: cookie + 1, ..request(&syn) };
             let want = Tcp { ack_no: BACKEND_ISN + 1, ..natted_to_backend(&req, (LISTEN, port), BACKEND) };
@@ -1185,6 +1241,8 @@ fn a_proxied_connection_resends_the_backends_syn_and_relays_its_refusal() {
             let want = Tcp { seq: cookie + 1, ..natted_to_client(&refuse, syn.src) };
             expect_sent(lb, &refuse, &want, "refusal in the client's numbers");
             lb.counters_moved(&[(Counter::XLB_CNT_FWD_TO_CLIENT, 1)]);
+            let h = lb.dp.handshakes().unwrap()[&BACKEND];
+            assert_eq!((h.answered(), h.refused), (0, 1), "the refusal is noted: {h:?}");
         },
     );
 }
@@ -1245,6 +1303,7 @@ fn closed_and_idle_flows_are_expired_in_pairs() {
             closed_ns: 1_000_000_000,
             tombstone_ns: 1_000_000_000,
             half_open_ns: 30_000_000_000,
+            unanswered_created: None,
         };
         let stats = lb.dp.expire_flows(&soon).unwrap();
         assert_eq!((stats.closed, stats.orphaned, stats.active), (1, 0, 1));
@@ -1276,6 +1335,7 @@ fn rst_closes_a_flow() {
             closed_ns: 1_000_000_000,
             tombstone_ns: 1_000_000_000,
             half_open_ns: 30_000_000_000,
+            unanswered_created: None,
         };
         assert_eq!(lb.dp.expire_flows(&p).unwrap().closed, 1);
         assert!(lb.dp.flows().unwrap().is_empty());
@@ -1523,6 +1583,7 @@ fn a_syn_after_the_connection_closed_starts_a_fresh_one() {
             closed_ns: u64::MAX,
             tombstone_ns: u64::MAX,
             half_open_ns: u64::MAX,
+            unanswered_created: None,
         };
         let retired = lb.dp.expire_flows(&policy).unwrap().retired;
         let t = retired.get(&be).copied().unwrap_or_default().traffic;
@@ -1985,6 +2046,7 @@ fn half_open_connections_expire_early_established_ones_do_not() {
             closed_ns: 10_000_000_000,
             tombstone_ns: 10_000_000_000,
             half_open_ns: 30_000_000_000,
+            unanswered_created: None,
         };
         let stats = lb.dp.expire_flows(&p).unwrap();
         assert_eq!((stats.orphaned, stats.active), (1, 1));
@@ -2081,6 +2143,7 @@ fn a_sweep_reads_the_whole_table_and_deletes_no_open_connection() {
             closed_ns: 10_000_000_000,
             tombstone_ns: 10_000_000_000,
             half_open_ns: 30_000_000_000,
+            unanswered_created: None,
         };
         let stats = lb.dp.expire_flows(&p).unwrap();
         assert_eq!((stats.active, stats.closed, stats.orphaned, stats.unpaired), (opened, 0, 0, 0));
@@ -2114,6 +2177,7 @@ fn a_sweep_removes_each_ended_pair_once_whichever_batches_hold_its_halves() {
             closed_ns: 10_000_000_000,
             tombstone_ns: 10_000_000_000,
             half_open_ns: 30_000_000_000,
+            unanswered_created: None,
         };
         let stats = lb.dp.expire_flows(&p).unwrap();
         assert_eq!((stats.active, stats.closed, stats.orphaned, stats.unpaired), (0, 0, opened, 0));
@@ -2917,6 +2981,7 @@ fn sweep_at(now: u64, after_secs: u64) -> GcPolicy {
         closed_ns: 10 * SEC,
         tombstone_ns: 70 * SEC,
         half_open_ns: 300 * SEC,
+        unanswered_created: None,
     }
 }
 
@@ -2929,6 +2994,7 @@ fn retired(lb: &Lb) -> std::collections::HashMap<Ipv4Addr, Traffic> {
         closed_ns: u64::MAX,
         tombstone_ns: u64::MAX,
         half_open_ns: u64::MAX,
+        unanswered_created: None,
     };
     lb.dp.expire_flows(&keep).unwrap().retired.into_iter().map(|(a, r)| (a, r.traffic)).collect()
 }

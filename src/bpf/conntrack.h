@@ -284,12 +284,15 @@ static __always_inline void ct_pair_init(struct flow *fwd, struct flow *rev,
 					 const struct backend *be, __u16 remote_port, __u64 now)
 {
 	__u32 snat = snat_addr_for(key->saddr);
+	/* Precise: the backend's SYN leaves now, and its answer's latency is
+	 * measured from here (handshake.h). */
+	__u64 born = bpf_ktime_get_ns();
 
 	fwd->nat_saddr = snat;
 	fwd->nat_daddr = be->addr;
 	fwd->nat_dport = remote_port;
 	fwd->backend_id = be->id;
-	fwd->created_ns = now;
+	fwd->created_ns = born;
 	fwd->last_seen_ns = now;
 	fwd->dir = XLB_DIR_TO_BACKEND;
 
@@ -298,7 +301,7 @@ static __always_inline void ct_pair_init(struct flow *fwd, struct flow *rev,
 	rev->nat_sport = key->dport;
 	rev->nat_dport = key->sport;
 	rev->backend_id = be->id;
-	rev->created_ns = now;
+	rev->created_ns = born;
 	rev->last_seen_ns = now;
 	rev->dir = XLB_DIR_TO_CLIENT;
 

@@ -15,6 +15,8 @@
  *   NAT -> rewrite addresses and ports, fix checksums incrementally
  *   transmit -> back out of the ingress interface or a devmap redirect,
  *               or the kernel for ARP and interfaces XDP cannot send on
+ * A backend's first answer to a new connection's SYN is noted per backend
+ * (handshake.h: latency, refusals) for passive health checking.
  * ICMP errors about a tracked connection are translated for the other side
  * (icmp.h), so path MTU discovery works through the NAT.
  * Every outcome is counted once, in xlb_xdp(), which alone returns verdicts
@@ -31,6 +33,7 @@
 #include "forward.h"
 #include "rst.h"
 #include "synproxy.h"
+#include "handshake.h"
 #include "icmp.h"
 #include "icmp_reply.h"
 
@@ -102,6 +105,8 @@ static __always_inline struct outcome nat_forward(struct xdp_md *ctx, struct pac
 	rc = route(ctx, pkt, f->nat_saddr, f->nat_daddr, in, &fib, now);
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
 		return too_big(ctx, pkt, fib.mtu_result);
+	if (f->dir == XLB_DIR_TO_CLIENT)
+		handshake_note(f, pkt);
 	flow_touch(f, pkt, now);
 	nat_rewrite(pkt, f, seed);
 	return transmit(ctx, pkt, rc, &fib, in, sent);
@@ -185,6 +190,7 @@ synproxy_backend_answered(struct xdp_md *ctx, struct packet *pkt, struct flow *f
 		    (XLB_TCP_SYN | XLB_TCP_ACK) ||
 	    bpf_ntohl(pkt->tcp->ack_seq) != f->client_isn + 1)
 		return verdict(XDP_DROP, XLB_CNT_DROP_NO_FLOW);
+	handshake_note(f, pkt);
 	flow_touch(f, pkt, now);
 	if (!(f->tcp_flags & XLB_CT_ESTABLISHED))
 		ct_proxy_ready(f, bpf_ntohl(pkt->tcp->seq));

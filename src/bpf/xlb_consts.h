@@ -58,6 +58,10 @@
  * churning Kubernetes service cannot fill it. */
 #define XLB_MAX_RETIRED 65536
 
+/* SYN->SYN-ACK latency buckets per backend (struct handshakes): their upper
+ * bounds are config.syn_bucket_ns, the last bucket holds the rest. */
+#define XLB_SYN_BUCKETS 16
+
 /* Routes cached (struct nexthop): an LRU, so millions of clients only cost
  * lookups, never memory. An entry is used for at most XLB_NEXTHOP_TTL_NS
  * even if no netlink change was seen, so a missed event heals itself. */

@@ -142,6 +142,15 @@ struct {
 	__type(value, struct retired);
 } retired SEC(".maps");
 
+/* struct handshakes by backend address; per CPU, summed in user space. An
+ * LRU for the same reason as `retired`. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
+	__uint(max_entries, XLB_MAX_RETIRED);
+	__type(key, __u32);
+	__type(value, struct handshakes);
+} handshakes SEC(".maps");
+
 /* One slot per enum xlb_counter; per CPU, summed in user space. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

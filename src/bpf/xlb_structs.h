@@ -94,6 +94,8 @@ struct xlb_config {
 	__u32 pad;
 	/* What XLB itself sends, per CPU (budget_take()), by XLB_BUDGET_*. */
 	struct rate_limit limits[XLB_BUDGETS];
+	/* Upper bounds of the SYN->SYN-ACK latency buckets, ascending. */
+	__u64 syn_bucket_ns[XLB_SYN_BUCKETS - 1];
 };
 
 /* How a frame leaves by the interface it arrived on. XDP_TX is the fast
@@ -144,6 +146,16 @@ struct backend {
 	__u32 id; /* the control plane's index, for per-backend accounting */
 };
 
+/* How a backend answered the SYNs of new connections (the first answer of
+ * each), per backend address: what passive health checking and the
+ * latency histogram are made of. Each bucket keeps its own sum, so its mean
+ * lies in it. */
+struct handshakes {
+	__u64 refused;			   /* a RST acking the SYN */
+	__u64 answered[XLB_SYN_BUCKETS];   /* SYN-ACKs, by latency bucket */
+	__u64 latency_ns[XLB_SYN_BUCKETS]; /* their summed SYN->SYN-ACK time */
+};
+
 /* Connections the data path itself ended for good (a SYN reopening a closed
  * pair, or taking its port over), per backend address: the control plane's
  * sweep never sees those end, so it adds these to its totals. */
@@ -179,7 +191,7 @@ struct flow {
 	__u16 nat_sport;
 	__u16 nat_dport;
 	__u32 backend_id;
-	__u64 created_ns;   /* bpf_ktime_get_coarse_ns() */
+	__u64 created_ns;   /* bpf_ktime_get_ns(): when the backend's SYN left */
 	__u64 last_seen_ns; /* bpf_ktime_get_coarse_ns() */
 	__u64 packets;
 	__u64 bytes;

@@ -7,7 +7,7 @@ mod skel {
 }
 
 pub use skel::types::{backend as BackendSlot, flow as Flow, flow_key as FlowKey, xdp_md as XdpMd};
-pub use skel::types::{iface as IfaceSlot, retired as Retired, xlb_tx as TxId};
+pub use skel::types::{handshakes as HandshakesSlot, iface as IfaceSlot, retired as Retired, xlb_tx as TxId};
 pub use skel::types::{vlan_tag_key as VlanTagKey, xlb_config as XlbConfig, xlb_counter as CounterId};
 pub use skel::{XlbSkel, XlbSkelBuilder};
 
@@ -20,6 +20,7 @@ unsafe impl plain::Plain for skel::types::xdp_md {}
 unsafe impl plain::Plain for skel::types::vlan_tag_key {}
 unsafe impl plain::Plain for skel::types::iface {}
 unsafe impl plain::Plain for skel::types::retired {}
+unsafe impl plain::Plain for skel::types::handshakes {}
 
 /// The raw bytes of an ABI value, as the kernel's map syscalls take them.
 pub fn bytes<T: plain::Plain>(v: &T) -> &[u8] {

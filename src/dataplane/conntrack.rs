@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use libbpf_rs::{MapCore, MapFlags, MapMut};
 
 use super::abi::tcp_flags::{
-    CT_CLOSED, CT_ESTABLISHED, CT_FIN_FIRST, CT_RESET, FIN as TCP_FIN, RST as TCP_RST,
+    CT_CLOSED, CT_ESTABLISHED, CT_FIN_FIRST, CT_RESET, FIN as TCP_FIN, RST as TCP_RST, SYN,
 };
 use super::abi::{bytes, from_bytes, Flow, FlowKey, DIR_TO_BACKEND, DIR_TO_CLIENT};
 
@@ -183,6 +183,11 @@ pub struct GcPolicy {
     /// Connections whose handshake never completed (a SYN flood, a dead
     /// backend) after this long idle.
     pub half_open_ns: u64,
+    /// Passive health: count the connections whose backend has not answered
+    /// their SYN and that were created in (after, upto] (CLOCK_MONOTONIC
+    /// ns). Successive sweeps give adjoining ranges, so each unanswered SYN
+    /// is counted once, by the first sweep after its deadline.
+    pub unanswered_created: Option<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -209,6 +214,8 @@ pub struct GcStats {
     /// path removed itself (a SYN reusing a closed tuple), which no sweep
     /// saw end.
     pub retired: HashMap<std::net::Ipv4Addr, RetiredFlows>,
+    /// Per backend address, since load: how it answered new connections.
+    pub handshakes: HashMap<std::net::Ipv4Addr, super::Handshakes>,
 }
 
 /// Connections of one backend the data path ended itself (reopened or taken
@@ -237,6 +244,9 @@ pub struct BackendFlows {
     pub orphaned: u64,
     /// Final bytes/packets of the connections this sweep removed.
     pub removed: Traffic,
+    /// Connections whose SYN the backend left unanswered past the deadline
+    /// (`GcPolicy::unanswered_created`).
+    pub syn_timeouts: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -399,6 +409,14 @@ fn expire_pair(map: &MapMut<'_>, p: &GcPolicy, e: &FlowEntry, stats: &mut GcStat
     let traffic = Traffic::of(&e.flow, &rev);
     let backend = std::net::Ipv4Addr::from(e.flow.nat_daddr.to_ne_bytes());
     let b = stats.per_backend.entry(backend).or_default();
+    // The backend has sent neither a SYN-ACK nor a RST: its SYN is
+    // unanswered (the entry is precise-timed from the SYN, conntrack.h).
+    if let Some((after, upto)) = p.unanswered_created {
+        let answered = rev.tcp_flags & (SYN | TCP_RST) != 0;
+        if !answered && rev.created_ns > after && rev.created_ns <= upto {
+            b.syn_timeouts += 1;
+        }
+    }
     if closed && idle > hold {
         stats.closed += 1;
         if reset {

@@ -32,6 +32,34 @@ use abi::{bytes, XlbSkel, XlbSkelBuilder};
 /// Most port mappings one listener carries (XLB_MAX_PORTS in xlb_consts.h).
 pub const MAX_PORTS: usize = 8;
 
+/// How one backend answered the SYNs of new connections (each connection's
+/// first answer), cumulative: `answered[i]` SYN-ACKs whose latency fell in
+/// bucket i of [`SYN_ACK_LATENCY_BOUNDS`] (the last: above them all),
+/// `latency_ns[i]` their sum.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Handshakes {
+    pub refused: u64,
+    pub answered: [u64; SYN_BUCKETS],
+    pub latency_ns: [u64; SYN_BUCKETS],
+}
+
+/// Latency buckets: one per bound and one above them.
+pub const SYN_BUCKETS: usize = SYN_ACK_LATENCY_BOUNDS.len() + 1;
+
+impl Handshakes {
+    fn add(&mut self, h: &abi::HandshakesSlot) {
+        self.refused += h.refused;
+        for i in 0..SYN_BUCKETS {
+            self.answered[i] += h.answered[i];
+            self.latency_ns[i] += h.latency_ns[i];
+        }
+    }
+
+    pub fn answered(&self) -> u64 {
+        self.answered.iter().sum()
+    }
+}
+
 /// The upper bounds (seconds) of the data path's SYN->SYN-ACK latency
 /// buckets, written into its config at load (so this is their one copy):
 /// from a veth pair's tens of microseconds to a SYN retransmitted twice.
@@ -300,6 +328,9 @@ impl Dataplane {
             let cost = if limit.per_sec == 0 { 0 } else { 1_000_000_000 / u64::from(limit.per_sec) };
             slot.cost_ns = cost;
             slot.burst_ns = cost * u64::from(limit.burst);
+        }
+        for (slot, bound) in cfg.syn_bucket_ns.iter_mut().zip(SYN_ACK_LATENCY_BOUNDS) {
+            *slot = (bound * 1e9).round() as u64;
         }
         self.set_vlans(&s.vlans)
     }
@@ -634,7 +665,27 @@ impl Dataplane {
         let retired = self.retired()?;
         let mut stats = conntrack::expire(&self.skel.maps.conntrack, policy)?;
         stats.retired = retired;
+        stats.handshakes = self.handshakes()?;
         Ok(stats)
+    }
+
+    /// How each backend answered new connections' SYNs, since load (summed
+    /// over CPUs).
+    pub fn handshakes(&self) -> Result<HashMap<Ipv4Addr, Handshakes>> {
+        let map = &self.skel.maps.handshakes;
+        let mut out = HashMap::new();
+        for key in map.keys() {
+            let Some(per_cpu) = map.lookup_percpu(&key, MapFlags::ANY).context("reading handshakes")? else {
+                continue;
+            };
+            let mut t = Handshakes::default();
+            for v in &per_cpu {
+                t.add(&abi::from_bytes(v));
+            }
+            let addr = Ipv4Addr::from(<[u8; 4]>::try_from(&key[..4]).expect("a u32 key"));
+            out.insert(addr, t);
+        }
+        Ok(out)
     }
 
     /// Traffic of the connections the data path removed itself, per

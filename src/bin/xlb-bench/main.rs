@@ -631,6 +631,7 @@ impl Bench {
             closed_ns: u64::MAX / 2,
             tombstone_ns: u64::MAX / 2,
             half_open_ns: u64::MAX / 2,
+            unanswered_created: None,
         };
         let t = Instant::now();
         let gc = self.dp.expire_flows(&policy)?;
@@ -1004,6 +1005,7 @@ fn run_dataplane(ns: &Netns, quick: bool) -> Result<Value> {
         closed_ns: 10_000_000_000,
         tombstone_ns: 10_000_000_000,
         half_open_ns: 30_000_000_000,
+        unanswered_created: None,
     };
     let gc = b.dp.expire_flows(&policy)?;
     let after = dump(&b.ct)?.len();
@@ -1030,6 +1032,7 @@ fn run_dataplane(ns: &Netns, quick: bool) -> Result<Value> {
         closed_ns: 1,
         tombstone_ns: 1,
         half_open_ns: 1,
+        unanswered_created: None,
     };
     let (mut sweeps, mut expired) = (0u64, 0u64);
     while sweeps < 100_000 && t.elapsed() < Duration::from_secs(if quick { 30 } else { 120 }) {

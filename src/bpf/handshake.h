@@ -1,0 +1,89 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * What backends' answers to new connections say about them (passive health
+ * checking): the first answer to each connection's SYN is noted per backend
+ * address, a SYN-ACK with its latency since the SYN left (a histogram), a
+ * RST as a refusal. SYNs never answered are found by the control plane's
+ * sweep. Only answers a forger cannot make count: a SYN-ACK or RST must ack
+ * the client's SYN exactly.
+ */
+#ifndef XLB_HANDSHAKE_H
+#define XLB_HANDSHAKE_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "xlb_maps.h"
+#include "parsing.h"
+#include "conntrack.h"
+
+/* The bucket of a latency: the first whose bound it does not exceed. */
+static __always_inline __u32 handshake_bucket(__u64 ns)
+{
+	__u32 i;
+
+	for (i = 0; i < XLB_SYN_BUCKETS - 1; i++)
+		if (ns <= config.syn_bucket_ns[i])
+			break;
+	return i;
+}
+
+/* A backend's first entry starts from this: too big for the stack. */
+const volatile struct handshakes handshakes_zero = {};
+
+static __always_inline struct handshakes *handshakes_of(__u32 backend)
+{
+	struct handshakes *h;
+
+	h = bpf_map_lookup_elem(&handshakes, &backend);
+	if (h)
+		return h;
+	bpf_map_update_elem(&handshakes, &backend, (const void *)&handshakes_zero, BPF_NOEXIST);
+	return bpf_map_lookup_elem(&handshakes, &backend);
+}
+
+/* The sequence number a backend's first answer must ack: the one after the
+ * client's ISN (for a proxied connection, the ISN its SYN carried); 0 if
+ * the client's side is not tracked. */
+static __always_inline __u32 handshake_ack(const struct flow *f)
+{
+	struct flow_key peer = {};
+	const struct flow *p;
+
+	if (f->tcp_flags & XLB_CT_PROXY)
+		return f->client_isn + 1;
+	flow_peer_key(&peer, f);
+	p = bpf_map_lookup_elem(&conntrack, &peer);
+	return p && (p->tcp_flags & XLB_CT_SEQ) ? p->seq_next : 0;
+}
+
+/* A backend's segment (f: the reverse entry, not yet updated by it) that
+ * XLB accepted: if it is the backend's first answer to the SYN, note it. */
+static __always_inline void handshake_note(const struct flow *f, const struct packet *pkt)
+{
+	__u32 flags = tcp_flags(pkt->tcp), acked;
+	struct handshakes *h;
+	__u64 ns;
+	__u32 b;
+
+	if ((f->tcp_flags & (XLB_TCP_SYN | XLB_TCP_RST)) || !(flags & XLB_TCP_ACK) ||
+	    !(flags & (XLB_TCP_SYN | XLB_TCP_RST)))
+		return;
+	acked = handshake_ack(f);
+	if (!acked || bpf_ntohl(pkt->tcp->ack_seq) != acked)
+		return;
+	h = handshakes_of(pkt->ip->saddr);
+	if (!h)
+		return;
+	if (flags & XLB_TCP_RST) {
+		h->refused += 1;
+		return;
+	}
+	ns = bpf_ktime_get_ns() - f->created_ns;
+	b = handshake_bucket(ns);
+	if (b < XLB_SYN_BUCKETS) {
+		h->answered[b] += 1;
+		h->latency_ns[b] += ns;
+	}
+}
+
+#endif
