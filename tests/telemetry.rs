@@ -24,9 +24,11 @@ use std::time::{Duration, Instant};
 use otlp::Receiver;
 use xlb::admin::BasicAuth;
 use xlb::config::Config;
+use xlb::dataplane::SYN_ACK_LATENCY_BOUNDS;
 use xlb::provider::ProviderHealth;
 use xlb::status::{
-    BackendStatus, CheckStatus, HealthChecks, InterfaceStatus, Phase, PortStatus, SharedStatus, Traffic,
+    BackendStatus, CheckStatus, Handshakes, HealthChecks, InterfaceStatus, LatencyHistogram, Phase,
+    PortStatus, SharedStatus, Traffic,
 };
 use xlb::telemetry::metrics::{Kind, CATALOG};
 
@@ -70,7 +72,32 @@ fn config(extra: &str) -> Config {
     Config::parse(&text, "test.yaml").expect("test config")
 }
 
-fn backend(name: &str, last: u8, state: &'static str, bytes: u64) -> BackendStatus {
+/// web-1's SYN->SYN-ACK latencies: (bucket, how many, seconds each).
+const WEB1_LATENCY: &[(usize, u64, f64)] = &[(1, 4, 0.000_08), (4, 3, 0.000_8), (8, 1, 0.02), (15, 1, 4.2)];
+/// What web-1's histogram holds per bucket.
+const WEB1_BUCKETS: [u64; 16] = [0, 4, 0, 0, 3, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1];
+const WEB1_SUM: f64 = 4.0 * 0.000_08 + 3.0 * 0.000_8 + 0.02 + 4.2;
+
+/// A histogram over the data path's bounds with the given latencies.
+fn latency(values: &[(usize, u64, f64)]) -> LatencyHistogram {
+    let n = SYN_ACK_LATENCY_BOUNDS.len() + 1;
+    let mut h = LatencyHistogram { bounds: SYN_ACK_LATENCY_BOUNDS, counts: vec![0; n], sums: vec![0.0; n] };
+    for &(i, count, secs) in values {
+        h.counts[i] += count;
+        h.sums[i] += count as f64 * secs;
+    }
+    h
+}
+
+fn backend(
+    name: &str,
+    last: u8,
+    state: &'static str,
+    bytes: u64,
+    latencies: &[(usize, u64, f64)],
+) -> BackendStatus {
+    let latency = latency(latencies);
+    let answered = latency.count();
     BackendStatus {
         name: name.into(),
         address: Ipv4Addr::new(10, 1, 0, last),
@@ -92,7 +119,13 @@ fn backend(name: &str, last: u8, state: &'static str, bytes: u64) -> BackendStat
             health_changed_unix_ms: Some(1_000),
             check_latency_ms: Some(0.25),
         },
-        handshakes: Default::default(),
+        handshakes: Handshakes {
+            answered,
+            refused: 2,
+            timed_out: 1,
+            latency_mean_ms: (answered > 0).then(|| latency.sum() / answered as f64 * 1000.0),
+            latency,
+        },
     }
 }
 
@@ -120,7 +153,10 @@ fn running_status() -> SharedStatus {
                 redirect_target: false,
             },
         ];
-        s.backends = vec![backend("web-1", 2, "active", 1234), backend("web-old", 9, "draining", 99)];
+        s.backends = vec![
+            backend("web-1", 2, "active", 1234, WEB1_LATENCY),
+            backend("web-old", 9, "draining", 99, &[(2, 1, 0.000_2)]),
+        ];
         let mut p = ProviderHealth::new("static", "static");
         p.synced_now();
         s.provider = Some(p);
@@ -188,11 +224,20 @@ fn check_export(got: &otlp::Received, expect_headers: &[(&str, &str)], k8s: bool
                 assert_eq!(temporality, 2, "{} should be cumulative", d.name);
             }
             Kind::Gauge => assert_eq!(kind, "gauge", "{}", d.name),
+            Kind::Histogram => {
+                assert_eq!(kind, "histogram", "{}", d.name);
+                assert_eq!(temporality, 2, "{} should be cumulative", d.name);
+            }
         }
+        let want: BTreeSet<&str> = d.labels.iter().copied().collect();
         for p in otlp::points(m) {
             let keys: BTreeSet<&str> = p.attrs.keys().map(String::as_str).collect();
-            let want: BTreeSet<&str> = d.labels.iter().copied().collect();
             assert_eq!(keys, want, "{} point {p:?}", d.name);
+        }
+        for p in otlp::histogram_points(m) {
+            let keys: BTreeSet<&str> = p.attrs.keys().map(String::as_str).collect();
+            assert_eq!(keys, want, "{} point {p:?}", d.name);
+            assert_eq!(p.explicit_bounds, d.bounds, "{}", d.name);
         }
     }
 
@@ -227,6 +272,40 @@ fn check_export(got: &otlp::Received, expect_headers: &[(&str, &str)], k8s: bool
     assert_eq!(v("xlb.ready", &[]), 1.0);
     let bytes = otlp::points(otlp::metric(r, "xlb.ingress.bytes"));
     assert!(bytes.iter().all(|p| p.is_int), "counters are integers");
+    let handshakes = |result: &str| {
+        v("xlb.backend.handshakes", &[("backend", "10.1.0.2"), ("backend_name", "web-1"), ("result", result)])
+    };
+    assert_eq!((handshakes("answered"), handshakes("refused"), handshakes("timed_out")), (9.0, 2.0, 1.0));
+
+    // The histogram, exactly as the status document has it.
+    let h = otlp::histogram(r, "xlb.backend.syn_ack.latency", &web1);
+    let attrs: Vec<(&str, &str)> = h.attrs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    assert_eq!(attrs, web1, "{h:?}");
+    check_web1_latency(&h, &WEB1_BUCKETS, WEB1_SUM);
+    let old = otlp::histogram(r, "xlb.backend.syn_ack.latency", &[("backend_name", "web-old")]);
+    assert_eq!((old.count, old.bucket_counts[2]), (1, 1), "{old:?}");
+    assert_eq!(otlp::histogram_points(otlp::metric(r, "xlb.backend.syn_ack.latency")).len(), 2);
+}
+
+/// web-1's SYN->SYN-ACK latency point in the next export.
+async fn next_web1_latency(rx: &mut Receiver) -> otlp::HistogramPoint {
+    let got = rx.next_within(WAIT).await.expect("an export");
+    otlp::histogram(
+        &got.request,
+        "xlb.backend.syn_ack.latency",
+        &[("backend", "10.1.0.2"), ("backend_name", "web-1")],
+    )
+}
+
+/// web-1's SYN->SYN-ACK latency point: these bucket counts and sum, the
+/// data path's bounds, no min or max (the exporter cannot know them).
+fn check_web1_latency(h: &otlp::HistogramPoint, buckets: &[u64], sum: f64) {
+    assert_eq!(h.explicit_bounds, SYN_ACK_LATENCY_BOUNDS, "{h:?}");
+    assert_eq!(h.bucket_counts, buckets, "{h:?}");
+    assert_eq!(h.count, buckets.iter().sum::<u64>(), "{h:?}");
+    let got = h.sum.expect("a sum");
+    assert!((got - sum).abs() < 1e-9, "sum {got}, want {sum}");
+    assert_eq!((h.min, h.max), (None, None), "{h:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -262,6 +341,54 @@ async fn otlp_http_protobuf_export_carries_every_metric_resource_and_headers() {
     check_export(&got, &[("authorization", "Bearer h77p"), ("x-team", "lb")], false);
     assert_eq!(got.headers.get("content-type").map(String::as_str), Some("application/x-protobuf"));
     telemetry.shutdown().await;
+}
+
+/// The SDK has no observable histogram: XLB replays the new latencies into
+/// a sync one at the start of every collection, so each export (periodic, a
+/// flush, the final one) carries the status document as it was then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_histogram_follows_the_status_document_at_every_collection() {
+    let mut rx = Receiver::grpc().await;
+    // No periodic export during the test: only flushes and the final one.
+    let cfg = config(&format!(
+        "otel: {{enabled: true, endpoint: 'http://{}', protocol: grpc, export_interval_secs: 3600}}",
+        rx.addr
+    ));
+    let status = running_status();
+    let telemetry = xlb::telemetry::start(&cfg, status.clone()).unwrap();
+    // Past the exporter's reuse of one snapshot within a collection.
+    let settle = || tokio::time::sleep(Duration::from_millis(400));
+
+    telemetry.flush().await.unwrap();
+    check_web1_latency(&next_web1_latency(&mut rx).await, &WEB1_BUCKETS, WEB1_SUM);
+
+    // Two more answers in (0.00025, 0.0005]: in the very next export.
+    status.update(|s| {
+        let l = &mut s.backends[0].handshakes.latency;
+        l.counts[3] += 2;
+        l.sums[3] += 0.000_3 + 0.000_5;
+    });
+    settle().await;
+    telemetry.flush().await.unwrap();
+    let mut buckets = WEB1_BUCKETS;
+    buckets[3] += 2;
+    let sum = WEB1_SUM + 0.000_8;
+    check_web1_latency(&next_web1_latency(&mut rx).await, &buckets, sum);
+
+    // Nothing new: the same cumulative point.
+    settle().await;
+    telemetry.flush().await.unwrap();
+    check_web1_latency(&next_web1_latency(&mut rx).await, &buckets, sum);
+
+    // The backend's data restarted (its counts went down): what it has now
+    // is added, the export stays monotonic; the final export at shutdown
+    // replays too.
+    status.update(|s| s.backends[0].handshakes.latency = latency(&[(0, 1, 0.000_03), (15, 1, 5.0)]));
+    settle().await;
+    telemetry.shutdown().await;
+    buckets[0] += 1;
+    buckets[15] += 1;
+    check_web1_latency(&next_web1_latency(&mut rx).await, &buckets, sum + 5.000_03);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -399,7 +526,7 @@ fn strict_prometheus_check(text: &str) -> BTreeSet<String> {
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             let (name, kind) = rest.split_once(' ').unwrap_or_else(|| panic!("{line}"));
             assert!(valid_name(name), "{line}");
-            assert!(["counter", "gauge"].contains(&kind), "{line}");
+            assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
             assert!(typed.insert(name.to_string(), kind.to_string()).is_none(), "TYPE twice: {line}");
             continue;
         }
@@ -411,7 +538,14 @@ fn strict_prometheus_check(text: &str) -> BTreeSet<String> {
             None => (head, ""),
         };
         assert!(valid_name(name), "{line}");
-        assert!(typed.contains_key(name), "sample without a TYPE: {line}");
+        // A histogram's samples are its name plus _bucket (with `le`), _sum, _count.
+        let histogram = ["_bucket", "_sum", "_count"].iter().find_map(|suffix| {
+            let base = name.strip_suffix(suffix)?;
+            (typed.get(base).map(String::as_str) == Some("histogram")).then_some(*suffix)
+        });
+        assert!(typed.contains_key(name) || histogram.is_some(), "sample without a TYPE: {line}");
+        let le = labels.contains("le=\"");
+        assert_eq!(le, histogram == Some("_bucket"), "`le` belongs to histogram buckets: {line}");
         // label="value" pairs, values with \\, \" and \n escapes only.
         let mut rest = labels;
         while !rest.is_empty() {
@@ -452,7 +586,15 @@ fn metrics_endpoint_serves_prometheus_text_with_every_documented_metric() {
     let parsed: BTreeSet<&str> = scrape.samples.iter().map(|s| s.metric.as_str()).collect();
     for d in CATALOG {
         let name = d.prometheus_name() + if d.kind == Kind::Counter { "_total" } else { "" };
-        assert!(sample_names.contains(&name) && parsed.contains(name.as_str()), "{name} missing:\n{text}");
+        // The parser files a histogram's buckets under its name.
+        assert!(parsed.contains(name.as_str()), "{name} missing:\n{text}");
+        if d.kind == Kind::Histogram {
+            for suffix in ["_bucket", "_sum", "_count"] {
+                assert!(sample_names.contains(&format!("{name}{suffix}")), "{name}{suffix} missing:\n{text}");
+            }
+        } else {
+            assert!(sample_names.contains(&name), "{name} missing:\n{text}");
+        }
         let doc = &scrape.docs[&name];
         assert_eq!(doc, d.help, "{name}");
     }
@@ -482,6 +624,36 @@ fn metrics_endpoint_serves_prometheus_text_with_every_documented_metric() {
         scrape.samples.iter().find(|s| s.metric == "xlb_drain_rst_sent_total").unwrap().value,
         prometheus_parse::Value::Counter(5.0)
     ));
+    assert_eq!(
+        sample("xlb_backend_handshakes_total", &[("backend_name", "web-1"), ("result", "timed_out")]),
+        1.0
+    );
+
+    // web-1's SYN->SYN-ACK latency: cumulative buckets, sum and count.
+    let l = "backend=\"10.1.0.2\",backend_name=\"web-1\"";
+    let mut cumulative = 0;
+    let mut lines = String::new();
+    // The bounds as Go writes floats (and the encoder does).
+    let les = [
+        "5e-05", "0.0001", "0.00025", "0.0005", "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1",
+        "0.25", "0.5", "1", "3.5", "+Inf",
+    ];
+    assert_eq!(les.len(), SYN_ACK_LATENCY_BOUNDS.len() + 1);
+    for (le, n) in les.iter().zip(WEB1_BUCKETS) {
+        cumulative += n;
+        lines += &format!("xlb_backend_syn_ack_latency_bucket{{{l},le=\"{le}\"}} {cumulative}\n");
+    }
+    lines += &format!("xlb_backend_syn_ack_latency_sum{{{l}}} 4.22272\n");
+    lines += &format!("xlb_backend_syn_ack_latency_count{{{l}}} 9\n");
+    assert!(text.contains(&lines), "{lines}\nnot in\n{text}");
+    let parsed = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "xlb_backend_syn_ack_latency" && s.labels.get("backend_name") == Some("web-1"))
+        .expect("the parsed histogram");
+    let prometheus_parse::Value::Histogram(buckets) = &parsed.value else { panic!("{parsed:?}") };
+    assert_eq!(buckets.len(), SYN_ACK_LATENCY_BOUNDS.len() + 1);
+    assert_eq!(buckets.last().map(|b| (b.less_than, b.count)), Some((f64::INFINITY, 9.0)));
 
     // Values follow the status document.
     status.update(|s| {

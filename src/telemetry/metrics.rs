@@ -9,24 +9,28 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::status::{Phase, SharedStatus, Status, Traffic};
+use crate::status::{LatencyHistogram, Phase, SharedStatus, Status, Traffic};
 
 /// Rates are averaged over at least this long. The status behind them is
 /// refreshed once a second, so a window of N seconds is accurate to about
 /// 1/N.
 pub const RATE_WINDOW: Duration = Duration::from_secs(10);
 
-/// Cumulative (monotonic) or a value at this moment.
+/// Cumulative (monotonic), a value at this moment, or a cumulative
+/// distribution over fixed buckets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Counter,
     Gauge,
+    /// Points are [`Value::Histogram`] over [`Desc::bounds`].
+    Histogram,
 }
 
-/// The number type of a metric's points.
+/// The number type of a metric's points (of a histogram: of its values and
+/// sum).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Num {
     U64,
@@ -43,6 +47,9 @@ pub struct Desc {
     pub unit: &'static str,
     pub help: &'static str,
     pub labels: &'static [&'static str],
+    /// A histogram's bucket upper bounds, ascending (every point has
+    /// these); empty for other kinds.
+    pub bounds: &'static [f64],
 }
 
 impl Desc {
@@ -61,7 +68,18 @@ const fn desc(
     labels: &'static [&'static str],
     help: &'static str,
 ) -> Desc {
-    Desc { name, kind, num, unit, help, labels }
+    Desc { name, kind, num, unit, help, labels, bounds: &[] }
+}
+
+/// A histogram of F64 values over `bounds`.
+const fn histogram(
+    name: &'static str,
+    unit: &'static str,
+    labels: &'static [&'static str],
+    bounds: &'static [f64],
+    help: &'static str,
+) -> Desc {
+    Desc { name, kind: Kind::Histogram, num: Num::F64, unit, help, labels, bounds }
 }
 
 use Kind::{Counter, Gauge};
@@ -69,6 +87,7 @@ use Num::{F64, U64};
 
 const BACKEND: &[&str] = &["backend", "backend_name"];
 const BACKEND_TYPE: &[&str] = &["backend", "backend_name", "type"];
+const BACKEND_RESULT: &[&str] = &["backend", "backend_name", "result"];
 const PROVIDER: &[&str] = &["kind", "mode"];
 
 /// Every metric XLB exports. docs/metrics.md documents each one (a test
@@ -125,6 +144,12 @@ pub static CATALOG: &[Desc] = &[
         "1 while the backend's health check passes, 0 while it fails or has no result yet (with health_check)"),
     desc("xlb.backend.check.latency", Gauge, F64, "s", BACKEND,
         "How long the backend's last health check took (with health_check)"),
+    histogram("xlb.backend.syn_ack.latency", "s", BACKEND, crate::dataplane::SYN_ACK_LATENCY_BOUNDS,
+        "SYN->SYN-ACK latency of new connections to the backend, as the data path measured it \
+         (from the SYN XLB forwarded to the backend's SYN-ACK)"),
+    desc("xlb.backend.handshakes", Counter, U64, "{connection}", BACKEND_RESULT,
+        "New connections to the backend by how it answered the SYN: answered (SYN-ACK), refused (RST), \
+         timed_out (no answer within passive_health.syn_timeout_ms; only with passive_health)"),
     // Data path.
     desc("xlb.packets", Counter, U64, "{packet}", &["action", "reason"],
         "Packets seen by the XDP program, by outcome: action forward|pass|drop|rst and its reason"),
@@ -176,18 +201,64 @@ pub fn lookup(name: &str) -> Option<&'static Desc> {
     CATALOG.iter().find(|d| d.name == name)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// A point's value. Clones are cheap (a histogram is shared).
+#[derive(Debug, Clone, PartialEq)]
 pub enum Value {
     U64(u64),
     F64(f64),
+    Histogram(Arc<Histogram>),
 }
 
 impl Value {
-    pub fn as_f64(self) -> f64 {
+    /// The number, as f64; None for a histogram.
+    pub fn as_f64(&self) -> Option<f64> {
         match self {
-            Value::U64(v) => v as f64,
-            Value::F64(v) => v,
+            Value::U64(v) => Some(*v as f64),
+            Value::F64(v) => Some(*v),
+            Value::Histogram(_) => None,
         }
+    }
+}
+
+/// Cumulative counts and sums over fixed buckets: bucket i holds the values
+/// in (bounds[i-1], bounds[i]], the last one those above every bound. Each
+/// bucket keeps its own sum (see [`LatencyHistogram`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Histogram {
+    /// Upper bounds, ascending.
+    pub bounds: &'static [f64],
+    /// bounds.len() + 1 counts.
+    pub counts: Vec<u64>,
+    /// bounds.len() + 1 sums.
+    pub sums: Vec<f64>,
+}
+
+impl Histogram {
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    pub fn sum(&self) -> f64 {
+        self.sums.iter().sum()
+    }
+
+    /// Bucket i as (lower, upper]: -inf below the first, +inf above the last.
+    pub fn bucket(&self, i: usize) -> (f64, f64) {
+        let lo = if i == 0 { f64::NEG_INFINITY } else { self.bounds[i - 1] };
+        let hi = self.bounds.get(i).copied().unwrap_or(f64::INFINITY);
+        (lo, hi)
+    }
+
+    /// The upper bound of every bucket, +inf last, with its count (not
+    /// cumulative).
+    pub fn buckets(&self) -> impl Iterator<Item = (f64, u64)> + '_ {
+        self.bounds.iter().copied().chain([f64::INFINITY]).zip(self.counts.iter().copied())
+    }
+}
+
+impl From<&LatencyHistogram> for Histogram {
+    fn from(h: &LatencyHistogram) -> Self {
+        Histogram { bounds: h.bounds, counts: h.counts.clone(), sums: h.sums.clone() }
     }
 }
 
@@ -330,7 +401,16 @@ impl Builder {
         debug_assert!(
             lookup(name).is_some_and(|d| d.labels.len() == labels.len()
                 && d.labels.iter().zip(&labels).all(|(k, (l, _))| k == l)
-                && matches!((d.num, value), (Num::U64, Value::U64(_)) | (Num::F64, Value::F64(_)))),
+                && match (d.kind, d.num, &value) {
+                    (Kind::Histogram, Num::F64, Value::Histogram(h)) => {
+                        h.bounds == d.bounds
+                            && h.counts.len() == d.bounds.len() + 1
+                            && h.sums.len() == h.counts.len()
+                    }
+                    (Kind::Counter | Kind::Gauge, Num::U64, Value::U64(_))
+                    | (Kind::Counter | Kind::Gauge, Num::F64, Value::F64(_)) => true,
+                    _ => false,
+                }),
             "{name} does not match its catalog entry"
         );
         self.points.entry(name).or_default().push(Point { labels, value });
@@ -342,6 +422,10 @@ impl Builder {
 
     fn f64(&mut self, name: &'static str, labels: Vec<(&'static str, String)>, v: f64) {
         self.push(name, labels, Value::F64(v));
+    }
+
+    fn histogram(&mut self, name: &'static str, labels: Vec<(&'static str, String)>, h: &LatencyHistogram) {
+        self.push(name, labels, Value::Histogram(Arc::new(h.into())));
     }
 
     fn finish(mut self) -> Snapshot {
@@ -443,6 +527,16 @@ pub fn snapshot(s: &Status, tracker: &mut Tracker, now: Instant, now_unix_ms: u6
         if let Some(ms) = be.check.check_latency_ms {
             b.f64("xlb.backend.check.latency", labels(), ms / 1000.0);
         }
+        let hs = &be.handshakes;
+        // Empty: no data path behind it (nothing measured, not even zero).
+        if !hs.latency.counts.is_empty() {
+            b.histogram("xlb.backend.syn_ack.latency", labels(), &hs.latency);
+        }
+        for (result, v) in [("answered", hs.answered), ("refused", hs.refused), ("timed_out", hs.timed_out)] {
+            let mut l = labels();
+            l.push(("result", result.to_string()));
+            b.u64("xlb.backend.handshakes", l, v);
+        }
     }
 
     for (name, &v) in &s.counters {
@@ -535,6 +629,19 @@ pub(crate) mod tests {
         }
     }
 
+    /// A latency histogram over the data path's bounds with `n` values of
+    /// `secs` each, per (bucket, n, secs).
+    pub(crate) fn latency(values: &[(usize, u64, f64)]) -> LatencyHistogram {
+        let bounds = crate::dataplane::SYN_ACK_LATENCY_BOUNDS;
+        let mut h =
+            LatencyHistogram { bounds, counts: vec![0; bounds.len() + 1], sums: vec![0.0; bounds.len() + 1] };
+        for &(i, n, secs) in values {
+            h.counts[i] += n;
+            h.sums[i] += n as f64 * secs;
+        }
+        h
+    }
+
     pub(crate) fn running() -> Status {
         let mut provider = ProviderHealth::new("static", "static");
         provider.synced_now();
@@ -570,7 +677,7 @@ pub(crate) mod tests {
         f.points
             .iter()
             .find(|p| labels.iter().all(|(k, v)| p.labels.iter().any(|(pk, pv)| pk == k && pv == v)))
-            .map(|p| p.value.as_f64())
+            .map(|p| p.value.as_f64().expect("a number"))
     }
 
     #[test]
@@ -585,6 +692,13 @@ pub(crate) mod tests {
             assert!(d.name.chars().all(ok), "{}", d.name);
             assert!(!d.prometheus_name().contains('.'));
             assert!(!d.help.is_empty() && !d.unit.is_empty());
+            if d.kind == Kind::Histogram {
+                assert!(!d.bounds.is_empty(), "{}", d.name);
+                assert!(d.bounds.windows(2).all(|w| w[0] < w[1]), "{} bounds ascend", d.name);
+                assert!(d.bounds.iter().all(|b| b.is_finite()), "{}", d.name);
+            } else {
+                assert!(d.bounds.is_empty(), "{}", d.name);
+            }
         }
     }
 
@@ -599,6 +713,7 @@ pub(crate) mod tests {
             let kind = match d.kind {
                 Kind::Counter => "counter",
                 Kind::Gauge => "gauge",
+                Kind::Histogram => "histogram",
             };
             assert!(row.contains(&format!("| {kind} |")), "{row}");
             assert!(row.contains(&format!("`{}`", d.unit)), "{row} lacks unit {}", d.unit);
@@ -705,6 +820,45 @@ pub(crate) mod tests {
         assert_eq!(value(&s, "xlb.backend.healthy", &[("backend_name", "be2")]), Some(0.0));
         assert_eq!(value(&s, "xlb.backend.check.latency", &[("backend_name", "be2")]), Some(0.0015));
         assert_eq!(value(&s, "xlb.ready", &[]), Some(0.0), "no_healthy_backends");
+    }
+
+    #[test]
+    fn handshakes_and_their_latency_per_backend() {
+        let mut st = running();
+        // be1 has a data path behind it, be2 none (no histogram).
+        st.backends[0].handshakes = crate::status::Handshakes {
+            answered: 5,
+            refused: 2,
+            timed_out: 1,
+            latency_mean_ms: Some(0.4),
+            latency: latency(&[(1, 3, 0.000_08), (4, 2, 0.000_8)]),
+        };
+        let s = snapshot(&st, &mut Tracker::default(), Instant::now(), 0);
+        let be1 = |result: &'static str| [("backend_name", "be1"), ("result", result)];
+        assert_eq!(value(&s, "xlb.backend.handshakes", &be1("answered")), Some(5.0));
+        assert_eq!(value(&s, "xlb.backend.handshakes", &be1("refused")), Some(2.0));
+        assert_eq!(value(&s, "xlb.backend.handshakes", &be1("timed_out")), Some(1.0));
+        assert_eq!(
+            value(&s, "xlb.backend.handshakes", &[("backend_name", "be2"), ("result", "answered")]),
+            Some(0.0),
+            "every backend has its three counters"
+        );
+        let f = s.family("xlb.backend.syn_ack.latency").unwrap();
+        assert_eq!(f.points.len(), 1, "only backends with a histogram: {f:?}");
+        let p = &f.points[0];
+        assert_eq!(p.labels, [("backend", "10.0.0.2".to_string()), ("backend_name", "be1".to_string())]);
+        let Value::Histogram(h) = &p.value else { panic!("{p:?}") };
+        assert_eq!(h.bounds, crate::dataplane::SYN_ACK_LATENCY_BOUNDS);
+        assert_eq!(h.count(), 5);
+        assert!((h.sum() - 0.001_84).abs() < 1e-12, "{}", h.sum());
+        assert_eq!(h.bucket(0), (f64::NEG_INFINITY, 0.000_05));
+        assert_eq!(h.bucket(1), (0.000_05, 0.000_1));
+        assert_eq!(h.bucket(h.bounds.len()), (3.5, f64::INFINITY));
+        let buckets: Vec<_> = h.buckets().collect();
+        assert_eq!(buckets.len(), h.bounds.len() + 1);
+        assert_eq!(buckets[1], (0.000_1, 3));
+        assert_eq!(buckets[4], (0.001, 2));
+        assert_eq!(buckets.last(), Some(&(f64::INFINITY, 0)));
     }
 
     #[test]

@@ -19,7 +19,9 @@ use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsServiceRequest, ExportMetricsServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
-use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point, Metric, NumberDataPoint};
+use opentelemetry_proto::tonic::metrics::v1::{
+    metric, number_data_point, HistogramDataPoint, Metric, NumberDataPoint,
+};
 use prost::Message;
 use tokio::sync::mpsc;
 
@@ -188,11 +190,13 @@ fn point(p: &NumberDataPoint) -> Point {
     Point { attrs, value, is_int }
 }
 
-/// Kind of a metric: "sum" (with monotonic and temporality) or "gauge".
+/// Kind of a metric: "sum" (with monotonic and temporality), "gauge" or
+/// "histogram" (with temporality).
 pub fn kind(m: &Metric) -> (&'static str, bool, i32) {
     match &m.data {
         Some(metric::Data::Sum(s)) => ("sum", s.is_monotonic, s.aggregation_temporality),
         Some(metric::Data::Gauge(_)) => ("gauge", false, 0),
+        Some(metric::Data::Histogram(h)) => ("histogram", false, h.aggregation_temporality),
         other => panic!("{} has unexpected data {other:?}", m.name),
     }
 }
@@ -213,4 +217,45 @@ pub fn value(r: &ExportMetricsServiceRequest, name: &str, attrs: &[(&str, &str)]
         .find(|p| attrs.iter().all(|(k, v)| p.attrs.get(*k).map(String::as_str) == Some(*v)))
         .unwrap_or_else(|| panic!("{name} has no point with {attrs:?}: {ps:?}"))
         .value
+}
+
+/// A histogram data point, as sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistogramPoint {
+    pub attrs: BTreeMap<String, String>,
+    pub count: u64,
+    pub sum: Option<f64>,
+    pub bucket_counts: Vec<u64>,
+    pub explicit_bounds: Vec<f64>,
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+}
+
+fn histogram_point(p: &HistogramDataPoint) -> HistogramPoint {
+    HistogramPoint {
+        attrs: p.attributes.iter().map(|kv| (kv.key.clone(), string_of(kv))).collect(),
+        count: p.count,
+        sum: p.sum,
+        bucket_counts: p.bucket_counts.clone(),
+        explicit_bounds: p.explicit_bounds.clone(),
+        min: p.min,
+        max: p.max,
+    }
+}
+
+/// The data points of a histogram metric (none for other kinds).
+pub fn histogram_points(m: &Metric) -> Vec<HistogramPoint> {
+    match &m.data {
+        Some(metric::Data::Histogram(h)) => h.data_points.iter().map(histogram_point).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The point of histogram `name` whose attributes include `attrs`.
+pub fn histogram(r: &ExportMetricsServiceRequest, name: &str, attrs: &[(&str, &str)]) -> HistogramPoint {
+    let ps = histogram_points(metric(r, name));
+    ps.iter()
+        .find(|p| attrs.iter().all(|(k, v)| p.attrs.get(*k).map(String::as_str) == Some(*v)))
+        .unwrap_or_else(|| panic!("{name} has no point with {attrs:?}: {ps:?}"))
+        .clone()
 }
