@@ -22,6 +22,7 @@ declare -A need=(
 	[procps]=/usr/sbin/sysctl
 	[systemd]=/usr/bin/systemd-analyze
 	[strace]=/usr/bin/strace
+	[nftables]=/usr/sbin/nft
 )
 missing=()
 for pkg in "${!need[@]}"; do

@@ -5,9 +5,9 @@
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
-use crate::dataplane::{GcStats, RetiredFlows, Traffic};
+use crate::dataplane::{GcStats, Handshakes, RetiredFlows, Traffic, SYN_ACK_LATENCY_BOUNDS};
 use crate::provider::Backend;
-use crate::status::BackendStatus;
+use crate::status::{self, BackendStatus, LatencyHistogram};
 
 /// Per-backend accounting kept across sweeps, by backend address.
 #[derive(Debug, Default)]
@@ -33,6 +33,30 @@ pub struct BackendTotals {
     /// The data path's retired connections for this backend as last read
     /// (cumulative), to add only what is new.
     retired_seen: RetiredFlows,
+    /// How it answered new connections, as last read (cumulative), and the
+    /// SYNs the sweeps found unanswered (passive_health only).
+    handshakes: Handshakes,
+    syn_timeouts: u64,
+}
+
+impl BackendTotals {
+    /// The status document's view of its handshakes.
+    fn handshakes(&self) -> status::Handshakes {
+        let h = &self.handshakes;
+        let answered = h.answered();
+        let latency_sum: u64 = h.latency_ns.iter().sum();
+        status::Handshakes {
+            answered,
+            refused: h.refused,
+            timed_out: self.syn_timeouts,
+            latency_mean_ms: (answered > 0).then(|| latency_sum as f64 / answered as f64 / 1e6),
+            latency: LatencyHistogram {
+                bounds: SYN_ACK_LATENCY_BOUNDS,
+                counts: h.answered.to_vec(),
+                sums: h.latency_ns.iter().map(|&ns| ns as f64 / 1e9).collect(),
+            },
+        }
+    }
 }
 
 /// Closed connections by how they ended.
@@ -102,7 +126,7 @@ pub fn backend_status(
                 connections_orphaned: t.orphaned,
                 traffic,
                 check: Default::default(),
-                handshakes: Default::default(),
+                handshakes: t.handshakes(),
             })
         })
         .collect();
@@ -128,6 +152,14 @@ pub fn fold_sweep(totals: &Totals, gc: &GcStats) {
         t.orphaned += f.orphaned;
         t.held = Closed { fin: f.held_fin, rst: f.held_rst };
         t.ended.add(&f.removed);
+    }
+    for (addr, h) in &gc.handshakes {
+        totals.entry(*addr).or_default().handshakes = *h;
+    }
+    for (addr, f) in &gc.per_backend {
+        if f.syn_timeouts > 0 {
+            totals.entry(*addr).or_default().syn_timeouts += f.syn_timeouts;
+        }
     }
     // Pairs the data path replaced ended too: their final traffic counts.
     for (addr, r) in &gc.retired {

@@ -28,6 +28,9 @@ const FIRST_SYNC_WAIT: Duration = Duration::from_secs(5);
 /// How long startup waits for the first health check results beyond one
 /// probe's timeout (the first probes are spread over up to 200 ms).
 const FIRST_CHECK_SLACK: Duration = Duration::from_millis(500);
+/// Passive reports waiting for the health loop (one per sweep): the sweep
+/// waits rather than lose one.
+const HANDSHAKE_REPORTS: usize = 16;
 
 /// The host-side facts a config resolves to.
 #[derive(Debug)]
@@ -59,17 +62,31 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
     // With health checks, the balancer follows the backends that pass
     // them; the first result of each decides, so wait for those (bounded
     // by one probe's timeout) before the first table is built.
-    let (backends, checks) = match &cfg.health_check {
-        None => (provider.backends, None),
-        Some(hc) => {
-            let default_port = cfg.ports.first().map_or(0, |p| p.remote_port);
-            let mut gate = crate::health::start(hc, default_port, provider.backends);
+    // Passive checks hear from the sweep, once per sweep.
+    let (handshakes_tx, handshakes_rx) = match cfg.passive_health {
+        Some(_) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(HANDSHAKE_REPORTS);
+            (Some(tx), Some(rx))
+        }
+        None => (None, None),
+    };
+    let (backends, checks) = if cfg.health_check.is_none() && cfg.passive_health.is_none() {
+        (provider.backends, None)
+    } else {
+        let default_port = cfg.ports.first().map_or(0, |p| p.remote_port);
+        let which = crate::health::Checks {
+            active: cfg.health_check.as_ref(),
+            passive: cfg.passive_health.as_ref(),
+            default_port,
+        };
+        let mut gate = crate::health::start(which, provider.backends, handshakes_rx);
+        if let Some(hc) = &cfg.health_check {
             let wait = Duration::from_millis(hc.timeout_ms) + FIRST_CHECK_SLACK;
             if tokio::time::timeout(wait, gate.report.wait_for(|r| r.decided())).await.is_err() {
                 warn!("not every backend has a health check result after {wait:?}; starting anyway");
             }
-            (gate.eligible.clone(), Some(gate))
         }
+        (gate.eligible.clone(), Some(gate))
     };
     let initial = backends.borrow().clone();
     let net = resolve_network(&cfg).await?;
@@ -174,6 +191,10 @@ pub async fn run(cfg: Config, sources: provider::Sources) -> Result<()> {
         (cfg.syn_proxy == crate::config::SynProxy::Auto).then_some(crate::sweep::SynProxyAuto {
             threshold: cfg.syn_proxy_threshold.into(),
             engaged: false,
+        }),
+        cfg.passive_health.as_ref().zip(handshakes_tx).map(|(p, tx)| crate::sweep::PassiveFeed {
+            syn_timeout: Duration::from_millis(p.syn_timeout_ms),
+            tx,
         }),
     ));
     let stats = tokio::spawn(crate::status_refresh::status_loop(

@@ -2,14 +2,16 @@
 //! removed (both entries of a pair together), the per-backend accounting is
 //! folded in, and the interface manager learns where connections still go.
 
+use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::warn;
 
 use crate::accounting::{self, Totals};
-use crate::dataplane::{DataplaneHandle, GcPolicy};
+use crate::dataplane::{DataplaneHandle, GcPolicy, GcStats};
+use crate::health::{HandshakeNews, HandshakeReport};
 use crate::ifaces::InUse;
 use crate::status::SharedStatus;
 
@@ -67,9 +69,44 @@ impl SynProxyAuto {
     }
 }
 
+/// Passive health checking's source: each sweep counts the SYNs left
+/// unanswered for `syn_timeout` and sends every backend's handshake news.
+pub struct PassiveFeed {
+    pub syn_timeout: Duration,
+    pub tx: mpsc::Sender<HandshakeReport>,
+}
+
+/// What each backend's handshakes were at the last sweep, to send news.
+#[derive(Default)]
+struct HandshakesSeen(HashMap<Ipv4Addr, (u64, u64)>);
+
+impl HandshakesSeen {
+    /// This sweep's news: answers and refusals since the last reading, and
+    /// the SYNs this sweep found unanswered.
+    fn news(&mut self, gc: &GcStats) -> HandshakeReport {
+        let mut report = HandshakeReport::new();
+        for (addr, h) in &gc.handshakes {
+            let now = (h.answered(), h.refused);
+            // A reading below the last one: the data path's entry started
+            // over (an LRU eviction); all of it is new.
+            let then = self.0.insert(*addr, now).filter(|t| t.0 <= now.0 && t.1 <= now.1).unwrap_or_default();
+            let n = report.entry(*addr).or_default();
+            (n.answered, n.refused) = (now.0 - then.0, now.1 - then.1);
+        }
+        for (addr, b) in &gc.per_backend {
+            if b.syn_timeouts > 0 {
+                report.entry(*addr).or_default().timed_out = b.syn_timeouts;
+            }
+        }
+        report.retain(|_, n| *n != HandshakeNews::default());
+        report
+    }
+}
+
 /// Expiry of finished connections and the per-backend accounting it
-/// yields; also tells the interface manager where connections still go, and
-/// engages the SYN proxy (syn_proxy: auto, `auto` Some) under a SYN flood.
+/// yields; also tells the interface manager where connections still go,
+/// engages the SYN proxy (syn_proxy: auto, `auto` Some) under a SYN flood,
+/// and feeds passive health checking (`passive` Some).
 pub async fn sweep_loop(
     dp: DataplaneHandle,
     status: SharedStatus,
@@ -77,6 +114,7 @@ pub async fn sweep_loop(
     in_use: watch::Sender<Option<InUse>>,
     orphan_ttl_secs: u64,
     mut auto: Option<SynProxyAuto>,
+    passive: Option<PassiveFeed>,
 ) {
     let mut pause = Duration::ZERO;
     // Tests that watch sweeps over a million connections cap the back-off
@@ -93,11 +131,20 @@ pub async fn sweep_loop(
         half_open_ns: HALF_OPEN_TTL.as_nanos() as u64,
         unanswered_created: None,
     };
+    let mut seen = HandshakesSeen::default();
+    // Each sweep counts the unanswered SYNs whose deadline passed since the
+    // last one's start: adjoining ranges, so each is counted once.
+    let mut deadline_passed = crate::dataplane::now_precise_ns();
     loop {
         tokio::time::sleep(pause).await;
         pause = STATS_INTERVAL;
         let sweep_started = std::time::Instant::now();
-        let policy = GcPolicy { now_ns: crate::dataplane::now_ns(), ..ttls };
+        let deadline_now = crate::dataplane::now_precise_ns();
+        let unanswered_created = passive.as_ref().map(|p| {
+            let timeout = p.syn_timeout.as_nanos() as u64;
+            (deadline_passed.saturating_sub(timeout), deadline_now.saturating_sub(timeout))
+        });
+        let policy = GcPolicy { now_ns: crate::dataplane::now_ns(), unanswered_created, ..ttls };
         let gc = match dp.expire_flows(policy).await {
             Ok(gc) => gc,
             Err(e) => {
@@ -105,6 +152,12 @@ pub async fn sweep_loop(
                 continue;
             }
         };
+        deadline_passed = deadline_now;
+        let news = seen.news(&gc);
+        if let Some(p) = &passive {
+            // Waits while the health loop is behind; ends with it.
+            let _ = p.tx.send(news).await;
+        }
         // A sweep reads every entry: with millions of connections, sweep
         // less often so it stays under ~10% of one core.
         let took = sweep_started.elapsed();
@@ -145,6 +198,32 @@ pub async fn sweep_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn handshake_news_is_what_changed_since_the_last_sweep() {
+        use crate::dataplane::{BackendFlows, Handshakes};
+        let (a, b): (Ipv4Addr, Ipv4Addr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let reading = |answered: u64, refused: u64| {
+            let mut h = Handshakes { refused, ..Default::default() };
+            h.answered[3] = answered;
+            h
+        };
+        let mut seen = HandshakesSeen::default();
+        let mut gc = GcStats::default();
+        gc.handshakes.insert(a, reading(5, 1));
+        gc.per_backend.insert(b, BackendFlows { syn_timeouts: 2, ..Default::default() });
+        let news = seen.news(&gc);
+        assert_eq!(news[&a], HandshakeNews { answered: 5, refused: 1, timed_out: 0 });
+        assert_eq!(news[&b], HandshakeNews { answered: 0, refused: 0, timed_out: 2 });
+        // Nothing new: no news at all.
+        gc.per_backend.clear();
+        assert!(seen.news(&gc).is_empty());
+        gc.handshakes.insert(a, reading(7, 1));
+        assert_eq!(seen.news(&gc)[&a], HandshakeNews { answered: 2, refused: 0, timed_out: 0 });
+        // The data path's entry started over: all of it is news.
+        gc.handshakes.insert(a, reading(1, 0));
+        assert_eq!(seen.news(&gc)[&a], HandshakeNews { answered: 1, refused: 0, timed_out: 0 });
+    }
 
     #[test]
     fn auto_engages_at_the_threshold_and_lets_go_below_half() {

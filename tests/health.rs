@@ -391,3 +391,146 @@ fn all_servers_stopped_fail_open_and_connections_are_still_sent_to_every_backend
     let log = xlb.log();
     assert_eq!(log.matches("no backend passes its health check: failing open").count(), 1, "{log}");
 }
+
+/// Passive checks only (no `health_check`): every listed backend is
+/// healthy from the start.
+fn passive_config(extra: &str) -> String {
+    lb_config(3, &format!("shutdown_timeout: 1\npassive_health: {{{extra}}}\n"))
+}
+
+/// Waits (bounded) until xlb's log holds `needle`.
+fn wait_log(xlb: &XlbProcess, needle: &str, limit: Duration) {
+    let found = wait_for(limit, || xlb.log().contains(needle).then_some(()));
+    assert!(found.is_some(), "no {needle:?} within {limit:?}:\n{}", xlb.log());
+}
+
+/// `n` connection attempts at once, each given `limit` to connect: how many
+/// connected.
+fn concurrent_connects(t: &Topology, n: usize, limit: Duration) -> usize {
+    let tries: Vec<_> = (0..n)
+        .map(|_| {
+            t.client.spawn(move || {
+                let sa: std::net::SocketAddr = url().parse().unwrap();
+                std::net::TcpStream::connect_timeout(&sa, limit).is_ok()
+            })
+        })
+        .collect();
+    tries.into_iter().map(|t| t.join()).filter(|r| matches!(r, Ok(true))).count()
+}
+
+/// A backend whose namespace drops SYNs to its port (nftables) is taken out
+/// by the passive detector alone, from the SYNs it leaves unanswered; the
+/// healthy backends' SYN->SYN-ACK latencies are recorded as a histogram;
+/// once the drop is gone, the backend comes back after interval x rise
+/// (2 s) without a failure and gets new connections again.
+#[test]
+fn passive_checks_alone_take_out_a_backend_that_drops_syns() {
+    let t = Topology::new(3);
+    let _servers: Vec<Backend> =
+        (0..3).map(|k| start_backend(&t.backends[k], &format!("be{}", k + 1))).collect();
+    let mut xlb = XlbProcess::start(&t.lb, &passive_config("syn_timeout_ms: 500, fall: 3"));
+    let s = status(&t.lb);
+    assert_eq!(s["health_checks"]["type"], "passive", "{s}");
+    for k in 1..=3 {
+        assert_eq!(backend(&t.lb, &format!("be{k}"))["health"], "healthy", "no probe needed");
+    }
+
+    // Healthy backends: every answer is timed.
+    let (seen, failed) = connections(&t, 60);
+    assert_eq!((failed, seen.len()), (0, 3), "{seen:?}");
+    for (name, n) in &seen {
+        let b = wait_for(Duration::from_secs(5), || {
+            let b = backend(&t.lb, name);
+            (b["handshakes"]["answered"].as_u64() >= Some(*n as u64)).then_some(b)
+        })
+        .unwrap_or_else(|| panic!("{name}'s {n} handshakes not counted: {}", status(&t.lb)));
+        let mean = b["handshakes"]["latency_mean_ms"].as_f64().expect("a mean latency");
+        assert!(mean > 0.0 && mean < 1000.0, "{b}");
+        assert_eq!(
+            (b["handshakes"]["refused"].as_u64(), b["handshakes"]["timed_out"].as_u64()),
+            (Some(0), Some(0))
+        );
+        let ip = b["address"].as_str().unwrap().to_string();
+        let count = metric(&t.lb, &format!("xlb_backend_syn_ack_latency_count{{backend=\"{ip}\""));
+        assert!(count >= Some(*n as f64), "{name}: histogram count {count:?} of {n}");
+        let sum = metric(&t.lb, &format!("xlb_backend_syn_ack_latency_sum{{backend=\"{ip}\""));
+        assert!(sum.is_some_and(|s| s > 0.0), "{name}: histogram sum {sum:?}");
+    }
+
+    // be2 drops every SYN to its server.
+    let rules = std::env::temp_dir().join(format!("{}.nft", unique("xn")));
+    std::fs::write(
+        &rules,
+        "table inet xlbtest {\n  chain input {\n    type filter hook input priority 0; policy accept;\n    \
+         tcp dport 8080 tcp flags & (syn | ack) == syn drop\n  }\n}\n",
+    )
+    .unwrap();
+    let out = t.backends[1].exec(&format!("nft -f {}", rules.display()));
+    let _ = std::fs::remove_file(&rules);
+    assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
+    let ip2 = backend_ip(2);
+    // A third of 45 connections go to be2 and are left unanswered.
+    let connected = concurrent_connects(&t, 45, Duration::from_secs(3));
+    assert!(connected < 45, "be2 answered SYNs through the drop rule");
+    wait_log(
+        &xlb,
+        &format!("backend be2 {ip2} unhealthy: passive: no SYN-ACK within 500 ms ("),
+        Duration::from_secs(5),
+    );
+    wait_log(&xlb, &format!("backend removed: be2 {ip2}"), Duration::from_secs(2));
+    // Out of the table for new connections at once (for 2 s from the last
+    // failure, which is longer than these take).
+    let (seen, failed) = connections(&t, 20);
+    assert_eq!(failed, 0, "{seen:?}\n{}", xlb.log());
+    assert_eq!(seen.get("be2"), None, "{seen:?}");
+    let b2 = backend(&t.lb, "be2");
+    assert!(b2["handshakes"]["timed_out"].as_u64() >= Some(3), "{b2}");
+
+    // The drop ends: be2 is cleared after 2 s without a failure and stays.
+    let out = t.backends[1].exec("nft delete table inet xlbtest");
+    assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
+    wait_log(
+        &xlb,
+        &format!("backend be2 {ip2} healthy: passive: no failure for 2000 ms (2/2)"),
+        Duration::from_secs(6),
+    );
+    wait_health(&t.lb, "be2", "healthy", Duration::from_secs(3));
+    let (seen, failed) = connections(&t, 60);
+    assert_eq!(failed, 0, "{seen:?}");
+    assert!(seen.get("be2").copied().unwrap_or(0) >= 5, "be2 is back: {seen:?}");
+    assert_eq!(backend(&t.lb, "be2")["health"], "healthy");
+    assert!(xlb.terminate().success());
+}
+
+/// A backend whose server is gone answers SYNs with RSTs: with rst_on_syn
+/// (the default) that takes it out; with rst_on_syn: false it does not.
+#[test]
+fn passive_checks_take_out_a_backend_that_refuses_syns_if_asked_to() {
+    let t = Topology::new(3);
+    let _b1 = start_backend(&t.backends[0], "be1");
+    let _b2 = start_backend(&t.backends[1], "be2");
+    let mut xlb = XlbProcess::start(&t.lb, &passive_config("rst_on_syn: false, fall: 2"));
+    let (seen, failed) = connections(&t, 30);
+    assert!(failed > 0 && !seen.contains_key("be3"), "be3 refuses: {seen:?}");
+    let b3 = wait_for(Duration::from_secs(5), || {
+        let b = backend(&t.lb, "be3");
+        (b["handshakes"]["refused"].as_u64() >= Some(failed as u64)).then_some(b)
+    })
+    .unwrap_or_else(|| panic!("refusals not counted: {}", status(&t.lb)));
+    assert_eq!(b3["health"], "healthy", "rst_on_syn: false: {b3}");
+    assert!(xlb.terminate().success());
+
+    let mut xlb = XlbProcess::start(&t.lb, &passive_config("fall: 2"));
+    let (_, failed) = connections(&t, 30);
+    assert!(failed >= 2, "be3 refused");
+    wait_log(
+        &xlb,
+        &format!("backend be3 {} unhealthy: passive: SYN refused with a RST (", backend_ip(3)),
+        Duration::from_secs(5),
+    );
+    wait_log(&xlb, &format!("backend removed: be3 {}", backend_ip(3)), Duration::from_secs(2));
+    let (seen, failed) = connections(&t, 20);
+    assert_eq!(failed, 0, "{seen:?}\n{}", xlb.log());
+    assert_eq!(seen.get("be3"), None, "{seen:?}");
+    assert!(xlb.terminate().success());
+}

@@ -835,6 +835,14 @@ fn rand_u32() -> u32 {
     h.finish() as u32
 }
 
+/// CLOCK_MONOTONIC, as the data path's bpf_ktime_get_ns() reads it (the
+/// precise clock: handshake times).
+pub fn now_precise_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available on Linux");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}
+
 /// CLOCK_MONOTONIC_COARSE in nanoseconds: the clock of
 /// bpf_ktime_get_coarse_ns(), which stamps flows.
 pub fn now_ns() -> u64 {

@@ -11,13 +11,20 @@
 //! plane or waits on the provider: the balancer reads the eligible set as
 //! it reads a provider's.
 //!
+//! Passive checks (`passive.rs`) feed the same loop: once per sweep, what
+//! the data path saw of each backend's handshakes. Without active checks
+//! every listed backend starts healthy and only the passive detector takes
+//! it out.
+//!
 //! Fail open: when no listed backend is healthy, all of them stay eligible
 //! (a check that fails everywhere is more likely wrong than every backend
 //! dead); the report says so, and readiness reports `no_healthy_backends`.
 
+mod passive;
 mod probe;
 mod state;
 
+pub use passive::{HandshakeNews, HandshakeReport, Passive};
 pub use probe::Probe;
 pub use state::{BackendHealth, Health, Observation, Thresholds, Transition};
 
@@ -48,7 +55,7 @@ const JITTER: f64 = 0.1;
 /// What the gate knows, for status, readiness and metrics.
 #[derive(Debug, Clone, Default)]
 pub struct Report {
-    /// `tcp` or `http`.
+    /// `tcp` or `http`, or `passive` without active checks.
     pub kind: &'static str,
     /// The backends the provider lists, in its order.
     pub listed: Vec<Backend>,
@@ -90,20 +97,49 @@ pub struct Gate {
     pub task: TaskGuard,
 }
 
-/// Starts checking the backends `listed` names. `default_port` is the
-/// first ports[] mapping's remote_port.
-pub fn start(hc: &HealthCheck, default_port: u16, listed: watch::Receiver<Vec<Backend>>) -> Gate {
+/// What the gate checks: active probes (`health_check`), passive
+/// detection from the data path (`passive_health`), or both.
+pub struct Checks<'a> {
+    pub active: Option<&'a HealthCheck>,
+    pub passive: Option<&'a crate::config::PassiveHealth>,
+    /// The first ports[] mapping's remote_port (active checks' default).
+    pub default_port: u16,
+}
+
+/// How often verdicts of the passive detector are looked at for clearing.
+const CLEAR_TICK: Duration = Duration::from_millis(100);
+
+/// Starts checking the backends `listed` names; `handshakes` brings the
+/// sweeps' passive reports (needed with `passive_health`).
+pub fn start(
+    checks: Checks<'_>,
+    listed: watch::Receiver<Vec<Backend>>,
+    handshakes: Option<mpsc::Receiver<HandshakeReport>>,
+) -> Gate {
     let first = listed.borrow().clone();
     let (eligible_tx, eligible) = watch::channel(first.clone());
+    let active = checks.active;
     // Every listed backend unknown until the checker has results, so that
-    // nobody takes the set for decided before it started.
-    let health = first.iter().map(|b| (b.addr, BackendHealth::default())).collect();
-    let (report_tx, report) =
-        watch::channel(Report { kind: hc.kind.as_str(), listed: first, health, fail_open: false });
+    // nobody takes the set for decided before it started; without probes,
+    // healthy until the data path says otherwise.
+    let fresh = if active.is_some() { BackendHealth::default } else { BackendHealth::assumed_healthy };
+    let health = first.iter().map(|b| (b.addr, fresh())).collect();
+    let kind = active.map_or("passive", |hc| hc.kind.as_str());
+    let (report_tx, report) = watch::channel(Report { kind, listed: first, health, fail_open: false });
+    let thresholds =
+        active.map_or(Thresholds { rise: 2, fall: 3 }, |hc| Thresholds { rise: hc.rise, fall: hc.fall });
+    let interval = Duration::from_millis(active.map_or(1000, |hc| hc.interval_ms));
+    let passive = checks.passive.map(|p| {
+        // interval x rise of health_check's defaults when it is absent.
+        let clear_after = active.is_none().then(|| interval * thresholds.rise);
+        Passive::new(p, clear_after)
+    });
     let checker = Checker {
-        probe: Arc::new(Probe::new(hc, default_port)),
-        interval: Duration::from_millis(hc.interval_ms),
-        thresholds: Thresholds { rise: hc.rise, fall: hc.fall },
+        probe: active.map(|hc| Arc::new(Probe::new(hc, checks.default_port))),
+        passive,
+        runs: HashMap::new(),
+        interval,
+        thresholds,
         slots: Arc::new(Semaphore::new(MAX_CONCURRENT_PROBES)),
         probers: HashMap::new(),
         generation: 0,
@@ -113,7 +149,7 @@ pub fn start(hc: &HealthCheck, default_port: u16, listed: watch::Receiver<Vec<Ba
         eligible: eligible_tx,
         report: report_tx,
     };
-    let task = tokio::spawn(checker.run(listed));
+    let task = tokio::spawn(checker.run(listed, handshakes));
     Gate { eligible, report, task: TaskGuard(task) }
 }
 
@@ -128,7 +164,11 @@ struct Prober {
 type Outcome = (Ipv4Addr, u64, Observation);
 
 struct Checker {
-    probe: Arc<Probe>,
+    /// Active checks; None: passive only.
+    probe: Option<Arc<Probe>>,
+    passive: Option<Passive>,
+    /// The passive detector's runs, by backend.
+    runs: HashMap<Ipv4Addr, passive::Run>,
     interval: Duration,
     thresholds: Thresholds,
     slots: Arc<Semaphore>,
@@ -142,11 +182,18 @@ struct Checker {
 }
 
 impl Checker {
-    async fn run(mut self, mut listed: watch::Receiver<Vec<Backend>>) {
+    async fn run(
+        mut self,
+        mut listed: watch::Receiver<Vec<Backend>>,
+        mut handshakes: Option<mpsc::Receiver<HandshakeReport>>,
+    ) {
         let (tx, mut rx) = mpsc::channel::<Outcome>(MAX_CONCURRENT_PROBES * 4);
         let first = listed.borrow_and_update().clone();
         self.follow(first, &tx);
         let mut listed_open = true;
+        let mut clear = tokio::time::interval(CLEAR_TICK);
+        clear.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let clears = self.passive.is_some_and(|p| p.clear_after.is_some());
         loop {
             tokio::select! {
                 r = listed.changed(), if listed_open => match r {
@@ -158,7 +205,54 @@ impl Checker {
                     Err(_) => listed_open = false,
                 },
                 Some((addr, generation, o)) = rx.recv() => self.observe(addr, generation, &o),
+                r = recv(&mut handshakes) => match r {
+                    Some(report) => self.passive_report(&report),
+                    None => handshakes = None,
+                },
+                _ = clear.tick(), if clears => self.clear_quiet(),
             }
+        }
+    }
+
+    /// One sweep's handshakes: a run of `fall` failures marks a backend
+    /// unhealthy.
+    fn passive_report(&mut self, report: &HandshakeReport) {
+        let Some(p) = self.passive else { return };
+        let now = Instant::now();
+        for (addr, news) in report {
+            if !self.health.contains_key(addr) {
+                continue;
+            }
+            let run = self.runs.entry(*addr).or_default();
+            let Some(detail) = run.observe(news, &p, now) else { continue };
+            let count = run.failures;
+            run.failures = 0;
+            let h = self.health.get_mut(addr).expect("checked above");
+            let t = h.set(Health::Unhealthy, detail, count, p.fall, unix_ms());
+            self.note(*addr, t);
+        }
+    }
+
+    /// Without active checks, a passive verdict ends after interval x rise
+    /// without a failure: the backend gets new connections again, and the
+    /// data path judges it anew.
+    fn clear_quiet(&mut self) {
+        let Some(after) = self.passive.and_then(|p| p.clear_after) else { return };
+        let now = Instant::now();
+        let quiet: Vec<Ipv4Addr> = self
+            .health
+            .iter()
+            .filter(|(addr, h)| {
+                h.state == Health::Unhealthy && self.runs.get(*addr).is_none_or(|r| r.quiet_for(after, now))
+            })
+            .map(|(addr, _)| *addr)
+            .collect();
+        for addr in quiet {
+            let detail = format!("passive: no failure for {} ms", after.as_millis());
+            let rise = self.thresholds.rise;
+            let h = self.health.get_mut(&addr).expect("listed");
+            let t = h.set(Health::Healthy, detail, rise, rise, unix_ms());
+            self.note(addr, t);
         }
     }
 
@@ -166,7 +260,12 @@ impl Checker {
     fn follow(&mut self, next: Vec<Backend>, tx: &mpsc::Sender<Outcome>) {
         self.probers.retain(|addr, _| next.iter().any(|b| b.addr == *addr));
         self.health.retain(|addr, _| next.iter().any(|b| b.addr == *addr));
+        self.runs.retain(|addr, _| next.iter().any(|b| b.addr == *addr));
         for b in &next {
+            let Some(probe) = &self.probe else {
+                self.health.entry(b.addr).or_insert_with(BackendHealth::assumed_healthy);
+                continue;
+            };
             if self.probers.contains_key(&b.addr) {
                 continue;
             }
@@ -174,7 +273,7 @@ impl Checker {
             let task = tokio::spawn(probe_loop(
                 b.addr,
                 self.generation,
-                self.probe.clone(),
+                probe.clone(),
                 self.interval,
                 self.slots.clone(),
                 tx.clone(),
@@ -196,7 +295,12 @@ impl Checker {
         }
         let Some(h) = self.health.get_mut(&addr) else { return };
         let transition = h.observe(o, self.thresholds, unix_ms());
-        let snapshot = h.clone();
+        self.note(addr, transition);
+    }
+
+    /// Logs a backend's transition once and publishes what follows from it,
+    /// then its health.
+    fn note(&mut self, addr: Ipv4Addr, transition: Option<Transition>) {
         if let Some(t) = transition {
             let name = self
                 .listed
@@ -212,6 +316,7 @@ impl Checker {
             // that already follows it.
             self.publish();
         }
+        let Some(snapshot) = self.health.get(&addr).cloned() else { return };
         let fail_open = self.fail_open;
         self.report.send_modify(|r| {
             r.health.insert(addr, snapshot);
@@ -247,6 +352,14 @@ impl Checker {
                 true
             }
         });
+    }
+}
+
+/// The next passive report, or never without a source.
+async fn recv(rx: &mut Option<mpsc::Receiver<HandshakeReport>>) -> Option<HandshakeReport> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -355,7 +468,7 @@ mod tests {
         let up = Backend { name: "up".into(), addr: Ipv4Addr::LOCALHOST, weight: 1 };
         let down = Backend { name: "down".into(), addr: Ipv4Addr::new(127, 0, 0, 2), weight: 1 };
         let (tx, rx) = watch::channel(vec![up.clone(), down.clone()]);
-        let mut gate = start(&hc, 0, rx);
+        let mut gate = start(Checks { active: Some(&hc), passive: None, default_port: 0 }, rx, None);
         let limit = Duration::from_secs(5);
         let wait = |f: &'static (dyn Fn(&Report) -> bool + Sync)| {
             let mut r = gate.report.clone();

@@ -1,11 +1,11 @@
 //! One backend's health as a small state machine fed by observations.
 //!
-//! An observation is one result about a backend from any source: today the
-//! active probes (`probe.rs`); a second source (the data path's passive
-//! failures) plugs in by feeding observations with its own thresholds. The
+//! An observation is one result of an active probe (`probe.rs`). The
 //! machine starts `unknown`; the first result decides (so XLB is ready
 //! quickly), after that `rise` successes in a row make a backend healthy
-//! and `fall` failures in a row make it unhealthy.
+//! and `fall` failures in a row make it unhealthy. The passive detector
+//! (`passive.rs`) keeps its own counts and, when they say so, sets the state
+//! directly ([`BackendHealth::set`]); the probes' runs then start over.
 
 use std::time::Duration;
 
@@ -81,6 +81,34 @@ pub struct BackendHealth {
 }
 
 impl BackendHealth {
+    /// A backend nobody probes (passive checks only): eligible until the
+    /// data path says otherwise.
+    pub fn assumed_healthy() -> Self {
+        BackendHealth { state: Health::Healthy, ..Default::default() }
+    }
+
+    /// A verdict of another source (the passive detector): `count` of `of`
+    /// events caused it. The probes' runs start over, so an unhealthy
+    /// backend needs `rise` passing probes to come back.
+    pub fn set(
+        &mut self,
+        to: Health,
+        detail: String,
+        count: u32,
+        of: u32,
+        now_unix_ms: u64,
+    ) -> Option<Transition> {
+        self.successes = 0;
+        self.failures = 0;
+        if self.state == to {
+            return None;
+        }
+        self.state = to;
+        self.last_result = Some(detail.clone());
+        self.last_change_unix_ms = Some(now_unix_ms);
+        Some(Transition { to, detail, count, of })
+    }
+
     /// Folds in one result; returns the transition it caused, if any.
     pub fn observe(&mut self, o: &Observation, t: Thresholds, now_unix_ms: u64) -> Option<Transition> {
         self.last_result = Some(o.detail.clone());
@@ -152,6 +180,20 @@ mod tests {
             [ok(), refused(), refused(), ok(), refused(), refused(), refused(), ok(), refused(), ok(), ok()];
         assert_eq!(run(&mut h, &seq), [H, H, H, H, H, H, U, U, U, U, H]);
         assert_eq!(h.last_result.as_deref(), Some("connect ok"));
+    }
+
+    #[test]
+    fn a_passive_verdict_restarts_the_probes_runs() {
+        let mut h = BackendHealth::default();
+        for _ in 0..5 {
+            h.observe(&ok(), T, 1);
+        }
+        let t = h.set(Health::Unhealthy, "passive: no SYN-ACK".into(), 5, 5, 3).expect("a transition");
+        assert_eq!(t.describe(), "unhealthy: passive: no SYN-ACK (5/5)");
+        assert_eq!((h.last_result.as_deref(), h.last_change_unix_ms), (Some("passive: no SYN-ACK"), Some(3)));
+        assert_eq!(h.set(Health::Unhealthy, "again".into(), 5, 5, 4), None, "no change, no transition");
+        assert_eq!(h.observe(&ok(), T, 5), None, "one success of rise 2");
+        assert_eq!(h.observe(&ok(), T, 6).map(|t| t.to), Some(Health::Healthy));
     }
 
     #[test]
