@@ -21,7 +21,7 @@ pub fn backends(admin: &str, json: bool, creds: Option<&Credentials>) -> Result<
 /// The `xlb backends` table of status-document backends.
 fn backends_table(items: &[Value], now_unix_ms: u64) -> String {
     let mut out = format!(
-        "{:<20} {:<16} {:>6} {:<9} {:<9} {:>8} {:>8} {:>8} {:>8} {:>12} {:>12}  {}\n",
+        "{:<20} {:<16} {:>6} {:<9} {:<9} {:>8} {:>8} {:>8} {:>8} {:>9} {:>7} {:>9} {:>12} {:>12}  {}\n",
         "NAME",
         "ADDRESS",
         "WEIGHT",
@@ -31,6 +31,9 @@ fn backends_table(items: &[Value], now_unix_ms: u64) -> String {
         "ACTIVE",
         "CLOSED",
         "ORPHANED",
+        "SYNACK_MS",
+        "REFUSED",
+        "NO_ANSWER",
         "BYTES_IN",
         "BYTES_OUT",
         "LAST_CHECK"
@@ -46,8 +49,15 @@ fn backends_table(items: &[Value], now_unix_ms: u64) -> String {
             .and_then(Value::as_u64)
             .map(|at| format!(" (since {}s)", now_unix_ms.saturating_sub(at) / 1000))
             .unwrap_or_default();
+        // How it answered new connections' SYNs, as the data path saw them.
+        let hs = |k: &str| b.get("handshakes").and_then(|h| h.get(k)).and_then(Value::as_u64).unwrap_or(0);
+        let syn_ack = b
+            .get("handshakes")
+            .and_then(|h| h.get("latency_mean_ms"))
+            .and_then(Value::as_f64)
+            .map_or("-".into(), |ms| format!("{ms:.2}"));
         out += &format!(
-            "{:<20} {:<16} {:>6} {:<9} {:<9} {:>8} {:>8} {:>8} {:>8} {:>12} {:>12}  {}{changed}\n",
+            "{:<20} {:<16} {:>6} {:<9} {:<9} {:>8} {:>8} {:>8} {:>8} {:>9} {:>7} {:>9} {:>12} {:>12}  {}{changed}\n",
             s("name"),
             s("address"),
             n("weight"),
@@ -57,6 +67,9 @@ fn backends_table(items: &[Value], now_unix_ms: u64) -> String {
             n("connections_active"),
             n("connections_closed_fin") + n("connections_closed_rst"),
             n("connections_orphaned"),
+            syn_ack,
+            hs("refused"),
+            hs("timed_out"),
             t("bytes_to_backend"),
             t("bytes_to_client"),
             s("last_check"),
@@ -120,5 +133,18 @@ mod tests {
         assert!(be2.contains(" excluded  unhealthy      0.2 "), "{be2:?}");
         assert!(be2.ends_with("  connect refused (since 5s)"), "{be2:?}");
         assert_eq!(lines.last(), Some(&"2 backends"));
+        assert!(lines[0].contains("ORPHANED SYNACK_MS REFUSED NO_ANSWER"), "{text}");
+        assert!(be1.contains("         -       0         0 "), "no handshakes yet: {be1:?}");
+        st.backends[0].handshakes = crate::status::Handshakes {
+            answered: 9,
+            refused: 2,
+            timed_out: 3,
+            latency_mean_ms: Some(0.125),
+            ..Default::default()
+        };
+        let doc = serde_json::to_value(&st).unwrap();
+        let text = backends_table(doc["backends"].as_array().unwrap(), 15_000);
+        let be1 = text.lines().find(|l| l.starts_with("be1 ")).unwrap();
+        assert!(be1.contains("      0.12       2         3 "), "{be1:?}");
     }
 }

@@ -268,6 +268,8 @@ pub fn summary(base: &str, doc: &Value, ready: &str, now_unix_ms: u64) -> String
                 s(b, "health").to_string(),
                 match (b["last_check"].as_str(), b["check_latency_ms"].as_f64()) {
                     (Some(r), Some(ms)) => format!("{r} ({ms:.1} ms)"),
+                    // A passive verdict has no probe time.
+                    (Some(r), None) => r.to_string(),
                     _ => "-".to_string(),
                 },
                 n(b, "connections_active").to_string(),
