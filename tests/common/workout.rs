@@ -49,6 +49,17 @@ impl Shape<'_> {
         }
         assert!(self.counter_reaches("new_flow", 100) >= 100, "XDP opened the connections");
         assert!(self.counter_reaches("fwd_to_client", 200) >= 200, "XDP translated the replies");
+        // Each backend's SYN-ACKs were timed (folded in by the next sweep).
+        let timed = wait_for(Duration::from_secs(5), || {
+            let s = status(self.lb);
+            let per: Vec<u64> = s["backends"]
+                .as_array()?
+                .iter()
+                .filter_map(|b| b["handshakes"]["answered"].as_u64().filter(|&n| n > 0))
+                .collect();
+            (per.iter().sum::<u64>() >= 100 && per.len() >= self.backends).then_some(per)
+        });
+        assert!(timed.is_some(), "SYN-ACKs timed per backend: {}", status(self.lb));
     }
 
     pub fn ten_megabytes_arrive_byte_identical(&self) {
