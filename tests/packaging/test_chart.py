@@ -368,6 +368,14 @@ def refuses_bad_values():
         ({"config": {"health_check": {"interval": 100}}}, "interval"),
         ({"config": {"health_check": {"expect_status": "2xx"}}}, "/config/health_check/expect_status"),
         ({"config": {"health_check": {"fall": 0}}}, "/config/health_check/fall"),
+        ({"config": {"passive_health": {"syn_timeout": 1000}}}, "syn_timeout"),
+        ({"config": {"passive_health": {"syn_timeout_ms": 99}}}, "/config/passive_health/syn_timeout_ms"),
+        ({"config": {"passive_health": {"syn_timeout_ms": 20001}}}, "/config/passive_health/syn_timeout_ms"),
+        ({"config": {"passive_health": {"fall": 0}}}, "/config/passive_health/fall"),
+        ({"config": {"passive_health": {"fall": 101}}}, "/config/passive_health/fall"),
+        ({"config": {"passive_health": {"rst_on_syn": "yes"}}}, "/config/passive_health/rst_on_syn"),
+        # The chart renders an empty mapping as absent: refused, not dropped.
+        ({"config": {"passive_health": {}}}, "/config/passive_health"),
         ({"service": {"type": "NodePort"}}, "/service/type"),
         ({"terminationGracePeriod": 90}, "terminationGracePeriod"),
         ({"hostNetwork": False}, "/hostNetwork"),
@@ -387,7 +395,7 @@ def config_keys_match_xlb():
     key xlb refuses. The key tree comes from `xlb check` (every key, unset
     ones as null)."""
     schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["config"]
-    base = {"ports": [{"local_port": 80, "remote_port": 8080}], "name": "x", "interfaces": ["eth0"], "snat_ip": "10.0.0.5", "health_check": {"type": "http"}}
+    base = {"ports": [{"local_port": 80, "remote_port": 8080}], "name": "x", "interfaces": ["eth0"], "snat_ip": "10.0.0.5", "health_check": {"type": "http"}, "passive_health": {}}
     trees = [
         xlb_check(yaml.safe_dump({**base, "provider": {"kubernetes": {"service": "web"}}})),
         xlb_check(yaml.safe_dump({**base, "provider": {"static": {"backends": [{"name": "a", "ip": "10.0.0.1"}]}}})),
@@ -424,6 +432,8 @@ def rendered_config_passes_xlb_check():
         with_quick_start({"config": {"otel": {"enabled": True, "protocol": "http", "headers": {"Authorization": "Bearer t"}}}}),
         with_quick_start({"config": {"health_check": {"type": "http", "path": "/healthz", "expect_status": "200-299", "interval_ms": 500, "timeout_ms": 200}}}),
         with_quick_start({"config": {"health_check": {"type": "tcp", "fall": 2}}}),
+        with_quick_start({"config": {"passive_health": {"syn_timeout_ms": 3000, "rst_on_syn": False, "fall": 10}}}),
+        with_quick_start({"config": {"health_check": {"type": "tcp"}, "passive_health": {"fall": 3}}}),
     ]
     for values in variants:
         r = render(values)
@@ -436,6 +446,11 @@ def rendered_config_passes_xlb_check():
         assert r.container["lifecycle"]["preStop"]["exec"]["command"] == ["touch", shutdown_file]
         assert f"test ! -e {shutdown_file} &&" in r.container["readinessProbe"]["exec"]["command"][2]
         assert {"name": "admin", "containerPort": admin.get("port", 9090), "protocol": "TCP"} in r.container["ports"]
+        passive = values["config"].get("passive_health")
+        if passive is not None:
+            assert r.xlb_yaml["passive_health"] == passive, r.xlb_yaml_text
+            want = {"syn_timeout_ms": 1000, "rst_on_syn": True, "fall": 5, **passive}
+            assert effective["passive_health"] == want, effective["passive_health"]
 
 
 @case
