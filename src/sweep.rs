@@ -83,14 +83,14 @@ struct HandshakesSeen(HashMap<Ipv4Addr, (u64, u64)>);
 impl HandshakesSeen {
     /// This sweep's news: answers and refusals since the last reading, and
     /// the SYNs this sweep found unanswered.
-    fn news(&mut self, gc: &GcStats) -> HandshakeReport {
-        let mut report = HandshakeReport::new();
+    fn news(&mut self, gc: &GcStats) -> HashMap<Ipv4Addr, HandshakeNews> {
+        let mut report = HashMap::new();
         for (addr, h) in &gc.handshakes {
             let now = (h.answered(), h.refused);
             // A reading below the last one: the data path's entry started
             // over (an LRU eviction); all of it is new.
             let then = self.0.insert(*addr, now).filter(|t| t.0 <= now.0 && t.1 <= now.1).unwrap_or_default();
-            let n = report.entry(*addr).or_default();
+            let n: &mut HandshakeNews = report.entry(*addr).or_default();
             (n.answered, n.refused) = (now.0 - then.0, now.1 - then.1);
         }
         for (addr, b) in &gc.per_backend {
@@ -154,9 +154,9 @@ pub async fn sweep_loop(
         };
         deadline_passed = deadline_now;
         let news = seen.news(&gc);
-        if let Some(p) = &passive {
+        if let (Some(p), Some(created)) = (&passive, unanswered_created) {
             // Waits while the health loop is behind; ends with it.
-            let _ = p.tx.send(news).await;
+            let _ = p.tx.send(HandshakeReport { created, backends: news }).await;
         }
         // A sweep reads every entry: with millions of connections, sweep
         // less often so it stays under ~10% of one core.

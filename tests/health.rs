@@ -404,18 +404,17 @@ fn wait_log(xlb: &XlbProcess, needle: &str, limit: Duration) {
     assert!(found.is_some(), "no {needle:?} within {limit:?}:\n{}", xlb.log());
 }
 
-/// `n` connection attempts at once, each given `limit` to connect: how many
-/// connected.
-fn concurrent_connects(t: &Topology, n: usize, limit: Duration) -> usize {
-    let tries: Vec<_> = (0..n)
+/// `n` connection attempts at once from the client, each given `limit` to
+/// connect; joined, they say how many connected.
+fn concurrent_connects(t: &Topology, n: usize, limit: Duration) -> Vec<std::thread::JoinHandle<bool>> {
+    (0..n)
         .map(|_| {
             t.client.spawn(move || {
                 let sa: std::net::SocketAddr = url().parse().unwrap();
                 std::net::TcpStream::connect_timeout(&sa, limit).is_ok()
             })
         })
-        .collect();
-    tries.into_iter().map(|t| t.join()).filter(|r| matches!(r, Ok(true))).count()
+        .collect()
 }
 
 /// A backend whose namespace drops SYNs to its port (nftables) is taken out
@@ -469,9 +468,10 @@ fn passive_checks_alone_take_out_a_backend_that_drops_syns() {
     let _ = std::fs::remove_file(&rules);
     assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
     let ip2 = backend_ip(2);
-    // A third of 45 connections go to be2 and are left unanswered.
-    let connected = concurrent_connects(&t, 45, Duration::from_secs(3));
-    assert!(connected < 45, "be2 answered SYNs through the drop rule");
+    // A third of 45 connections go to be2 and are left unanswered; the
+    // verdict comes while they wait (a verdict lasts 2 s from the last
+    // failure: the test must not sit out their timeouts first).
+    let tries = concurrent_connects(&t, 45, Duration::from_secs(3));
     wait_log(
         &xlb,
         &format!("backend be2 {ip2} unhealthy: passive: no SYN-ACK within 500 ms ("),
@@ -483,8 +483,12 @@ fn passive_checks_alone_take_out_a_backend_that_drops_syns() {
     let (seen, failed) = connections(&t, 20);
     assert_eq!(failed, 0, "{seen:?}\n{}", xlb.log());
     assert_eq!(seen.get("be2"), None, "{seen:?}");
-    let b2 = backend(&t.lb, "be2");
-    assert!(b2["handshakes"]["timed_out"].as_u64() >= Some(3), "{b2}");
+    let counted = wait_for(Duration::from_secs(3), || {
+        (backend(&t.lb, "be2")["handshakes"]["timed_out"].as_u64() >= Some(3)).then_some(())
+    });
+    assert!(counted.is_some(), "{}", backend(&t.lb, "be2"));
+    let connected = tries.into_iter().map(|t| t.join()).filter(|r| matches!(r, Ok(true))).count();
+    assert!(connected < 45, "be2 answered SYNs through the drop rule");
 
     // The drop ends: be2 is cleared after 2 s without a failure and stays.
     let out = t.backends[1].exec("nft delete table inet xlbtest");

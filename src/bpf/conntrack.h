@@ -253,6 +253,20 @@ static __always_inline int ct_closed(const struct flow *f)
 	return f->tcp_flags & XLB_CT_CLOSED;
 }
 
+/* Whether a bare SYN on f's tuple (f: the forward entry) starts a new
+ * connection: the old one is over, or never got going and this SYN is not
+ * its retransmission (another ISN: the client gave up on it and its kernel
+ * handed the port to a new socket). A SYN proxy's pair is left alone: its
+ * client completed a handshake with XLB. */
+static __always_inline int ct_syn_starts_anew(const struct flow *f, const struct packet *pkt)
+{
+	if (ct_closed(f))
+		return 1;
+	/* The client sent nothing but SYNs on it. */
+	return (f->tcp_flags & ~(__u32)XLB_TCP_SYN) == XLB_CT_SEQ &&
+	       bpf_ntohl(pkt->tcp->seq) + 1 != f->seq_next;
+}
+
 /* Adds a connection about to be reopened or taken over to the retired
  * traffic of its backend (the sweep never sees it end). */
 static __always_inline void ct_retire(const struct flow *fwd, const struct flow *rev)
@@ -391,8 +405,9 @@ static __always_inline struct flow *ct_create(const struct flow_key *key, const 
 }
 
 /*
- * A bare SYN on the tuple of a closed connection (the client reused its
- * port): the pair is reopened in place, same backend and same NAT port, so
+ * A bare SYN on the tuple of a closed connection, or of a half-open one
+ * the client gave up on (ct_syn_starts_anew: the client reused its port):
+ * the pair is reopened in place, same backend and same NAT port, so
  * the backend sees the same 4-tuple again, with a newer ISN and timestamp,
  * and accepts it out of TIME_WAIT. Nothing is deleted: both entries are
  * rewritten whole, the reverse one only if it still exists (BPF_EXIST), so a

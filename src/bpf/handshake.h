@@ -56,33 +56,36 @@ static __always_inline __u32 handshake_ack(const struct flow *f)
 	return p && (p->tcp_flags & XLB_CT_SEQ) ? p->seq_next : 0;
 }
 
-/* A backend's segment (f: the reverse entry, not yet updated by it) that
- * XLB accepted: if it is the backend's first answer to the SYN, note it. */
-static __always_inline void handshake_note(const struct flow *f, const struct packet *pkt)
+/* A backend's segment (f: the reverse entry) that XLB accepted: if it is
+ * the backend's first answer to the SYN, note it, and mark the entry
+ * answered (the sweep counts SYNs left unanswered by that mark). A SYN-ACK
+ * or RST acking anything else is not an answer, and cannot hide one. */
+static __always_inline void handshake_note(struct flow *f, const struct packet *pkt)
 {
 	__u32 flags = tcp_flags(pkt->tcp), acked;
 	struct handshakes *h;
 	__u64 ns;
 	__u32 b;
 
-	if ((f->tcp_flags & (XLB_TCP_SYN | XLB_TCP_RST)) || !(flags & XLB_TCP_ACK) ||
+	if ((f->tcp_flags & XLB_CT_ANSWERED) || !(flags & XLB_TCP_ACK) ||
 	    !(flags & (XLB_TCP_SYN | XLB_TCP_RST)))
 		return;
 	acked = handshake_ack(f);
 	if (!acked || bpf_ntohl(pkt->tcp->ack_seq) != acked)
 		return;
+	__sync_fetch_and_or(&f->tcp_flags, XLB_CT_ANSWERED);
 	h = handshakes_of(pkt->ip->saddr);
 	if (!h)
 		return;
 	if (flags & XLB_TCP_RST) {
-		h->refused += 1;
+		__sync_fetch_and_add(&h->refused, 1);
 		return;
 	}
 	ns = bpf_ktime_get_ns() - f->created_ns;
 	b = handshake_bucket(ns);
 	if (b < XLB_SYN_BUCKETS) {
-		h->answered[b] += 1;
-		h->latency_ns[b] += ns;
+		__sync_fetch_and_add(&h->answered[b], 1);
+		__sync_fetch_and_add(&h->latency_ns[b], ns);
 	}
 }
 

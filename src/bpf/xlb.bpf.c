@@ -216,9 +216,11 @@ static __always_inline struct outcome to_backend(struct xdp_md *ctx, struct pack
 		    (XLB_TCP_SYN | XLB_TCP_ACK | XLB_TCP_RST | XLB_TCP_FIN)) == XLB_TCP_SYN;
 
 	/* A packet of a tracked connection, a retransmitted SYN included. A
-	 * SYN on the tuple of a closed one opens a new connection (the client
-	 * reused its port), like a SYN without an entry. */
-	if (f && !(bare_syn && ct_closed(f))) {
+	 * SYN on the tuple of a closed one, or another client's SYN on that of
+	 * a half-open one, opens a new connection (the client reused its port),
+	 * like a SYN without an entry: balanced afresh, so a backend that left
+	 * meanwhile gets nothing. */
+	if (f && !(bare_syn && ct_syn_starts_anew(f, pkt))) {
 		if ((f->tcp_flags & (XLB_CT_PROXY | XLB_CT_ESTABLISHED)) == XLB_CT_PROXY)
 			return synproxy_waiting(ctx, pkt, f, now);
 		return nat_forward(ctx, pkt, f, now, XLB_CNT_FWD_TO_BACKEND);
@@ -246,6 +248,11 @@ static __always_inline struct outcome to_backend(struct xdp_md *ctx, struct pack
 			return verdict(XDP_DROP, XLB_CNT_DROP_NO_FLOW);
 		return verdict(bounce(ctx, ingress_iface(ctx)), XLB_CNT_SYNPROXY_COOKIE);
 	}
+	/* A corrupt SYN would open a connection its backend never answers
+	 * (which passive health checking would hold against the backend). */
+	if (!(is_generic(ingress_iface(ctx)) && tcp_csum_is_seed(ctx, pkt)) &&
+	    !tcp_csum_verifies(ctx, pkt))
+		return verdict(XDP_DROP, XLB_CNT_DROP_SYN_CSUM);
 	seq = bpf_ntohl(pkt->tcp->seq);
 	if (f)
 		f = ct_reopen(key, f, be, remote_port, seq, now, &why);

@@ -61,6 +61,9 @@
 /* SYN->SYN-ACK latency buckets per backend (struct handshakes): their upper
  * bounds are config.syn_bucket_ns, the last bucket holds the rest. */
 #define XLB_SYN_BUCKETS 16
+/* Backends whose handshakes are kept: an LRU, shared by all CPUs (written
+ * once per connection, so atomic adds cost nothing), about 1 MiB. */
+#define XLB_MAX_HANDSHAKE_BACKENDS 4096
 
 /* Routes cached (struct nexthop): an LRU, so millions of clients only cost
  * lookups, never memory. An entry is used for at most XLB_NEXTHOP_TTL_NS
@@ -92,6 +95,8 @@
 #define XLB_CT_ESTABLISHED                                                                         \
 	(1U << 13) /* the client acked the backend's SYN-ACK (both entries): not half-open */
 #define XLB_CT_PROXY (1U << 14) /* opened by the SYN proxy: sequence numbers translated */
+#define XLB_CT_ANSWERED                                                                            \
+	(1U << 15) /* reverse entry: the backend's answer to the SYN was noted (handshake.h) */
 
 /* Flow directions stored in struct flow.dir. */
 #define XLB_DIR_TO_BACKEND 1 /* client -> listen ip, rewritten to backend */

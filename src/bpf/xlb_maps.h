@@ -142,11 +142,12 @@ struct {
 	__type(value, struct retired);
 } retired SEC(".maps");
 
-/* struct handshakes by backend address; per CPU, summed in user space. An
- * LRU for the same reason as `retired`. */
+/* struct handshakes by backend address. An LRU for the same reason as
+ * `retired`; not per CPU: written once per connection, and per CPU it would
+ * hold a copy of every backend's histogram for each CPU. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
-	__uint(max_entries, XLB_MAX_RETIRED);
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, XLB_MAX_HANDSHAKE_BACKENDS);
 	__type(key, __u32);
 	__type(value, struct handshakes);
 } handshakes SEC(".maps");

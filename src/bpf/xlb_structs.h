@@ -57,6 +57,7 @@ enum xlb_counter {
 	XLB_CNT_SYNPROXY_RESENT, /* the backend's SYN sent again (the client's ACK retransmitted) */
 	XLB_CNT_SYNPROXY_ACKED,	 /* the backend's SYN-ACK answered with its ACK */
 	XLB_CNT_DROP_SYNPROXY_WAIT, /* client data before the backend answered: dropped, resent */
+	XLB_CNT_DROP_SYN_CSUM,	    /* a SYN with a bad checksum: it would open nothing */
 	XLB_CNT_MAX,
 };
 
@@ -149,7 +150,7 @@ struct backend {
 /* How a backend answered the SYNs of new connections (the first answer of
  * each), per backend address: what passive health checking and the
  * latency histogram are made of. Each bucket keeps its own sum, so its mean
- * lies in it. */
+ * lies in it. Added to atomically: the map is shared by all CPUs. */
 struct handshakes {
 	__u64 refused;			   /* a RST acking the SYN */
 	__u64 answered[XLB_SYN_BUCKETS];   /* SYN-ACKs, by latency bucket */

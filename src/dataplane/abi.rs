@@ -59,6 +59,7 @@ pub mod tcp_flags {
     pub const CT_SEQ: u32 = 1 << 12;
     pub const CT_ESTABLISHED: u32 = 1 << 13;
     pub const CT_PROXY: u32 = 1 << 14;
+    pub const CT_ANSWERED: u32 = 1 << 15;
 }
 
 /// struct iface.flags, from xlb_consts.h.

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use libbpf_rs::{MapCore, MapFlags, MapMut};
 
 use super::abi::tcp_flags::{
-    CT_CLOSED, CT_ESTABLISHED, CT_FIN_FIRST, CT_RESET, FIN as TCP_FIN, RST as TCP_RST, SYN,
+    CT_ANSWERED, CT_CLOSED, CT_ESTABLISHED, CT_FIN_FIRST, CT_RESET, FIN as TCP_FIN, RST as TCP_RST,
 };
 use super::abi::{bytes, from_bytes, Flow, FlowKey, DIR_TO_BACKEND, DIR_TO_CLIENT};
 
@@ -409,10 +409,11 @@ fn expire_pair(map: &MapMut<'_>, p: &GcPolicy, e: &FlowEntry, stats: &mut GcStat
     let traffic = Traffic::of(&e.flow, &rev);
     let backend = std::net::Ipv4Addr::from(e.flow.nat_daddr.to_ne_bytes());
     let b = stats.per_backend.entry(backend).or_default();
-    // The backend has sent neither a SYN-ACK nor a RST: its SYN is
-    // unanswered (the entry is precise-timed from the SYN, conntrack.h).
+    // The data path noted no answer of the backend's to the SYN
+    // (handshake.h): it is unanswered (the entry is precise-timed from the
+    // SYN, conntrack.h).
     if let Some((after, upto)) = p.unanswered_created {
-        let answered = rev.tcp_flags & (SYN | TCP_RST) != 0;
+        let answered = rev.tcp_flags & CT_ANSWERED != 0;
         if !answered && rev.created_ns > after && rev.created_ns <= upto {
             b.syn_timeouts += 1;
         }

@@ -53,6 +53,7 @@ pub const ALL: &[(Counter, &str)] = &[
     (Counter::XLB_CNT_SYNPROXY_RESENT, "synproxy_syn_resent"),
     (Counter::XLB_CNT_SYNPROXY_ACKED, "synproxy_backend_acked"),
     (Counter::XLB_CNT_DROP_SYNPROXY_WAIT, "drop_synproxy_waiting"),
+    (Counter::XLB_CNT_DROP_SYN_CSUM, "drop_syn_bad_csum"),
 ];
 
 /// The stable name of a counter.

@@ -46,15 +46,13 @@ pub struct Handshakes {
 /// Latency buckets: one per bound and one above them.
 pub const SYN_BUCKETS: usize = SYN_ACK_LATENCY_BOUNDS.len() + 1;
 
-impl Handshakes {
-    fn add(&mut self, h: &abi::HandshakesSlot) {
-        self.refused += h.refused;
-        for i in 0..SYN_BUCKETS {
-            self.answered[i] += h.answered[i];
-            self.latency_ns[i] += h.latency_ns[i];
-        }
+impl From<&abi::HandshakesSlot> for Handshakes {
+    fn from(h: &abi::HandshakesSlot) -> Self {
+        Handshakes { refused: h.refused, answered: h.answered, latency_ns: h.latency_ns }
     }
+}
 
+impl Handshakes {
     pub fn answered(&self) -> u64 {
         self.answered.iter().sum()
     }
@@ -663,27 +661,25 @@ impl Dataplane {
         // Retired first: a pair the program replaces during the walk is then
         // in the next reading of `retired`, not in this one and in `live`.
         let retired = self.retired()?;
+        // Read before the walk too: a failed reading must not lose what the
+        // walk counted (its range of unanswered SYNs is then read again).
+        let handshakes = self.handshakes()?;
         let mut stats = conntrack::expire(&self.skel.maps.conntrack, policy)?;
         stats.retired = retired;
-        stats.handshakes = self.handshakes()?;
+        stats.handshakes = handshakes;
         Ok(stats)
     }
 
-    /// How each backend answered new connections' SYNs, since load (summed
-    /// over CPUs).
+    /// How each backend answered new connections' SYNs, since load.
     pub fn handshakes(&self) -> Result<HashMap<Ipv4Addr, Handshakes>> {
         let map = &self.skel.maps.handshakes;
         let mut out = HashMap::new();
         for key in map.keys() {
-            let Some(per_cpu) = map.lookup_percpu(&key, MapFlags::ANY).context("reading handshakes")? else {
+            let Some(v) = map.lookup(&key, MapFlags::ANY).context("reading handshakes")? else {
                 continue;
             };
-            let mut t = Handshakes::default();
-            for v in &per_cpu {
-                t.add(&abi::from_bytes(v));
-            }
             let addr = Ipv4Addr::from(<[u8; 4]>::try_from(&key[..4]).expect("a u32 key"));
-            out.insert(addr, t);
+            out.insert(addr, Handshakes::from(&abi::from_bytes::<abi::HandshakesSlot>(&v)));
         }
         Ok(out)
     }

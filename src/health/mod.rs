@@ -138,6 +138,7 @@ pub fn start(
         probe: active.map(|hc| Arc::new(Probe::new(hc, checks.default_port))),
         passive,
         runs: HashMap::new(),
+        covered_from: 0,
         interval,
         thresholds,
         slots: Arc::new(Semaphore::new(MAX_CONCURRENT_PROBES)),
@@ -169,6 +170,9 @@ struct Checker {
     passive: Option<Passive>,
     /// The passive detector's runs, by backend.
     runs: HashMap<Ipv4Addr, passive::Run>,
+    /// Where the last passive report's creation range started: every SYN
+    /// created before it has been reported.
+    covered_from: u64,
     interval: Duration,
     thresholds: Thresholds,
     slots: Arc<Semaphore>,
@@ -218,15 +222,15 @@ impl Checker {
     /// unhealthy.
     fn passive_report(&mut self, report: &HandshakeReport) {
         let Some(p) = self.passive else { return };
+        self.covered_from = report.created.0;
         let now = Instant::now();
-        for (addr, news) in report {
+        for (addr, news) in &report.backends {
             if !self.health.contains_key(addr) {
                 continue;
             }
             let run = self.runs.entry(*addr).or_default();
-            let Some(detail) = run.observe(news, &p, now) else { continue };
+            let Some(detail) = run.observe(news, report.created.1, &p, now) else { continue };
             let count = run.failures;
-            run.failures = 0;
             let h = self.health.get_mut(addr).expect("checked above");
             let t = h.set(Health::Unhealthy, detail, count, p.fall, unix_ms());
             self.note(*addr, t);
@@ -239,11 +243,13 @@ impl Checker {
     fn clear_quiet(&mut self) {
         let Some(after) = self.passive.and_then(|p| p.clear_after) else { return };
         let now = Instant::now();
+        let covered = self.covered_from;
         let quiet: Vec<Ipv4Addr> = self
             .health
             .iter()
             .filter(|(addr, h)| {
-                h.state == Health::Unhealthy && self.runs.get(*addr).is_none_or(|r| r.quiet_for(after, now))
+                h.state == Health::Unhealthy
+                    && self.runs.get(*addr).is_none_or(|r| r.quiet_for(after, now, covered))
             })
             .map(|(addr, _)| *addr)
             .collect();
@@ -302,6 +308,10 @@ impl Checker {
     /// then its health.
     fn note(&mut self, addr: Ipv4Addr, transition: Option<Transition>) {
         if let Some(t) = transition {
+            // The passive run starts over; SYNs sent before now were judged.
+            if self.passive.is_some() {
+                self.runs.entry(addr).or_default().changed(crate::dataplane::now_precise_ns());
+            }
             let name = self
                 .listed
                 .iter()

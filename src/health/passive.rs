@@ -2,12 +2,15 @@
 //! handshakes, once per sweep, judged against `passive_health`.
 //!
 //! A failure is a SYN the backend left unanswered past `syn_timeout_ms`, or
-//! (with `rst_on_syn`) one it refused with a RST. Consecutive is judged per
-//! sweep, as the data path reports counts, not sequences: a sweep in which
-//! the backend answered some SYN starts the run over from that sweep's
-//! failures, one without answers adds to it. `fall` failures in a run mark
-//! the backend unhealthy; active checks (`rise` passing probes) or, without
-//! them, `interval_ms x rise` without a new failure clear it.
+//! (with `rst_on_syn`) one it refused with a RST. The data path reports
+//! counts per sweep, not sequences, so "in a row" is judged by sweeps: a
+//! sweep in which the backend answered any SYN ends the run (its failures
+//! do not count: a busy backend losing the odd SYN stays in), and failures
+//! of sweeps without an answer add up. `fall` of them mark the backend
+//! unhealthy. Active checks (`rise` passing probes) or, without them,
+//! `interval_ms x rise` without a new failure clear it, but only once the
+//! sweeps have reported every SYN sent before the verdict, so a late report
+//! of those cannot take the backend out again.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -28,8 +31,16 @@ pub struct HandshakeNews {
     pub timed_out: u64,
 }
 
-/// One sweep's news, by backend address.
-pub type HandshakeReport = HashMap<Ipv4Addr, HandshakeNews>;
+/// One sweep's news.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HandshakeReport {
+    /// The creation times (CLOCK_MONOTONIC ns, as the data path stamps
+    /// connections) of the SYNs whose timeouts it counts: (after, upto].
+    /// Successive reports adjoin.
+    pub created: (u64, u64),
+    /// By backend address; backends with nothing new are left out.
+    pub backends: HashMap<Ipv4Addr, HandshakeNews>,
+}
 
 /// The detector's settings.
 #[derive(Debug, Clone, Copy)]
@@ -58,17 +69,30 @@ impl Passive {
 pub struct Run {
     pub failures: u32,
     pub last_failure: Option<Instant>,
+    /// When (CLOCK_MONOTONIC ns) the backend's health last changed: SYNs
+    /// created before that were judged already.
+    pub since_ns: u64,
 }
 
 impl Run {
-    /// Folds in one sweep's news; returns the failure that completed a run of
-    /// `fall` (its description), after which the run starts over.
-    pub fn observe(&mut self, news: &HandshakeNews, p: &Passive, now: Instant) -> Option<String> {
+    /// Folds in one sweep's news, whose timeouts are of SYNs created up to
+    /// `created_upto`; returns the failure that completed a run of `fall`
+    /// (its description), after which the run starts over.
+    pub fn observe(
+        &mut self,
+        news: &HandshakeNews,
+        created_upto: u64,
+        p: &Passive,
+        now: Instant,
+    ) -> Option<String> {
         let refused = if p.rst_on_syn { news.refused } else { 0 };
-        let failures = news.timed_out + refused;
+        // Timeouts of SYNs sent before the last change of health are old news.
+        let timed_out = if created_upto <= self.since_ns { 0 } else { news.timed_out };
         if news.answered > 0 {
             self.failures = 0;
+            return None;
         }
+        let failures = timed_out + refused;
         if failures == 0 {
             return None;
         }
@@ -78,16 +102,25 @@ impl Run {
             return None;
         }
         let ms = p.syn_timeout.as_millis();
-        Some(match (news.timed_out, refused) {
+        Some(match (timed_out, refused) {
             (0, _) => "passive: SYN refused with a RST".to_string(),
             (_, 0) => format!("passive: no SYN-ACK within {ms} ms"),
             _ => format!("passive: SYNs refused and unanswered within {ms} ms"),
         })
     }
 
-    /// Whether a verdict may be cleared by time: no failure for `after`.
-    pub fn quiet_for(&self, after: Duration, now: Instant) -> bool {
-        self.last_failure.is_none_or(|t| now.saturating_duration_since(t) >= after)
+    /// The backend's health changed at `at_ns`: the run starts over.
+    pub fn changed(&mut self, at_ns: u64) {
+        self.failures = 0;
+        self.since_ns = at_ns;
+    }
+
+    /// Whether a verdict may be cleared by time: no failure for `after`, and
+    /// the sweeps have reported every SYN created before the verdict
+    /// (`covered_from`: the start of the last report's creation range).
+    pub fn quiet_for(&self, after: Duration, now: Instant, covered_from: u64) -> bool {
+        covered_from >= self.since_ns
+            && self.last_failure.is_none_or(|t| now.saturating_duration_since(t) >= after)
     }
 }
 
@@ -106,35 +139,54 @@ mod tests {
     fn fall_failures_without_an_answer_in_between_make_a_verdict() {
         let now = Instant::now();
         let mut r = Run::default();
-        assert_eq!(r.observe(&news(0, 0, 2), &P, now), None);
-        assert_eq!(r.observe(&news(0, 0, 2), &P, now), None);
-        assert_eq!(r.observe(&news(0, 0, 1), &P, now).as_deref(), Some("passive: no SYN-ACK within 1000 ms"));
-        // A sweep with answers starts the run over from its own failures.
+        assert_eq!(r.observe(&news(0, 0, 2), 10, &P, now), None);
+        assert_eq!(r.observe(&news(0, 0, 2), 10, &P, now), None);
+        assert_eq!(
+            r.observe(&news(0, 0, 1), 10, &P, now).as_deref(),
+            Some("passive: no SYN-ACK within 1000 ms")
+        );
+        // A sweep with answers ends the run, its own failures included: the
+        // odd lost SYN of a busy backend does not take it out.
         let mut r = Run::default();
-        assert_eq!(r.observe(&news(0, 0, 4), &P, now), None);
-        assert_eq!(r.observe(&news(9, 0, 1), &P, now), None);
-        assert_eq!(r.failures, 1);
-        assert_eq!(r.observe(&news(0, 4, 0), &P, now).as_deref(), Some("passive: SYN refused with a RST"));
-        // Five in one sweep, answers or not.
+        assert_eq!(r.observe(&news(0, 0, 4), 10, &P, now), None);
+        assert_eq!(r.observe(&news(100_000, 0, 5), 10, &P, now), None);
+        assert_eq!(r.failures, 0);
+        assert_eq!(
+            r.observe(&news(0, 5, 0), 10, &P, now).as_deref(),
+            Some("passive: SYN refused with a RST")
+        );
         let mut r = Run::default();
-        assert!(r.observe(&news(3, 2, 3), &P, now).unwrap().contains("refused and unanswered"));
+        assert!(r.observe(&news(0, 2, 3), 10, &P, now).unwrap().contains("refused and unanswered"));
+    }
+
+    #[test]
+    fn timeouts_of_syns_sent_before_the_last_change_are_old_news() {
+        let now = Instant::now();
+        let mut r = Run::default();
+        r.changed(1_000);
+        assert_eq!(r.observe(&news(0, 0, 9), 1_000, &P, now), None, "created up to the change");
+        assert_eq!((r.failures, r.last_failure), (0, None));
+        assert!(r.observe(&news(0, 0, 9), 1_001, &P, now).is_some(), "straddling: counted");
     }
 
     #[test]
     fn refusals_count_only_with_rst_on_syn() {
         let p = Passive { rst_on_syn: false, ..P };
         let mut r = Run::default();
-        assert_eq!(r.observe(&news(0, 100, 0), &p, Instant::now()), None);
+        assert_eq!(r.observe(&news(0, 100, 0), 10, &p, Instant::now()), None);
         assert_eq!((r.failures, r.last_failure), (0, None));
     }
 
     #[test]
-    fn quiet_counts_from_the_last_failure() {
+    fn quiet_counts_from_the_last_failure_once_the_sweeps_caught_up() {
         let t0 = Instant::now();
+        let two = Duration::from_secs(2);
         let mut r = Run::default();
-        assert!(r.quiet_for(Duration::from_secs(2), t0));
-        r.observe(&news(0, 0, 1), &P, t0);
-        assert!(!r.quiet_for(Duration::from_secs(2), t0 + Duration::from_millis(1999)));
-        assert!(r.quiet_for(Duration::from_secs(2), t0 + Duration::from_secs(2)));
+        assert!(r.quiet_for(two, t0, 0));
+        r.observe(&news(0, 0, 1), 10, &P, t0);
+        r.changed(500);
+        assert!(!r.quiet_for(two, t0 + Duration::from_millis(1999), 500));
+        assert!(!r.quiet_for(two, t0 + two, 499), "SYNs from before the verdict not yet reported");
+        assert!(r.quiet_for(two, t0 + two, 500));
     }
 }
