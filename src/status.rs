@@ -101,6 +101,19 @@ impl LatencyHistogram {
     pub fn sum(&self) -> f64 {
         self.sums.iter().sum()
     }
+
+    /// Bucket i as (lower, upper]: -inf below the first, +inf above the last.
+    pub fn bucket(&self, i: usize) -> (f64, f64) {
+        let lo = if i == 0 { f64::NEG_INFINITY } else { self.bounds[i - 1] };
+        let hi = self.bounds.get(i).copied().unwrap_or(f64::INFINITY);
+        (lo, hi)
+    }
+
+    /// The upper bound of every bucket, +inf last, with its count (not
+    /// cumulative).
+    pub fn buckets(&self) -> impl Iterator<Item = (f64, u64)> + '_ {
+        self.bounds.iter().copied().chain([f64::INFINITY]).zip(self.counts.iter().copied())
+    }
 }
 
 /// One backend's health check, as the status document shows it.

@@ -220,47 +220,8 @@ impl Value {
     }
 }
 
-/// Cumulative counts and sums over fixed buckets: bucket i holds the values
-/// in (bounds[i-1], bounds[i]], the last one those above every bound. Each
-/// bucket keeps its own sum (see [`LatencyHistogram`]).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Histogram {
-    /// Upper bounds, ascending.
-    pub bounds: &'static [f64],
-    /// bounds.len() + 1 counts.
-    pub counts: Vec<u64>,
-    /// bounds.len() + 1 sums.
-    pub sums: Vec<f64>,
-}
-
-impl Histogram {
-    pub fn count(&self) -> u64 {
-        self.counts.iter().sum()
-    }
-
-    pub fn sum(&self) -> f64 {
-        self.sums.iter().sum()
-    }
-
-    /// Bucket i as (lower, upper]: -inf below the first, +inf above the last.
-    pub fn bucket(&self, i: usize) -> (f64, f64) {
-        let lo = if i == 0 { f64::NEG_INFINITY } else { self.bounds[i - 1] };
-        let hi = self.bounds.get(i).copied().unwrap_or(f64::INFINITY);
-        (lo, hi)
-    }
-
-    /// The upper bound of every bucket, +inf last, with its count (not
-    /// cumulative).
-    pub fn buckets(&self) -> impl Iterator<Item = (f64, u64)> + '_ {
-        self.bounds.iter().copied().chain([f64::INFINITY]).zip(self.counts.iter().copied())
-    }
-}
-
-impl From<&LatencyHistogram> for Histogram {
-    fn from(h: &LatencyHistogram) -> Self {
-        Histogram { bounds: h.bounds, counts: h.counts.clone(), sums: h.sums.clone() }
-    }
-}
+/// A histogram value: the status document's, as it is.
+pub use crate::status::LatencyHistogram as Histogram;
 
 /// One time series: label values in the order of [`Desc::labels`].
 #[derive(Debug, Clone, PartialEq)]
@@ -425,7 +386,7 @@ impl Builder {
     }
 
     fn histogram(&mut self, name: &'static str, labels: Vec<(&'static str, String)>, h: &LatencyHistogram) {
-        self.push(name, labels, Value::Histogram(Arc::new(h.into())));
+        self.push(name, labels, Value::Histogram(Arc::new(h.clone())));
     }
 
     fn finish(mut self) -> Snapshot {
