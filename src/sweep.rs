@@ -134,7 +134,8 @@ pub async fn sweep_loop(
     let mut seen = HandshakesSeen::default();
     // Each sweep counts the unanswered SYNs whose deadline passed since the
     // last one's start: adjoining ranges, so each is counted once.
-    let mut deadline_passed = crate::dataplane::now_precise_ns();
+    let started_ns = crate::dataplane::now_precise_ns();
+    let mut deadline_passed = started_ns;
     loop {
         tokio::time::sleep(pause).await;
         pause = STATS_INTERVAL;
@@ -142,7 +143,10 @@ pub async fn sweep_loop(
         let deadline_now = crate::dataplane::now_precise_ns();
         let unanswered_created = passive.as_ref().map(|p| {
             let timeout = p.syn_timeout.as_nanos() as u64;
-            (deadline_passed.saturating_sub(timeout), deadline_now.saturating_sub(timeout))
+            // Nothing from before this process: connections adopted from an
+            // earlier one carry no answered mark of this one's making.
+            let upto = deadline_now.saturating_sub(timeout).max(started_ns);
+            (deadline_passed.saturating_sub(timeout).max(started_ns), upto)
         });
         let policy = GcPolicy { now_ns: crate::dataplane::now_ns(), unanswered_created, ..ttls };
         let gc = match dp.expire_flows(policy).await {

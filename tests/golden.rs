@@ -65,6 +65,8 @@ struct Tcp {
     payload: Vec<u8>,
     /// An 802.1Q tag with this VLAN id.
     vlan: Option<u16>,
+    /// ECE and CWR (a SYN asking for ECN).
+    ecn: bool,
 }
 
 fn from_client(dport: u16) -> Tcp {
@@ -84,6 +86,7 @@ fn from_client(dport: u16) -> Tcp {
         ip_options: vec![],
         payload: vec![],
         vlan: None,
+        ecn: false,
     }
 }
 
@@ -101,6 +104,8 @@ impl Tcp {
         tcp.ack = self.ack;
         tcp.fin = self.fin;
         tcp.rst = self.rst;
+        tcp.ece = self.ecn;
+        tcp.cwr = self.ecn;
         tcp.acknowledgment_number = if self.ack { self.ack_no } else { 0 };
         let mut ip = Ipv4Header::new(
             (tcp.header_len() + self.payload.len()) as u16,
@@ -3502,6 +3507,109 @@ fn a_new_syn_on_a_half_open_tuple_is_balanced_afresh() {
         assert_eq!(out, natted_to_backend(&again, (LISTEN, port), FAR_BACKEND).frame());
         lb.counters_moved(&[(Counter::XLB_CNT_NEW_FLOW, 1), (Counter::XLB_CNT_FWD_TO_BACKEND, 1)]);
         assert_eq!(fwd_of(lb, syn.src).nat(), ((LISTEN, port), (FAR_BACKEND, 8080)));
+    });
+}
+
+/// While the backend a half-open connection went to is still in the
+/// table, a SYN with another ISN on its tuple (forged, or a client that
+/// sent two) goes on as before: the connection in progress completes.
+#[test]
+fn another_syn_on_a_half_open_tuple_does_not_undo_it_while_its_backend_stays() {
+    case(ONE, |lb| {
+        let syn = from_client(80);
+        lb.run(&syn.frame());
+        let port = lb.nat_port(syn.src);
+        let other = Tcp { seq: syn.seq + 99_999, ..syn.clone() };
+        let (action, out) = lb.run(&other.frame());
+        assert_eq!(action, XDP_TX);
+        assert_eq!(out, natted_to_backend(&other, (LISTEN, port), BACKEND).frame(), "same pair");
+        let synack = Tcp { syn: true, seq: BACKEND_ISN, ack_no: syn.seq + 1, ..from_backend(BACKEND, port) };
+        expect_sent(lb, &synack, &natted_to_client(&synack, syn.src), "the SYN-ACK of the first");
+        lb.run(&request(&syn).frame());
+        assert!(flags_of(lb).iter().all(|(_, f)| f & CT_ESTABLISHED != 0), "{:?}", flags_of(lb));
+        lb.counters_moved(&[
+            (Counter::XLB_CNT_NEW_FLOW, 1),
+            (Counter::XLB_CNT_FWD_TO_BACKEND, 3),
+            (Counter::XLB_CNT_FWD_TO_CLIENT, 1),
+        ]);
+    });
+}
+
+/// A client asking for ECN (ECE and CWR on its SYN) is balanced afresh too
+/// when it comes back with another ISN after its backend left.
+#[test]
+fn an_ecn_syn_on_a_half_open_tuple_is_balanced_afresh() {
+    case(ONE, |lb| {
+        let syn = Tcp { ecn: true, ..from_client(80) };
+        lb.run(&syn.frame());
+        lb.dp.set_backends(&maglev_table(&[FAR_BACKEND])).unwrap();
+        let again = Tcp { seq: syn.seq + 77_777, ..syn.clone() };
+        let (action, _) = lb.run(&again.frame());
+        assert_eq!(action, XDP_REDIRECT, "to the far backend");
+        assert_eq!(fwd_of(lb, syn.src).nat().1, (FAR_BACKEND, 8080));
+        lb.seen = lb.dp.counters().unwrap();
+    });
+}
+
+/// The old backend's late SYN-ACK after the tuple moved reaches the client,
+/// whose RST answers it: that RST is not the new connection's end.
+#[test]
+fn a_clients_rst_to_the_old_backends_late_syn_ack_does_not_end_the_moved_connection() {
+    case(ONE, |lb| {
+        let syn = from_client(80);
+        lb.run(&syn.frame());
+        let old_port = lb.nat_port(syn.src);
+        lb.dp.set_backends(&maglev_table(&[FAR_BACKEND])).unwrap();
+        let again = Tcp { seq: syn.seq.wrapping_add(0x4000_0000), ..syn.clone() };
+        lb.run(&again.frame());
+        let late =
+            Tcp { syn: true, seq: BACKEND_ISN, ack_no: syn.seq + 1, ..from_backend(BACKEND, old_port) };
+        lb.run(&late.frame());
+        let rst = Tcp { syn: false, rst: true, ack: false, seq: syn.seq + 1, ..syn.clone() };
+        lb.run(&rst.frame());
+        let fwd = fwd_of(lb, syn.src);
+        assert_eq!(fwd.flow.tcp_flags & (RST | CT_CLOSED), 0, "{:#x}", fwd.flow.tcp_flags);
+        // The new backend answers; the handshake completes.
+        let port = lb.nat_port(syn.src);
+        let synack = Tcp { syn: true, seq: 9000, ack_no: again.seq + 1, ..from_backend(FAR_BACKEND, port) };
+        lb.run_on_far(&synack.frame());
+        lb.run(&Tcp { seq: again.seq + 1, ack_no: 9001, ..syn.clone().ack() }.frame());
+        assert!(fwd_of(lb, syn.src).flow.tcp_flags & CT_ESTABLISHED != 0);
+        lb.seen = lb.dp.counters().unwrap();
+    });
+}
+
+/// A SYN carrying data (a Fast Open request) may be answered with or
+/// without taking the data: either answer counts, and the connection goes
+/// on to be established.
+#[test]
+fn a_syn_with_data_is_answered_whether_the_backend_takes_the_data_or_not() {
+    case(ONE, |lb| {
+        for (sport, took) in [(40_100u16, 0u32), (40_101, 10)] {
+            let syn = Tcp { src: (CLIENT, sport), payload: vec![7; 10], ..from_client(80) };
+            lb.run(&syn.frame());
+            let port = lb.nat_port(syn.src);
+            let synack = Tcp {
+                syn: true,
+                seq: BACKEND_ISN,
+                ack_no: syn.seq + 1 + took,
+                ..from_backend(BACKEND, port)
+            };
+            expect_sent(lb, &synack, &natted_to_client(&synack, syn.src), "SYN-ACK");
+            let ack =
+                Tcp { seq: syn.seq + 11, ack_no: BACKEND_ISN + 1, payload: vec![], ..syn.clone().ack() };
+            lb.run(&ack.frame());
+            assert!(fwd_of(lb, syn.src).flow.tcp_flags & CT_ESTABLISHED != 0, "took {took}");
+        }
+        assert_eq!(lb.dp.handshakes().unwrap()[&BACKEND].answered(), 2);
+        // A refusal of a SYN with data acks its ISN + 1.
+        let syn = Tcp { src: (CLIENT, 40_102), payload: vec![7; 10], ..from_client(80) };
+        lb.run(&syn.frame());
+        let port = lb.nat_port(syn.src);
+        let refuse = Tcp { rst: true, seq: 0, ack_no: syn.seq + 1, ..from_backend(BACKEND, port) };
+        expect_sent(lb, &refuse, &natted_to_client(&refuse, syn.src), "refusal");
+        assert_eq!(lb.dp.handshakes().unwrap()[&BACKEND].refused, 1);
+        lb.seen = lb.dp.counters().unwrap();
     });
 }
 

@@ -153,6 +153,15 @@ static __always_inline void ct_proxy_ready(struct flow *f, __u32 backend_isn)
 		__sync_fetch_and_or(&p->tcp_flags, XLB_CT_ESTABLISHED);
 }
 
+/* Whether `ack` acks the client's SYN (c: the client's entry): its ISN + 1,
+ * or up to what the SYN carried with it (data, a Fast Open request), which a
+ * backend may or may not take. A blind sender cannot know either. */
+static __always_inline int acks_client_syn(const struct flow *c, __u32 ack)
+{
+	return (c->tcp_flags & XLB_CT_SEQ) &&
+	       ack - (c->client_isn + 1) <= c->seq_next - (c->client_isn + 1);
+}
+
 /* Whether `seq` lies near where f's sender's sequence was last seen. */
 static __always_inline int seq_near(const struct flow *f, __u32 seq)
 {
@@ -173,8 +182,7 @@ static __always_inline int seq_first(const struct flow *f, const struct packet *
 		return 1;
 	flow_peer_key(&peer, f);
 	p = bpf_map_lookup_elem(&conntrack, &peer);
-	return (flags & XLB_TCP_ACK) && p && (p->tcp_flags & XLB_CT_SEQ) &&
-	       bpf_ntohl(pkt->tcp->ack_seq) == p->seq_next;
+	return (flags & XLB_TCP_ACK) && p && acks_client_syn(p, bpf_ntohl(pkt->tcp->ack_seq));
 }
 
 /* Whether a RST may end the connection (RFC 5961 §3, as a middlebox can
@@ -201,7 +209,7 @@ static __always_inline int rst_acceptable(const struct flow *f, const struct pac
 		return 0;
 	flow_peer_key(&peer, f);
 	p = bpf_map_lookup_elem(&conntrack, &peer);
-	return p && (p->tcp_flags & XLB_CT_SEQ) && bpf_ntohl(pkt->tcp->ack_seq) == p->seq_next;
+	return p && acks_client_syn(p, bpf_ntohl(pkt->tcp->ack_seq));
 }
 
 /* Per-direction accounting and the TCP state the sweep reads (flags seen,
@@ -231,6 +239,14 @@ static __always_inline void flow_touch(struct flow *f, const struct packet *pkt,
 	}
 	if ((flags & XLB_TCP_FIN) && !(tracked && seq_near(f, seq)))
 		flags &= ~XLB_TCP_FIN;
+	/* A client RST before the handshake completed goes through whatever
+	 * its number (rst_acceptable), but ends the connection only near the
+	 * client's own mark: one answering some other connection's segment (a
+	 * backend's stale ACK, a late SYN-ACK of a backend the tuple left) is
+	 * not this connection's end. */
+	if ((flags & XLB_TCP_RST) && f->dir == XLB_DIR_TO_BACKEND &&
+	    !(f->tcp_flags & XLB_CT_ESTABLISHED) && !(tracked && seq_near(f, seq)))
+		flags &= ~XLB_TCP_RST;
 	fresh = flags & ~f->tcp_flags;
 	if (fresh) {
 		/* seq_next first: the other side reads it once the mark is set. */
@@ -251,20 +267,6 @@ static __always_inline void flow_touch(struct flow *f, const struct packet *pkt,
 static __always_inline int ct_closed(const struct flow *f)
 {
 	return f->tcp_flags & XLB_CT_CLOSED;
-}
-
-/* Whether a bare SYN on f's tuple (f: the forward entry) starts a new
- * connection: the old one is over, or never got going and this SYN is not
- * its retransmission (another ISN: the client gave up on it and its kernel
- * handed the port to a new socket). A SYN proxy's pair is left alone: its
- * client completed a handshake with XLB. */
-static __always_inline int ct_syn_starts_anew(const struct flow *f, const struct packet *pkt)
-{
-	if (ct_closed(f))
-		return 1;
-	/* The client sent nothing but SYNs on it. */
-	return (f->tcp_flags & ~(__u32)XLB_TCP_SYN) == XLB_CT_SEQ &&
-	       bpf_ntohl(pkt->tcp->seq) + 1 != f->seq_next;
 }
 
 /* Adds a connection about to be reopened or taken over to the retired
@@ -292,10 +294,12 @@ static __always_inline void ct_retire(const struct flow *fwd, const struct flow 
 	}
 }
 
-/* A fresh pair's entries for a connection from `key` to `be`. */
+/* A fresh pair's entries for a connection from `key` to `be`, opened by a
+ * SYN with sequence number `syn_seq`. */
 static __always_inline void ct_pair_init(struct flow *fwd, struct flow *rev,
 					 struct flow_key *rev_key, const struct flow_key *key,
-					 const struct backend *be, __u16 remote_port, __u64 now)
+					 const struct backend *be, __u16 remote_port, __u32 syn_seq,
+					 __u64 now)
 {
 	__u32 snat = snat_addr_for(key->saddr);
 	/* Precise: the backend's SYN leaves now, and its answer's latency is
@@ -307,6 +311,7 @@ static __always_inline void ct_pair_init(struct flow *fwd, struct flow *rev,
 	fwd->nat_dport = remote_port;
 	fwd->backend_id = be->id;
 	fwd->created_ns = born;
+	fwd->client_isn = syn_seq;
 	fwd->last_seen_ns = now;
 	fwd->dir = XLB_DIR_TO_BACKEND;
 
@@ -316,6 +321,7 @@ static __always_inline void ct_pair_init(struct flow *fwd, struct flow *rev,
 	rev->nat_dport = key->sport;
 	rev->backend_id = be->id;
 	rev->created_ns = born;
+	rev->client_isn = syn_seq;
 	rev->last_seen_ns = now;
 	rev->dir = XLB_DIR_TO_CLIENT;
 
@@ -383,7 +389,7 @@ static __always_inline struct flow *ct_create(const struct flow_key *key, const 
 	struct flow_key rev_key = {};
 	long err;
 
-	ct_pair_init(&fwd, &rev, &rev_key, key, be, remote_port, now);
+	ct_pair_init(&fwd, &rev, &rev_key, key, be, remote_port, syn_seq, now);
 	*why = ct_claim(&rev_key, &rev, key, syn_seq);
 	if (*why >= 0)
 		return NULL;
@@ -406,7 +412,7 @@ static __always_inline struct flow *ct_create(const struct flow_key *key, const 
 
 /*
  * A bare SYN on the tuple of a closed connection, or of a half-open one
- * the client gave up on (ct_syn_starts_anew: the client reused its port):
+ * the client gave up on (syn_starts_anew in xlb.bpf.c: it reused its port):
  * the pair is reopened in place, same backend and same NAT port, so
  * the backend sees the same 4-tuple again, with a newer ISN and timestamp,
  * and accepts it out of TIME_WAIT. Nothing is deleted: both entries are
@@ -433,7 +439,7 @@ static __always_inline struct flow *ct_reopen(const struct flow_key *key, const 
 		old_rev = *r;
 	else
 		r = NULL;
-	ct_pair_init(&fwd, &rev, &rev_key, key, be, remote_port, now);
+	ct_pair_init(&fwd, &rev, &rev_key, key, be, remote_port, syn_seq, now);
 	if (r && f->nat_daddr == be->addr && f->nat_saddr == fwd.nat_saddr &&
 	    f->nat_dport == remote_port) {
 		fwd.nat_sport = f->nat_sport;

@@ -5,7 +5,7 @@
  * address, a SYN-ACK with its latency since the SYN left (a histogram), a
  * RST as a refusal. SYNs never answered are found by the control plane's
  * sweep. Only answers a forger cannot make count: a SYN-ACK or RST must ack
- * the client's SYN exactly.
+ * the client's SYN (acks_client_syn).
  */
 #ifndef XLB_HANDSHAKE_H
 #define XLB_HANDSHAKE_H
@@ -41,28 +41,15 @@ static __always_inline struct handshakes *handshakes_of(__u32 backend)
 	return bpf_map_lookup_elem(&handshakes, &backend);
 }
 
-/* The sequence number a backend's first answer must ack: the one after the
- * client's ISN (for a proxied connection, the ISN its SYN carried); 0 if
- * the client's side is not tracked. */
-static __always_inline __u32 handshake_ack(const struct flow *f)
-{
-	struct flow_key peer = {};
-	const struct flow *p;
-
-	if (f->tcp_flags & XLB_CT_PROXY)
-		return f->client_isn + 1;
-	flow_peer_key(&peer, f);
-	p = bpf_map_lookup_elem(&conntrack, &peer);
-	return p && (p->tcp_flags & XLB_CT_SEQ) ? p->seq_next : 0;
-}
-
 /* A backend's segment (f: the reverse entry) that XLB accepted: if it is
  * the backend's first answer to the SYN, note it, and mark the entry
  * answered (the sweep counts SYNs left unanswered by that mark). A SYN-ACK
  * or RST acking anything else is not an answer, and cannot hide one. */
 static __always_inline void handshake_note(struct flow *f, const struct packet *pkt)
 {
-	__u32 flags = tcp_flags(pkt->tcp), acked;
+	__u32 flags = tcp_flags(pkt->tcp);
+	struct flow_key peer = {};
+	const struct flow *c;
 	struct handshakes *h;
 	__u64 ns;
 	__u32 b;
@@ -70,10 +57,13 @@ static __always_inline void handshake_note(struct flow *f, const struct packet *
 	if ((f->tcp_flags & XLB_CT_ANSWERED) || !(flags & XLB_TCP_ACK) ||
 	    !(flags & (XLB_TCP_SYN | XLB_TCP_RST)))
 		return;
-	acked = handshake_ack(f);
-	if (!acked || bpf_ntohl(pkt->tcp->ack_seq) != acked)
+	flow_peer_key(&peer, f);
+	c = bpf_map_lookup_elem(&conntrack, &peer);
+	if (!c || !acks_client_syn(c, bpf_ntohl(pkt->tcp->ack_seq)))
 		return;
-	__sync_fetch_and_or(&f->tcp_flags, XLB_CT_ANSWERED);
+	/* Once, whichever CPU marks it first. */
+	if (__sync_fetch_and_or(&f->tcp_flags, XLB_CT_ANSWERED) & XLB_CT_ANSWERED)
+		return;
 	h = handshakes_of(pkt->ip->saddr);
 	if (!h)
 		return;

@@ -193,6 +193,13 @@ __attribute__((noinline)) int xlb_tcp_csum_verifies(struct xdp_md *ctx, __u32 tc
 	return csum_fold(sum) == 0xffff;
 }
 
+/* Whether the segment is short enough for its checksum to be verified
+ * here (XLB_CSUM_VERIFY_MAX). */
+static __always_inline int tcp_csum_checkable(const struct packet *pkt)
+{
+	return bpf_ntohs(pkt->ip->tot_len) - pkt->ip->ihl * 4 <= XLB_CSUM_VERIFY_MAX;
+}
+
 /* Whether the segment's TCP checksum verifies as a full one. */
 static __always_inline int tcp_csum_verifies(struct xdp_md *ctx, const struct packet *pkt)
 {

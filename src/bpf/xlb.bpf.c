@@ -199,6 +199,29 @@ synproxy_backend_answered(struct xdp_md *ctx, struct packet *pkt, struct flow *f
 	return verdict(bounce(ctx, ingress_iface(ctx)), XLB_CNT_SYNPROXY_ACKED);
 }
 
+/* Whether a bare SYN on the tuple of f (the forward entry) starts a new
+ * connection: the old one is over (the client reused its port), or never
+ * got going, and this SYN has another ISN (the client gave up on it and
+ * its kernel gave the port to a new socket) and the backend the old one
+ * went to has left the table meanwhile (a health verdict): balanced afresh,
+ * it goes elsewhere. While the backend is still in the table, such a SYN
+ * goes on as before, so a forged one cannot undo a connection in progress;
+ * a SYN proxy's pair is never undone (its client completed a handshake). */
+static __always_inline int syn_starts_anew(const struct flow_key *key, const struct flow *f,
+					   const struct packet *pkt)
+{
+	const struct backend *be;
+
+	if (ct_closed(f))
+		return 1;
+	if ((f->tcp_flags &
+	     (XLB_TCP_ACK | XLB_TCP_FIN | XLB_TCP_RST | XLB_CT_ESTABLISHED | XLB_CT_PROXY)) ||
+	    !(f->tcp_flags & XLB_CT_SEQ) || bpf_ntohl(pkt->tcp->seq) == f->client_isn)
+		return 0;
+	be = pick_backend(key);
+	return be && be->addr != f->nat_daddr;
+}
+
 /* A client packet to listen_ip:local_port. */
 static __always_inline struct outcome to_backend(struct xdp_md *ctx, struct packet *pkt,
 						 const struct flow_key *key, __u16 remote_port)
@@ -216,11 +239,9 @@ static __always_inline struct outcome to_backend(struct xdp_md *ctx, struct pack
 		    (XLB_TCP_SYN | XLB_TCP_ACK | XLB_TCP_RST | XLB_TCP_FIN)) == XLB_TCP_SYN;
 
 	/* A packet of a tracked connection, a retransmitted SYN included. A
-	 * SYN on the tuple of a closed one, or another client's SYN on that of
-	 * a half-open one, opens a new connection (the client reused its port),
-	 * like a SYN without an entry: balanced afresh, so a backend that left
-	 * meanwhile gets nothing. */
-	if (f && !(bare_syn && ct_syn_starts_anew(f, pkt))) {
+	 * SYN that starts a new connection on the tuple of an old one is
+	 * treated like a SYN without an entry. */
+	if (f && !(bare_syn && syn_starts_anew(key, f, pkt))) {
 		if ((f->tcp_flags & (XLB_CT_PROXY | XLB_CT_ESTABLISHED)) == XLB_CT_PROXY)
 			return synproxy_waiting(ctx, pkt, f, now);
 		return nat_forward(ctx, pkt, f, now, XLB_CNT_FWD_TO_BACKEND);
@@ -250,7 +271,8 @@ static __always_inline struct outcome to_backend(struct xdp_md *ctx, struct pack
 	}
 	/* A corrupt SYN would open a connection its backend never answers
 	 * (which passive health checking would hold against the backend). */
-	if (!(is_generic(ingress_iface(ctx)) && tcp_csum_is_seed(ctx, pkt)) &&
+	if (tcp_csum_checkable(pkt) &&
+	    !(is_generic(ingress_iface(ctx)) && tcp_csum_is_seed(ctx, pkt)) &&
 	    !tcp_csum_verifies(ctx, pkt))
 		return verdict(XDP_DROP, XLB_CNT_DROP_SYN_CSUM);
 	seq = bpf_ntohl(pkt->tcp->seq);

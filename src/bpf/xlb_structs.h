@@ -210,8 +210,9 @@ struct flow {
 	/* Reverse entry: the interface (L3 ifindex) the backend's replies were
 	 * last found to arrive on through its route; 0 until the first one. */
 	__u32 reply_ifindex;
-	/* With XLB_CT_PROXY (both entries): the client's ISN, and the SYN
-	 * cookie XLB answered it with; once the backend answered
+	/* Both entries: the client's ISN (its SYN's sequence number). With
+	 * XLB_CT_PROXY (both entries) also the SYN cookie XLB answered it
+	 * with; once the backend answered
 	 * (XLB_CT_ESTABLISHED), seq_delta is the backend's ISN minus the
 	 * cookie: its sequence numbers are that far from the client's view. */
 	__u32 client_isn;
