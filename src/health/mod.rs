@@ -138,7 +138,6 @@ pub fn start(
         probe: active.map(|hc| Arc::new(Probe::new(hc, checks.default_port))),
         passive,
         runs: HashMap::new(),
-        covered_from: 0,
         interval,
         thresholds,
         slots: Arc::new(Semaphore::new(MAX_CONCURRENT_PROBES)),
@@ -170,9 +169,6 @@ struct Checker {
     passive: Option<Passive>,
     /// The passive detector's runs, by backend.
     runs: HashMap<Ipv4Addr, passive::Run>,
-    /// Where the last passive report's creation range started: every SYN
-    /// created before it has been reported.
-    covered_from: u64,
     interval: Duration,
     thresholds: Thresholds,
     slots: Arc<Semaphore>,
@@ -222,8 +218,10 @@ impl Checker {
     /// unhealthy.
     fn passive_report(&mut self, report: &HandshakeReport) {
         let Some(p) = self.passive else { return };
-        self.covered_from = report.created.0;
         let now = Instant::now();
+        for run in self.runs.values_mut() {
+            run.covered(report.created.0, now);
+        }
         for (addr, news) in &report.backends {
             if !self.health.contains_key(addr) {
                 continue;
@@ -243,13 +241,11 @@ impl Checker {
     fn clear_quiet(&mut self) {
         let Some(after) = self.passive.and_then(|p| p.clear_after) else { return };
         let now = Instant::now();
-        let covered = self.covered_from;
         let quiet: Vec<Ipv4Addr> = self
             .health
             .iter()
             .filter(|(addr, h)| {
-                h.state == Health::Unhealthy
-                    && self.runs.get(*addr).is_none_or(|r| r.quiet_for(after, now, covered))
+                h.state == Health::Unhealthy && self.runs.get(*addr).is_some_and(|r| r.quiet_for(after, now))
             })
             .map(|(addr, _)| *addr)
             .collect();

@@ -72,6 +72,9 @@ pub struct Run {
     /// When (CLOCK_MONOTONIC ns) the backend's health last changed: SYNs
     /// created before that were judged already.
     pub since_ns: u64,
+    /// When the sweeps had reported every SYN created before `since_ns`:
+    /// from then on, silence is known to be silence.
+    pub covered_at: Option<Instant>,
 }
 
 impl Run {
@@ -113,14 +116,25 @@ impl Run {
     pub fn changed(&mut self, at_ns: u64) {
         self.failures = 0;
         self.since_ns = at_ns;
+        self.covered_at = None;
     }
 
-    /// Whether a verdict may be cleared by time: no failure for `after`, and
-    /// the sweeps have reported every SYN created before the verdict
-    /// (`covered_from`: the start of the last report's creation range).
-    pub fn quiet_for(&self, after: Duration, now: Instant, covered_from: u64) -> bool {
-        covered_from >= self.since_ns
-            && self.last_failure.is_none_or(|t| now.saturating_duration_since(t) >= after)
+    /// A report came whose creation range starts at `covered_from`: every
+    /// SYN created before that has been reported.
+    pub fn covered(&mut self, covered_from: u64, now: Instant) {
+        if self.covered_at.is_none() && covered_from >= self.since_ns {
+            self.covered_at = Some(now);
+        }
+    }
+
+    /// Whether a verdict may be cleared by time: `after` without a failure,
+    /// counted from when the sweeps had reported every SYN sent before the
+    /// verdict (until then, silence may only be a report still to come).
+    pub fn quiet_for(&self, after: Duration, now: Instant) -> bool {
+        self.covered_at.is_some_and(|c| {
+            let from = self.last_failure.map_or(c, |f| f.max(c));
+            now.saturating_duration_since(from) >= after
+        })
     }
 }
 
@@ -178,15 +192,24 @@ mod tests {
     }
 
     #[test]
-    fn quiet_counts_from_the_last_failure_once_the_sweeps_caught_up() {
+    fn quiet_counts_once_the_sweeps_caught_up_and_from_the_last_failure() {
         let t0 = Instant::now();
+        let ms = Duration::from_millis;
         let two = Duration::from_secs(2);
         let mut r = Run::default();
-        assert!(r.quiet_for(two, t0, 0));
         r.observe(&news(0, 0, 1), 10, &P, t0);
         r.changed(500);
-        assert!(!r.quiet_for(two, t0 + Duration::from_millis(1999), 500));
-        assert!(!r.quiet_for(two, t0 + two, 499), "SYNs from before the verdict not yet reported");
-        assert!(r.quiet_for(two, t0 + two, 500));
+        r.covered(499, t0 + ms(500));
+        assert!(!r.quiet_for(two, t0 + ms(5000)), "SYNs from before the verdict not yet reported");
+        r.covered(500, t0 + ms(1000));
+        assert!(!r.quiet_for(two, t0 + ms(2999)), "silence counts from the report that covered the verdict");
+        assert!(r.quiet_for(two, t0 + ms(3000)));
+        // A failure after that starts the silence over.
+        r.observe(&news(0, 0, 1), 600, &P, t0 + ms(3500));
+        assert!(!r.quiet_for(two, t0 + ms(5000)));
+        assert!(r.quiet_for(two, t0 + ms(5500)));
+        // A change of health forgets the coverage.
+        r.changed(900);
+        assert!(!r.quiet_for(two, t0 + ms(60_000)));
     }
 }
