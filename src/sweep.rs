@@ -157,10 +157,9 @@ pub async fn sweep_loop(
             }
         };
         deadline_passed = deadline_now;
-        let news = seen.news(&gc);
         if let (Some(p), Some(created)) = (&passive, unanswered_created) {
             // Waits while the health loop is behind; ends with it.
-            let _ = p.tx.send(HandshakeReport { created, backends: news }).await;
+            let _ = p.tx.send(HandshakeReport { created, backends: seen.news(&gc) }).await;
         }
         // A sweep reads every entry: with millions of connections, sweep
         // less often so it stays under ~10% of one core.

@@ -224,7 +224,7 @@ static __always_inline void flow_touch(struct flow *f, const struct packet *pkt,
 	__u32 flags = tcp_flags(pkt->tcp);
 	__u32 seq = bpf_ntohl(pkt->tcp->seq), end = seg_end(pkt), fresh;
 	int tracked = f->tcp_flags & XLB_CT_SEQ;
-	int in_order = tracked && seq == f->seq_next;
+	int in_order = tracked && seq == f->seq_next, near;
 
 	f->packets += 1;
 	f->bytes += pkt->len;
@@ -237,7 +237,8 @@ static __always_inline void flow_touch(struct flow *f, const struct packet *pkt,
 			flags |= XLB_CT_SEQ;
 		}
 	}
-	if ((flags & XLB_TCP_FIN) && !(tracked && seq_near(f, seq)))
+	near = tracked && seq_near(f, seq);
+	if ((flags & XLB_TCP_FIN) && !near)
 		flags &= ~XLB_TCP_FIN;
 	/* A client RST before the handshake completed goes through whatever
 	 * its number (rst_acceptable), but ends the connection only near the
@@ -245,7 +246,7 @@ static __always_inline void flow_touch(struct flow *f, const struct packet *pkt,
 	 * backend's stale ACK, a late SYN-ACK of a backend the tuple left) is
 	 * not this connection's end. */
 	if ((flags & XLB_TCP_RST) && f->dir == XLB_DIR_TO_BACKEND &&
-	    !(f->tcp_flags & XLB_CT_ESTABLISHED) && !(tracked && seq_near(f, seq)))
+	    !(f->tcp_flags & XLB_CT_ESTABLISHED) && !near)
 		flags &= ~XLB_TCP_RST;
 	fresh = flags & ~f->tcp_flags;
 	if (fresh) {

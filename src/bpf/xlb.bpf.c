@@ -81,6 +81,14 @@ static __always_inline struct outcome unknown_flow(struct xdp_md *ctx, struct pa
 	return verdict(bounce(ctx, ingress_iface(ctx)), XLB_CNT_UNKNOWN_FLOW_RST);
 }
 
+/* Whether the segment's TCP checksum is a seed its sender (local, on an
+ * interface in generic mode, `in`) left to offload: it cannot be checked. */
+static __always_inline int offload_seed(struct xdp_md *ctx, const struct iface *in,
+					const struct packet *pkt)
+{
+	return is_generic(in) && tcp_csum_is_seed(ctx, pkt);
+}
+
 /* Sends a packet of a tracked connection on, rewritten to f's NAT tuple. The
  * route is found before the rewrite: a packet that cannot go on is answered
  * about what its sender sent. */
@@ -89,7 +97,7 @@ static __always_inline struct outcome nat_forward(struct xdp_md *ctx, struct pac
 {
 	struct bpf_fib_lookup fib = {};
 	const struct iface *in = ingress_iface(ctx);
-	int seed = is_generic(in) && tcp_csum_is_seed(ctx, pkt);
+	int seed = offload_seed(ctx, in, pkt);
 	long rc;
 
 	/* A RST ends the connection for XLB too: only one whose checksum
@@ -138,7 +146,7 @@ static __always_inline struct outcome synproxy_open(struct xdp_md *ctx, struct p
 
 	/* A local sender's checksum left to offload cannot be rewritten into
 	 * a segment of XLB's own: such a client is not proxied. */
-	if (is_generic(ingress_iface(ctx)) && tcp_csum_is_seed(ctx, pkt))
+	if (offload_seed(ctx, ingress_iface(ctx), pkt))
 		return unknown_flow(ctx, pkt);
 	if (!synproxy_cookie_ok(pkt)) {
 		count(XLB_CNT_SYNPROXY_FAILED);
@@ -264,15 +272,14 @@ static __always_inline struct outcome to_backend(struct xdp_md *ctx, struct pack
 	/* Under a SYN flood: no state until the client answers a cookie (a
 	 * local sender's, whose checksum is left to offload, excepted). */
 	if (!f && (config.flags & XLB_F_SYN_PROXY) &&
-	    !(is_generic(ingress_iface(ctx)) && tcp_csum_is_seed(ctx, pkt))) {
+	    !(offload_seed(ctx, ingress_iface(ctx), pkt))) {
 		if (synproxy_answer(ctx, pkt))
 			return verdict(XDP_DROP, XLB_CNT_DROP_NO_FLOW);
 		return verdict(bounce(ctx, ingress_iface(ctx)), XLB_CNT_SYNPROXY_COOKIE);
 	}
 	/* A corrupt SYN would open a connection its backend never answers
 	 * (which passive health checking would hold against the backend). */
-	if (tcp_csum_checkable(pkt) &&
-	    !(is_generic(ingress_iface(ctx)) && tcp_csum_is_seed(ctx, pkt)) &&
+	if (tcp_csum_checkable(pkt) && !(offload_seed(ctx, ingress_iface(ctx), pkt)) &&
 	    !tcp_csum_verifies(ctx, pkt))
 		return verdict(XDP_DROP, XLB_CNT_DROP_SYN_CSUM);
 	seq = bpf_ntohl(pkt->tcp->seq);
